@@ -1,0 +1,167 @@
+//! I/O backends behind one file handle, chosen per file as QEMU's `aio=` option
+//! does: `io_uring` (default; fixed buffers and registered files), `native` (Linux
+//! AIO, completion through an eventfd the shard's ring reads; needs O_DIRECT), and
+//! `threads` (a worker pool doing preadv/pwritev). This module knows syscalls and
+//! buffers, not block semantics: alignment, short reads and zeroing policy belong to
+//! the protocol drivers.
+
+pub(crate) mod native;
+mod threads;
+mod uring;
+
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+
+use crate::error::{invalid, Error};
+use crate::runtime::shard::ShardShared;
+use crate::runtime::IoBuf;
+
+/// Which mechanism carries a file's reads and writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Backend {
+    Threads,
+    Native,
+    IoUring,
+}
+
+impl Backend {
+    pub const ALL: [Backend; 3] = [Backend::Threads, Backend::Native, Backend::IoUring];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Threads => "threads",
+            Backend::Native => "native",
+            Backend::IoUring => "io_uring",
+        }
+    }
+}
+
+impl FromStr for Backend {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Backend, Error> {
+        match s {
+            "threads" => Ok(Backend::Threads),
+            "native" => Ok(Backend::Native),
+            "io_uring" => Ok(Backend::IoUring),
+            _ => Err(invalid(format!("invalid aio mode '{s}': expected threads, native or io_uring"))),
+        }
+    }
+}
+
+impl std::fmt::Display for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+static NEXT_FILE_UID: AtomicU64 = AtomicU64::new(1);
+
+/// An open file and the backend that does its I/O. Methods must run on a shard.
+pub struct AioFile {
+    /// Shared with thread-pool jobs so the fd number stays ours until every job
+    /// that uses it has finished, even if the AioFile is dropped first.
+    fd: Arc<OwnedFd>,
+    uid: u64,
+    backend: Backend,
+    /// Shards whose ring registered this file; they drop it when we close.
+    registered_on: Mutex<Vec<Weak<ShardShared>>>,
+}
+
+impl AioFile {
+    pub fn new(fd: OwnedFd, backend: Backend) -> AioFile {
+        AioFile {
+            fd: Arc::new(fd),
+            uid: NEXT_FILE_UID.fetch_add(1, Ordering::Relaxed),
+            backend,
+            registered_on: Mutex::new(Vec::new()),
+        }
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    pub fn fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+
+    /// Read up to `len` bytes at file offset `off` into `buf[at..at+len]`.
+    /// Returns the byte count (short at EOF) and the buffer.
+    pub async fn read(&self, buf: IoBuf, at: usize, len: usize, off: u64) -> (io::Result<usize>, IoBuf) {
+        assert!(at + len <= buf.len(), "read range {at}+{len} outside buffer of {}", buf.len());
+        match self.backend {
+            Backend::IoUring => uring::rw(self, buf, at, len, off, false, false).await,
+            Backend::Native => native::rw(self, buf, at, len, off, false, false).await,
+            Backend::Threads => threads::rw(self.fd.clone(), buf, at, len, off, false, false).await,
+        }
+    }
+
+    /// Write `buf[at..at+len]` at `off`; `fua` makes it durable before completion.
+    pub async fn write(&self, buf: IoBuf, at: usize, len: usize, off: u64, fua: bool) -> (io::Result<usize>, IoBuf) {
+        assert!(at + len <= buf.len(), "write range {at}+{len} outside buffer of {}", buf.len());
+        match self.backend {
+            Backend::IoUring => uring::rw(self, buf, at, len, off, true, fua).await,
+            Backend::Native => native::rw(self, buf, at, len, off, true, fua).await,
+            Backend::Threads => threads::rw(self.fd.clone(), buf, at, len, off, true, fua).await,
+        }
+    }
+
+    /// fdatasync (or fsync when `datasync` is false).
+    pub async fn fsync(&self, datasync: bool) -> io::Result<()> {
+        match self.backend {
+            Backend::IoUring => uring::fsync(self, datasync).await,
+            // Linux AIO's fsync is not supported by most filesystems; QEMU also
+            // sends flushes to its thread pool in aio=native mode.
+            Backend::Native | Backend::Threads => threads::fsync(self.fd.clone(), datasync).await,
+        }
+    }
+
+    /// fallocate(2) with `mode` (FALLOC_FL_* bits) over [off, off+len).
+    pub async fn fallocate(&self, mode: i32, off: u64, len: u64) -> io::Result<()> {
+        match self.backend {
+            Backend::IoUring => uring::fallocate(self, mode, off, len).await,
+            Backend::Native | Backend::Threads => threads::fallocate(self.fd.clone(), mode, off, len).await,
+        }
+    }
+
+    /// Run a blocking syscall wrapper off the shard, in the helper pool.
+    pub async fn blocking<T: Send + 'static>(&self, f: impl FnOnce(RawFd) -> T + Send + 'static) -> T {
+        let fd = self.fd.clone();
+        threads::run(move || f(fd.as_raw_fd())).await
+    }
+}
+
+impl Drop for AioFile {
+    fn drop(&mut self) {
+        let uid = self.uid;
+        let shards = std::mem::take(&mut *self.registered_on.lock().unwrap_or_else(|e| e.into_inner()));
+        for weak in shards {
+            let Some(shared) = weak.upgrade() else { continue };
+            match crate::runtime::shard::current() {
+                Some(s) if s.shared.uid == shared.uid => s.unregister_file(uid),
+                _ => shared.post(Box::new(move || {
+                    if let Some(s) = crate::runtime::shard::current() {
+                        s.unregister_file(uid);
+                    }
+                })),
+            }
+        }
+    }
+}
+
+/// Run a blocking closure on the helper pool and await its result (for work that
+/// can only block: opening files, ioctls, lseek on some filesystems).
+pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    threads::run(f).await
+}
+
+pub(crate) fn errno_result(res: i32) -> io::Result<usize> {
+    if res < 0 {
+        Err(io::Error::from_raw_os_error(-res))
+    } else {
+        Ok(res as usize)
+    }
+}

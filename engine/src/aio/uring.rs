@@ -1,0 +1,84 @@
+//! The io_uring backend: reads and writes go to the current shard's ring, with
+//! READ_FIXED/WRITE_FIXED when the buffer comes from the shard's registered pool
+//! and a registered-file slot when one is free.
+
+use std::io;
+
+use io_uring::{opcode, squeue, types};
+
+use super::{errno_result, AioFile};
+use crate::runtime::op::Op;
+use crate::runtime::shard::{expect_current, Shard};
+use crate::runtime::IoBuf;
+
+fn target(shard: &Shard, f: &AioFile) -> Result<types::Fixed, types::Fd> {
+    match shard.file_slot(f.uid, f.fd()) {
+        Some(slot) => {
+            // Remember the shard so closing the file drops the ring's reference.
+            let mut reg = f.registered_on.lock().unwrap_or_else(|e| e.into_inner());
+            if !reg.iter().any(|w| w.upgrade().is_some_and(|s| s.uid == shard.shared.uid)) {
+                reg.push(std::sync::Arc::downgrade(&shard.shared));
+            }
+            Ok(types::Fixed(slot))
+        }
+        None => Err(types::Fd(f.fd())),
+    }
+}
+
+macro_rules! with_target {
+    ($t:expr, |$fd:ident| $body:expr) => {
+        match $t {
+            Ok($fd) => $body,
+            Err($fd) => $body,
+        }
+    };
+}
+
+pub(super) async fn rw(
+    f: &AioFile,
+    mut buf: IoBuf,
+    at: usize,
+    len: usize,
+    off: u64,
+    write: bool,
+    fua: bool,
+) -> (io::Result<usize>, IoBuf) {
+    let shard = expect_current();
+    let len32 = u32::try_from(len).expect("single I/O is below 4 GiB (block layer splits)");
+    // SAFETY: at + len <= buf.len() was asserted by the caller.
+    let ptr = unsafe { buf.as_mut_ptr().add(at) };
+    let fixed = if shard.pool_registered { buf.fixed_index(shard.pool.id()) } else { None };
+    let rw_flags = if fua { libc::RWF_DSYNC } else { 0 };
+    let t = target(&shard, f);
+    let sqe: squeue::Entry = match (write, fixed) {
+        (false, Some(i)) => {
+            with_target!(t, |fd| opcode::ReadFixed::new(fd, ptr, len32, i).offset(off).build())
+        }
+        (false, None) => with_target!(t, |fd| opcode::Read::new(fd, ptr, len32).offset(off).build()),
+        (true, Some(i)) => with_target!(t, |fd| opcode::WriteFixed::new(fd, ptr, len32, i)
+            .offset(off)
+            .rw_flags(rw_flags)
+            .build()),
+        (true, None) => {
+            with_target!(t, |fd| opcode::Write::new(fd, ptr, len32).offset(off).rw_flags(rw_flags).build())
+        }
+    };
+    let key = shard.submit_op(sqe);
+    let (res, buf) = Op::new(shard, key, buf).await;
+    (errno_result(res), buf)
+}
+
+pub(super) async fn fsync(f: &AioFile, datasync: bool) -> io::Result<()> {
+    let shard = expect_current();
+    let flags = if datasync { types::FsyncFlags::DATASYNC } else { types::FsyncFlags::empty() };
+    let sqe = with_target!(target(&shard, f), |fd| opcode::Fsync::new(fd).flags(flags).build());
+    let key = shard.submit_op(sqe);
+    errno_result(Op::new(shard, key, ()).await.0).map(drop)
+}
+
+pub(super) async fn fallocate(f: &AioFile, mode: i32, off: u64, len: u64) -> io::Result<()> {
+    let shard = expect_current();
+    let sqe = with_target!(target(&shard, f), |fd| opcode::Fallocate::new(fd, len).offset(off).mode(mode).build());
+    let key = shard.submit_op(sqe);
+    errno_result(Op::new(shard, key, ()).await.0).map(drop)
+}

@@ -1,0 +1,208 @@
+//! The block graph core: the node trait every driver implements, request flags,
+//! block status, limits and the checks every node shares. Opening graphs from
+//! options lives in `open.rs`, the driver registry in `registry.rs`, image locks
+//! in `lock.rs`.
+
+mod lock;
+mod open;
+mod registry;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+pub use lock::{ImageLock, Perm};
+pub use open::{open_image, CacheMode, OpenCtx, OpenFlags};
+pub use registry::{CreateOpt, Driver, DriverKind, Registry};
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::runtime::IoBuf;
+
+/// Futures returned by nodes: boxed (the trait is object-safe), not Send (they
+/// run on the shard that started them).
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + 'a>>;
+
+/// Flags of a write.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WriteFlags {
+    /// Force Unit Access: durable before the write completes.
+    pub fua: bool,
+}
+
+/// Flags of a write_zeroes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ZeroFlags {
+    /// The range may be deallocated if it then reads as zeroes.
+    pub may_unmap: bool,
+    /// Fail with Unsupported rather than writing zero buffers.
+    pub no_fallback: bool,
+    pub fua: bool,
+}
+
+/// What `block_status` says about the extent starting at the asked offset.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Extent {
+    /// Bytes from the asked offset that share this status (> 0).
+    pub len: u64,
+    /// Reads return data stored here (not known to be zero).
+    pub data: bool,
+    /// Reads are known to return zeroes.
+    pub zero: bool,
+    /// Allocated in this node (false: it comes from a backing node).
+    pub allocated: bool,
+    /// Where the data lives in the node's `file` child, if it maps linearly.
+    pub offset: Option<u64>,
+    pub compressed: bool,
+}
+
+/// Request size and alignment limits of a node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Offsets and lengths must be multiples of this (1 when any byte works).
+    pub request_alignment: u32,
+    /// Buffer addresses must be multiples of this.
+    pub mem_alignment: u32,
+    /// Largest single request the node takes (0: no limit).
+    pub max_transfer: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { request_alignment: 1, mem_alignment: 1, max_transfer: 0 }
+    }
+}
+
+/// Preallocation for create and truncate, with QEMU's names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Prealloc {
+    #[default]
+    Off,
+    Metadata,
+    Falloc,
+    Full,
+}
+
+impl std::str::FromStr for Prealloc {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Prealloc> {
+        match s {
+            "off" => Ok(Prealloc::Off),
+            "metadata" => Ok(Prealloc::Metadata),
+            "falloc" => Ok(Prealloc::Falloc),
+            "full" => Ok(Prealloc::Full),
+            _ => Err(crate::error::invalid(format!(
+                "invalid preallocation mode '{s}': expected off, metadata, falloc or full"
+            ))),
+        }
+    }
+}
+
+impl Prealloc {
+    pub fn name(self) -> &'static str {
+        match self {
+            Prealloc::Off => "off",
+            Prealloc::Metadata => "metadata",
+            Prealloc::Falloc => "falloc",
+            Prealloc::Full => "full",
+        }
+    }
+}
+
+/// A child of a node, by role.
+pub struct Child {
+    pub role: &'static str,
+    pub node: Arc<dyn BlockNode>,
+}
+
+/// One open driver instance. Shared by all shards; every method's future runs on
+/// the shard that called it and must not hold locks across I/O.
+pub trait BlockNode: Send + Sync {
+    /// Driver name ("raw", "file", ...).
+    fn driver(&self) -> &'static str;
+    /// The name users know this node by (the file name for protocol nodes).
+    fn filename(&self) -> String;
+    /// Virtual size in bytes.
+    fn size(&self) -> u64;
+    fn limits(&self) -> Limits {
+        Limits::default()
+    }
+    fn read_only(&self) -> bool;
+    fn children(&self) -> Vec<Child> {
+        Vec::new()
+    }
+
+    /// Fill `buf` from `offset`. Returns the buffer in every case.
+    fn read(&self, offset: u64, buf: IoBuf) -> BoxFuture<'_, (Result<()>, IoBuf)>;
+    fn write(&self, offset: u64, buf: IoBuf, flags: WriteFlags) -> BoxFuture<'_, (Result<()>, IoBuf)>;
+    fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> BoxFuture<'_, Result<()>>;
+    /// A hint: the range's contents may be dropped. May do nothing.
+    fn discard(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<()>>;
+    fn flush(&self) -> BoxFuture<'_, Result<()>>;
+    /// Status of the extent at `offset`, at most `len` bytes long.
+    fn block_status(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<Extent>>;
+    /// Change the size. `exact` false allows rounding up to the node's granularity.
+    fn truncate(&self, size: u64, exact: bool, prealloc: Prealloc) -> BoxFuture<'_, Result<()>>;
+
+    /// Bytes this node takes on its host storage, if known (`disk size` in info).
+    fn allocated_size(&self) -> BoxFuture<'_, Result<Option<u64>>> {
+        Box::pin(async move {
+            let mut total = None;
+            for c in self.children() {
+                if let Some(n) = c.node.allocated_size().await? {
+                    total = Some(total.unwrap_or(0) + n);
+                }
+            }
+            Ok(total)
+        })
+    }
+
+    /// `format-specific` block of `info`, as QAPI JSON ({"type":..,"data":..}).
+    fn format_specific(&self) -> Option<serde_json::Value> {
+        None
+    }
+}
+
+/// Check a request against a node's size; returns an OutOfBounds error naming
+/// the node otherwise.
+pub fn check_request(node: &dyn BlockNode, offset: u64, len: u64) -> Result<()> {
+    let size = node.size();
+    match offset.checked_add(len) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(Error::new(
+            ErrorKind::OutOfBounds,
+            format!("request of {len} bytes at offset {offset} is beyond the end of the image ({size} bytes)"),
+        )
+        .with_file(node.filename())),
+    }
+}
+
+/// Check that a node may be written.
+pub fn check_writable(node: &dyn BlockNode) -> Result<()> {
+    if node.read_only() {
+        return Err(Error::new(ErrorKind::ReadOnly, "image is opened read-only").with_file(node.filename()));
+    }
+    Ok(())
+}
+
+/// Write zeroes by writing zero buffers in chunks: the fallback every node may use.
+pub async fn write_zero_buffers(node: &dyn BlockNode, mut offset: u64, len: u64, fua: bool) -> Result<()> {
+    const CHUNK: u64 = 1 << 20;
+    let end = offset + len;
+    let mut buf = IoBuf::new(CHUNK.min(len) as usize);
+    buf.fill(0);
+    while offset < end {
+        let n = (end - offset).min(CHUNK) as usize;
+        buf.set_len(n);
+        let (r, b) = node.write(offset, buf, WriteFlags { fua }).await;
+        r?;
+        buf = b;
+        offset += n as u64;
+    }
+    Ok(())
+}
+
+/// Read `len` bytes at `offset` into a new buffer.
+pub async fn read_vec(node: &dyn BlockNode, offset: u64, len: usize) -> Result<IoBuf> {
+    let (r, b) = node.read(offset, IoBuf::new(len)).await;
+    r.map(|()| b)
+}

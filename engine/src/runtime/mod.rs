@@ -1,0 +1,259 @@
+//! The thread-per-core runtime: starts shards, posts work to them, and gives
+//! tasks the primitives they need (spawn, yield, NOP). The event loop itself is in
+//! `shard.rs`; operation futures in `op.rs`; buffers in `buf.rs`.
+
+pub mod buf;
+mod join;
+pub(crate) mod op;
+pub(crate) mod shard;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::thread;
+
+pub use buf::{BufPool, IoBuf, BUF_ALIGN};
+pub use join::{JoinHandle, LocalJoinHandle};
+
+use crate::error::{Error, Result};
+use shard::{Shard, ShardShared};
+
+/// How to build a runtime.
+#[derive(Clone, Debug)]
+pub struct RuntimeConfig {
+    /// Number of shards (threads); default: one per available core.
+    pub shards: usize,
+    /// Busy-poll: SQPOLL for io_uring and spinning on completions while
+    /// operations are in flight. Off by default: idle shards sleep in the kernel.
+    pub poll: bool,
+    /// How long the SQPOLL kernel thread spins before it sleeps.
+    pub sqpoll_idle_ms: u32,
+    /// Submission queue entries per ring.
+    pub ring_entries: u32,
+    /// Buffers in each shard's registered pool, and their size.
+    pub buffers: usize,
+    pub buffer_size: usize,
+    /// Pin shard i to CPU i (mod the CPUs we may run on).
+    pub pin: bool,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        RuntimeConfig {
+            shards: thread::available_parallelism().map_or(1, |n| n.get()),
+            poll: false,
+            sqpoll_idle_ms: 100,
+            ring_entries: 256,
+            buffers: 128,
+            buffer_size: 128 * 1024,
+            pin: true,
+        }
+    }
+}
+
+struct ShardThread {
+    shared: Arc<ShardShared>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+/// A set of running shards. Dropping it stops them after their tasks finish.
+pub struct Runtime {
+    shards: Vec<ShardThread>,
+}
+
+/// A cheap, clonable, Send handle to post work to one shard.
+#[derive(Clone)]
+pub struct ShardHandle(Arc<ShardShared>);
+
+impl ShardHandle {
+    pub fn index(&self) -> usize {
+        self.0.index
+    }
+
+    /// Run `f` on the shard and spawn the future it returns there.
+    pub fn spawn<F, Fut, T>(&self, f: F) -> JoinHandle<T>
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = T> + 'static,
+        T: Send + 'static,
+    {
+        let (tx, rx) = join::channel();
+        self.0.post(Box::new(move || {
+            let fut = f();
+            spawn_local_unit(Box::pin(async move { tx.send(fut.await) }));
+        }));
+        rx
+    }
+}
+
+impl Runtime {
+    pub fn new(cfg: RuntimeConfig) -> Result<Runtime> {
+        let n = cfg.shards.max(1);
+        let cpus = allowed_cpus();
+        let mut shards = Vec::with_capacity(n);
+        for i in 0..n {
+            let shared = ShardShared::new(i).map_err(|e| Error::os("eventfd", e))?;
+            let (ready_tx, ready_rx) = std::sync::mpsc::channel::<std::io::Result<()>>();
+            let cfg2 = cfg.clone();
+            let sh = shared.clone();
+            let cpu = if cfg.pin && !cpus.is_empty() { Some(cpus[i % cpus.len()]) } else { None };
+            let thread = thread::Builder::new()
+                .name(format!("ringblk-shard-{i}"))
+                .spawn(move || {
+                    if let Some(cpu) = cpu {
+                        pin_to(cpu);
+                    }
+                    let shard = match Shard::build(sh, &cfg2) {
+                        Ok(s) => s,
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e));
+                            return;
+                        }
+                    };
+                    let _ = ready_tx.send(Ok(()));
+                    shard.enter();
+                    shard.run();
+                    Shard::leave();
+                    drop(shard);
+                })
+                .map_err(|e| Error::os("spawn shard thread", e))?;
+            let ready = ready_rx.recv().unwrap_or_else(|_| Err(std::io::Error::other("shard thread died")));
+            shards.push(ShardThread { shared, thread: Some(thread) });
+            if let Err(e) = ready {
+                let rt = Runtime { shards };
+                drop(rt);
+                return Err(Error::os("io_uring setup", e));
+            }
+        }
+        Ok(Runtime { shards })
+    }
+
+    /// One shard, defaults otherwise: what tests and simple tools use.
+    pub fn single() -> Result<Runtime> {
+        Runtime::new(RuntimeConfig { shards: 1, pin: false, ..Default::default() })
+    }
+
+    pub fn shards(&self) -> usize {
+        self.shards.len()
+    }
+
+    pub fn handle(&self, shard: usize) -> ShardHandle {
+        ShardHandle(self.shards[shard % self.shards.len()].shared.clone())
+    }
+
+    pub fn spawn_on<F, Fut, T>(&self, shard: usize, f: F) -> JoinHandle<T>
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = T> + 'static,
+        T: Send + 'static,
+    {
+        self.handle(shard).spawn(f)
+    }
+
+    /// Run a future on shard 0 and wait for it on this (non-shard) thread.
+    pub fn block_on<F, Fut, T>(&self, f: F) -> T
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = T> + 'static,
+        T: Send + 'static,
+    {
+        self.spawn_on(0, f).join()
+    }
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        for s in &self.shards {
+            s.shared.shutdown.store(true, Ordering::Release);
+            s.shared.notify();
+        }
+        for s in &mut self.shards {
+            if let Some(t) = s.thread.take() {
+                let _ = t.join();
+            }
+        }
+    }
+}
+
+fn spawn_local_unit(fut: Pin<Box<dyn Future<Output = ()>>>) {
+    shard::expect_current().spawn_local(fut);
+}
+
+/// Spawn a task on the current shard.
+pub fn spawn_local<Fut, T>(fut: Fut) -> LocalJoinHandle<T>
+where
+    Fut: Future<Output = T> + 'static,
+    T: 'static,
+{
+    let (slot, handle) = join::local_channel();
+    spawn_local_unit(Box::pin(async move { join::local_send(&slot, fut.await) }));
+    handle
+}
+
+/// Index of the shard running this code, if any.
+pub fn current_shard() -> Option<usize> {
+    shard::current().map(|s| s.shared.index)
+}
+
+/// Is the current shard's ring in polling mode with registered buffers?
+pub fn pool_registered() -> bool {
+    shard::current().is_some_and(|s| s.pool_registered)
+}
+
+pub(crate) fn try_pool_buf(len: usize) -> Option<IoBuf> {
+    shard::current().and_then(|s| s.pool.take(len))
+}
+
+/// Let other tasks on this shard run before continuing.
+pub fn yield_now() -> impl Future<Output = ()> {
+    struct Yield(bool);
+    impl Future for Yield {
+        type Output = ();
+        fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+            if self.0 {
+                return Poll::Ready(());
+            }
+            self.0 = true;
+            cx.waker().wake_by_ref();
+            Poll::Pending
+        }
+    }
+    Yield(false)
+}
+
+/// One IORING_OP_NOP round trip through the ring: the runtime's floor cost.
+pub async fn nop() -> i32 {
+    let shard = shard::expect_current();
+    let key = shard.submit_op(io_uring::opcode::Nop::new().build());
+    op::Op::new(shard, key, ()).await.0
+}
+
+fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: cpu_set_t is plain data; sched_getaffinity fills it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return Vec::new();
+        }
+        (0..libc::CPU_SETSIZE as usize).filter(|&c| libc::CPU_ISSET(c, &set)).collect()
+    }
+}
+
+fn pin_to(cpu: usize) {
+    // SAFETY: cpu_set_t is plain data; pinning failure is harmless (we just run unpinned).
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
+#[cfg(test)]
+mod tests;
+
+/// (free, total) buffers in the current shard's pool; (0, 0) off-shard.
+pub fn pool_stats() -> (usize, usize) {
+    shard::current().map_or((0, 0), |s| (s.pool.available(), s.pool.count()))
+}

@@ -1,0 +1,438 @@
+//! One shard: a thread with its own io_uring, a single-threaded executor, a slab of
+//! in-flight operations keyed by `user_data`, a registered buffer pool, a table of
+//! registered files and a mailbox other threads post work to. It owns the event
+//! loop; it does not know what the operations mean (see `op.rs` and `aio/`).
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::future::Future;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll, Wake, Waker};
+
+use crossbeam_queue::SegQueue;
+use io_uring::{opcode, squeue, types, IoUring};
+use slab::Slab;
+
+use super::buf::BufPool;
+use super::RuntimeConfig;
+use crate::aio::native::NativeCtx;
+
+/// user_data tags that are not slab keys.
+const TAG_WAKE: u64 = u64::MAX;
+const TAG_NATIVE: u64 = u64::MAX - 1;
+const TAG_IGNORE: u64 = u64::MAX - 2;
+
+/// Registered-file slots per ring; files beyond that use their plain fd.
+const FILE_SLOTS: u32 = 64;
+
+static NEXT_SHARD_UID: AtomicU64 = AtomicU64::new(1);
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// The part of a shard other threads may touch: its mailbox and wake-up.
+pub(crate) struct ShardShared {
+    pub(crate) index: usize,
+    pub(crate) uid: u64,
+    eventfd: OwnedFd,
+    /// Set by the first remote poster since the shard last consumed the eventfd;
+    /// later posters skip the write(2). Reset before draining (see `drain_remote`).
+    notified: AtomicBool,
+    jobs: SegQueue<Job>,
+    wakes: SegQueue<usize>,
+    pub(crate) shutdown: AtomicBool,
+}
+
+impl ShardShared {
+    pub(crate) fn new(index: usize) -> std::io::Result<Arc<ShardShared>> {
+        // SAFETY: eventfd has no memory arguments; the result is checked.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(Arc::new(ShardShared {
+            index,
+            uid: NEXT_SHARD_UID.fetch_add(1, Ordering::Relaxed),
+            // SAFETY: fd was just created and is owned by nobody else.
+            eventfd: unsafe { OwnedFd::from_raw_fd(fd) },
+            notified: AtomicBool::new(false),
+            jobs: SegQueue::new(),
+            wakes: SegQueue::new(),
+            shutdown: AtomicBool::new(false),
+        }))
+    }
+
+    pub(crate) fn notify(&self) {
+        // SeqCst pairs with the reset in drain_remote: a poster either sees `false`
+        // and writes the eventfd, or its push happened before the reset and the
+        // drain that follows the reset sees it.
+        if !self.notified.swap(true, Ordering::SeqCst) {
+            let one: u64 = 1;
+            // SAFETY: writes 8 bytes from a live u64 to our eventfd.
+            unsafe { libc::write(self.eventfd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+        }
+    }
+
+    pub(crate) fn post(&self, job: Job) {
+        self.jobs.push(job);
+        self.notify();
+    }
+}
+
+pub(crate) enum OpSlot {
+    Waiting(Option<Waker>),
+    Done(i32),
+    /// The future was dropped mid-flight: keep what the kernel may still touch
+    /// until the completion is reaped.
+    Abandoned(Box<dyn std::any::Any>),
+}
+
+struct TaskSlot {
+    fut: Option<Pin<Box<dyn Future<Output = ()>>>>,
+    waker: Waker,
+}
+
+struct TaskWaker {
+    task: usize,
+    shared: Arc<ShardShared>,
+}
+
+impl Wake for TaskWaker {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref()
+    }
+    fn wake_by_ref(self: &Arc<Self>) {
+        let local = CURRENT.with(|c| match &*c.borrow() {
+            Some(s) if s.shared.uid == self.shared.uid => {
+                s.ready.borrow_mut().push_back(self.task);
+                true
+            }
+            _ => false,
+        });
+        if !local {
+            self.shared.wakes.push(self.task);
+            self.shared.notify();
+        }
+    }
+}
+
+pub(crate) struct Shard {
+    pub(crate) shared: Arc<ShardShared>,
+    // Field order is drop order: the ring goes before the pool it registered.
+    ring: RefCell<IoUring>,
+    pub(crate) pool: Arc<BufPool>,
+    pub(crate) pool_registered: bool,
+    pub(crate) ops: RefCell<Slab<OpSlot>>,
+    tasks: RefCell<Slab<TaskSlot>>,
+    ready: RefCell<VecDeque<usize>>,
+    /// Entries pushed to the SQ since the last io_uring_enter.
+    unsubmitted: Cell<u32>,
+    poll_mode: bool,
+    /// Targets of the eventfd reads that stay armed for the ring's lifetime. Leaked
+    /// (16 bytes a shard) because the kernel may finish such a read while the ring
+    /// is being torn down, after the shard's own memory is gone.
+    wake_buf: &'static Cell<u64>,
+    pub(crate) native: RefCell<Option<NativeCtx>>,
+    native_buf: &'static Cell<u64>,
+    /// (file uid, slot) for files registered with this ring.
+    files: RefCell<Vec<(u64, u32)>>,
+    free_file_slots: RefCell<Vec<u32>>,
+}
+
+thread_local! {
+    static CURRENT: RefCell<Option<Rc<Shard>>> = const { RefCell::new(None) };
+}
+
+/// The shard running on this thread, if any.
+pub(crate) fn current() -> Option<Rc<Shard>> {
+    CURRENT.with(|c| c.borrow().clone())
+}
+
+/// The shard running on this thread; panics off-shard with a message saying so.
+pub(crate) fn expect_current() -> Rc<Shard> {
+    current().expect("ringblk I/O must run on a runtime shard (use Runtime::block_on or spawn_on)")
+}
+
+impl Shard {
+    pub(crate) fn build(shared: Arc<ShardShared>, cfg: &RuntimeConfig) -> std::io::Result<Rc<Shard>> {
+        let mut b = IoUring::builder();
+        b.setup_cqsize(cfg.ring_entries * 4);
+        if cfg.poll {
+            b.setup_sqpoll(cfg.sqpoll_idle_ms);
+        } else {
+            // Completions are only reaped by this thread, so the kernel need not
+            // interrupt it to run task work.
+            b.setup_coop_taskrun();
+        }
+        let ring = match b.build(cfg.ring_entries) {
+            Ok(r) => r,
+            // Kernels without COOP_TASKRUN: plain ring.
+            Err(_) if !cfg.poll => IoUring::new(cfg.ring_entries)?,
+            Err(e) => return Err(e),
+        };
+        let pool = BufPool::new(cfg.buffers, cfg.buffer_size);
+        let iovecs = pool.iovecs();
+        // SAFETY: the iovecs point into `pool`, which the shard keeps alive longer
+        // than the ring (field order), so registered memory outlives its use.
+        let pool_registered = unsafe { ring.submitter().register_buffers(&iovecs) }.is_ok();
+        let files_ok = ring.submitter().register_files_sparse(FILE_SLOTS).is_ok();
+        let free_file_slots = if files_ok { (0..FILE_SLOTS).rev().collect() } else { Vec::new() };
+        let shard = Rc::new(Shard {
+            shared,
+            ring: RefCell::new(ring),
+            pool,
+            pool_registered,
+            ops: RefCell::new(Slab::with_capacity(cfg.ring_entries as usize)),
+            tasks: RefCell::new(Slab::new()),
+            ready: RefCell::new(VecDeque::new()),
+            unsubmitted: Cell::new(0),
+            poll_mode: cfg.poll,
+            wake_buf: Box::leak(Box::new(Cell::new(0))),
+            native: RefCell::new(None),
+            native_buf: Box::leak(Box::new(Cell::new(0))),
+            files: RefCell::new(Vec::new()),
+            free_file_slots: RefCell::new(free_file_slots),
+        });
+        Ok(shard)
+    }
+
+    pub(crate) fn enter(self: &Rc<Self>) {
+        CURRENT.with(|c| *c.borrow_mut() = Some(self.clone()));
+    }
+
+    pub(crate) fn leave() {
+        CURRENT.with(|c| c.borrow_mut().take());
+    }
+
+    /// Queue an SQE; the loop submits everything queued in one io_uring_enter.
+    pub(crate) fn push_sqe(&self, sqe: &squeue::Entry) {
+        let mut ring = self.ring.borrow_mut();
+        loop {
+            // SAFETY: every SQE we build points at memory owned by its operation
+            // (buffer in an Op or OpSlot::Abandoned, or a shard-owned Box) that
+            // lives until the completion is reaped.
+            if unsafe { ring.submission().push(sqe) }.is_ok() {
+                self.unsubmitted.set(self.unsubmitted.get() + 1);
+                return;
+            }
+            // SQ full: hand what we have to the kernel now to make room.
+            let _ = ring.submit();
+            self.unsubmitted.set(0);
+        }
+    }
+
+    /// Submit a tracked operation and return its slab key.
+    pub(crate) fn submit_op(&self, sqe: squeue::Entry) -> usize {
+        let key = self.ops.borrow_mut().insert(OpSlot::Waiting(None));
+        self.push_sqe(&sqe.user_data(key as u64));
+        key
+    }
+
+    /// Mark an operation complete; called for io_uring CQEs and Linux AIO events.
+    pub(crate) fn complete_op(&self, key: usize, res: i32) {
+        let mut ops = self.ops.borrow_mut();
+        let Some(slot) = ops.get_mut(key) else { return };
+        match std::mem::replace(slot, OpSlot::Done(res)) {
+            OpSlot::Waiting(w) => {
+                drop(ops);
+                if let Some(w) = w {
+                    w.wake();
+                }
+            }
+            OpSlot::Abandoned(keep) => {
+                ops.remove(key);
+                drop(ops);
+                // Now the kernel is done with it: free buffers (back to the pool).
+                drop(keep);
+            }
+            OpSlot::Done(_) => unreachable!("operation {key} completed twice"),
+        }
+    }
+
+    pub(crate) fn spawn_local(&self, fut: Pin<Box<dyn Future<Output = ()>>>) {
+        let mut tasks = self.tasks.borrow_mut();
+        let entry = tasks.vacant_entry();
+        let key = entry.key();
+        let waker = Waker::from(Arc::new(TaskWaker { task: key, shared: self.shared.clone() }));
+        entry.insert(TaskSlot { fut: Some(fut), waker });
+        self.ready.borrow_mut().push_back(key);
+    }
+
+    /// Slot of a registered file, registering it on first use on this ring.
+    pub(crate) fn file_slot(&self, uid: u64, fd: RawFd) -> Option<u32> {
+        if let Some(&(_, slot)) = self.files.borrow().iter().find(|(u, _)| *u == uid) {
+            return Some(slot);
+        }
+        let slot = self.free_file_slots.borrow_mut().pop()?;
+        let ok = self.ring.borrow().submitter().register_files_update(slot, &[fd]).is_ok();
+        if !ok {
+            self.free_file_slots.borrow_mut().push(slot);
+            return None;
+        }
+        self.files.borrow_mut().push((uid, slot));
+        Some(slot)
+    }
+
+    /// Drop the ring's reference to a file (so its locks go with the last close).
+    pub(crate) fn unregister_file(&self, uid: u64) {
+        let mut files = self.files.borrow_mut();
+        if let Some(i) = files.iter().position(|(u, _)| *u == uid) {
+            let (_, slot) = files.swap_remove(i);
+            let _ = self.ring.borrow().submitter().register_files_update(slot, &[-1]);
+            self.free_file_slots.borrow_mut().push(slot);
+        }
+    }
+
+    fn arm_wake(&self) {
+        let sqe = opcode::Read::new(types::Fd(self.shared.eventfd.as_raw_fd()), self.wake_buf.as_ptr().cast(), 8)
+            .build()
+            .user_data(TAG_WAKE);
+        self.push_sqe(&sqe);
+    }
+
+    pub(crate) fn arm_native(&self, eventfd: RawFd) {
+        let sqe = opcode::Read::new(types::Fd(eventfd), self.native_buf.as_ptr().cast(), 8)
+            .build()
+            .user_data(TAG_NATIVE);
+        self.push_sqe(&sqe);
+    }
+
+    fn drain_remote(&self) {
+        self.shared.notified.store(false, Ordering::SeqCst);
+        while let Some(job) = self.shared.jobs.pop() {
+            job();
+        }
+        let mut ready = self.ready.borrow_mut();
+        while let Some(t) = self.shared.wakes.pop() {
+            ready.push_back(t);
+        }
+    }
+
+    fn run_ready(&self) {
+        // A budget keeps one busy task set from starving completions.
+        for _ in 0..1024 {
+            let Some(key) = self.ready.borrow_mut().pop_front() else { return };
+            let (fut, waker) = {
+                let mut tasks = self.tasks.borrow_mut();
+                match tasks.get_mut(key) {
+                    Some(t) => match t.fut.take() {
+                        Some(f) => (f, t.waker.clone()),
+                        None => continue, // already being polled (woken from inside its own poll)
+                    },
+                    None => continue, // stale wake of a finished task
+                }
+            };
+            let mut fut = fut;
+            let mut cx = Context::from_waker(&waker);
+            match fut.as_mut().poll(&mut cx) {
+                Poll::Ready(()) => {
+                    self.tasks.borrow_mut().remove(key);
+                }
+                Poll::Pending => {
+                    if let Some(t) = self.tasks.borrow_mut().get_mut(key) {
+                        t.fut = Some(fut);
+                    }
+                }
+            }
+        }
+    }
+
+    fn reap(&self) {
+        loop {
+            // Copy out a batch so no ring borrow is held while waking tasks.
+            let mut batch: [(u64, i32); 64] = [(0, 0); 64];
+            let n = {
+                let mut ring = self.ring.borrow_mut();
+                let mut n = 0;
+                for cqe in ring.completion() {
+                    batch[n] = (cqe.user_data(), cqe.result());
+                    n += 1;
+                    if n == batch.len() {
+                        break;
+                    }
+                }
+                n
+            };
+            for &(ud, res) in &batch[..n] {
+                match ud {
+                    TAG_WAKE => self.arm_wake(),
+                    TAG_NATIVE => crate::aio::native::reap(self),
+                    TAG_IGNORE => {}
+                    key => self.complete_op(key as usize, res),
+                }
+            }
+            if n < batch.len() {
+                return;
+            }
+        }
+    }
+
+    fn in_flight(&self) -> usize {
+        self.ops.borrow().len()
+    }
+
+    fn submit(&self, wait: bool) {
+        let ring = self.ring.borrow();
+        let want = usize::from(wait);
+        let r = ring.submitter().submit_and_wait(want);
+        self.unsubmitted.set(0);
+        match r {
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+            // EBUSY: the CQ overflowed; reaping (next step of the loop) makes room.
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {}
+            Err(e) => panic!("io_uring_enter failed: {e}"),
+        }
+    }
+
+    /// The event loop. Returns when shutdown was asked for, every task has finished
+    /// and every operation the kernel holds memory for has completed.
+    pub(crate) fn run(self: &Rc<Self>) {
+        self.arm_wake();
+        let mut cancelled = false;
+        loop {
+            self.drain_remote();
+            self.run_ready();
+            crate::aio::native::flush(self);
+            let shutting_down = self.shared.shutdown.load(Ordering::Acquire) && self.tasks.borrow().is_empty();
+            if shutting_down {
+                if self.in_flight() == 0 {
+                    break;
+                }
+                if !cancelled {
+                    self.cancel_all();
+                    cancelled = true;
+                }
+            }
+            let busy = !self.ready.borrow().is_empty() || !self.shared.jobs.is_empty() || !self.shared.wakes.is_empty();
+            let spin = self.poll_mode && self.in_flight() > 0;
+            if busy || spin {
+                if self.unsubmitted.get() > 0 || !self.poll_mode {
+                    self.submit(false);
+                }
+            } else {
+                self.submit(true);
+            }
+            self.reap();
+        }
+    }
+
+    fn cancel_all(&self) {
+        let keys: Vec<usize> = self.ops.borrow().iter().map(|(k, _)| k).collect();
+        for k in keys {
+            let sqe = opcode::AsyncCancel::new(k as u64).build().user_data(TAG_IGNORE);
+            self.push_sqe(&sqe);
+        }
+    }
+}
+
+impl Drop for Shard {
+    fn drop(&mut self) {
+        if let Some(ctx) = self.native.borrow_mut().take() {
+            ctx.destroy();
+        }
+    }
+}

@@ -1,0 +1,146 @@
+use std::future::Future;
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::Poll;
+
+use super::*;
+use crate::aio::{AioFile, Backend};
+
+/// Poll a future exactly once.
+async fn poll_once<F: Future + ?Sized>(f: Pin<&mut F>) -> Option<F::Output> {
+    let mut f = Some(f);
+    std::future::poll_fn(move |cx| match f.take().expect("polled once").poll(cx) {
+        Poll::Ready(v) => Poll::Ready(Some(v)),
+        Poll::Pending => Poll::Ready(None),
+    })
+    .await
+}
+
+fn pipe() -> (OwnedFd, OwnedFd) {
+    let mut fds = [0; 2];
+    // SAFETY: fds is a live array of two ints.
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    // SAFETY: both fds were just created and are owned by nobody else.
+    unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
+}
+
+#[test]
+fn nop_round_trips_and_many_tasks() {
+    let rt = Runtime::single().unwrap();
+    let n = rt.block_on(|| async {
+        let done = std::rc::Rc::new(std::cell::Cell::new(0));
+        let mut hs = Vec::new();
+        for _ in 0..1000 {
+            let d = done.clone();
+            hs.push(spawn_local(async move {
+                assert_eq!(nop().await, 0);
+                d.set(d.get() + 1);
+            }));
+        }
+        for h in hs {
+            h.await;
+        }
+        done.get()
+    });
+    assert_eq!(n, 1000);
+}
+
+#[test]
+fn work_posted_to_every_shard_runs_there() {
+    let rt = Runtime::new(RuntimeConfig { shards: 3, pin: false, ..Default::default() }).unwrap();
+    let count = Arc::new(AtomicUsize::new(0));
+    let hs: Vec<_> = (0..3)
+        .map(|i| {
+            let c = count.clone();
+            rt.spawn_on(i, move || async move {
+                nop().await;
+                c.fetch_add(1, Ordering::SeqCst);
+                current_shard()
+            })
+        })
+        .collect();
+    let shards: Vec<_> = hs.into_iter().map(|h| h.join()).collect();
+    assert_eq!(shards, vec![Some(0), Some(1), Some(2)]);
+    // Shard 1 awaits a result computed on shard 2.
+    let h2 = rt.handle(2);
+    let v = rt.spawn_on(1, move || async move { h2.spawn(|| async { current_shard() }).await }).join();
+    assert_eq!(v, Some(2));
+    assert_eq!(count.load(Ordering::SeqCst), 3);
+}
+
+/// A read dropped while the kernel (or a worker) still owns its buffer must not
+/// return the buffer to the pool until the read has completed.
+fn dropped_read_keeps_buffer(backend: Backend) {
+    let rt = Runtime::single().unwrap();
+    rt.block_on(move || async move {
+        let (r, w) = pipe();
+        let f = AioFile::new(r, backend);
+        let (free0, total) = pool_stats();
+        assert_eq!(free0, total);
+        let buf = IoBuf::new(4096);
+        assert_eq!(pool_stats().0, free0 - 1, "buffer came from the pool");
+        {
+            let mut fut = Box::pin(f.read(buf, 0, 4096, 0));
+            assert!(poll_once(fut.as_mut()).await.is_none(), "pipe read must be pending");
+        } // dropped mid-flight
+        for _ in 0..10 {
+            nop().await;
+        }
+        assert_eq!(pool_stats().0, free0 - 1, "buffer still owned by the in-flight read");
+        // SAFETY: writes 5 bytes from a live array to our pipe.
+        assert_eq!(unsafe { libc::write(std::os::fd::AsRawFd::as_raw_fd(&w), b"hello".as_ptr().cast(), 5) }, 5);
+        for _ in 0..10_000 {
+            if pool_stats().0 == free0 {
+                return;
+            }
+            yield_now().await;
+            nop().await;
+        }
+        panic!("buffer never returned to the pool after the read completed");
+    });
+}
+
+#[test]
+fn dropped_uring_read_keeps_buffer_until_completion() {
+    dropped_read_keeps_buffer(Backend::IoUring);
+}
+
+#[test]
+fn dropped_threads_read_keeps_buffer_until_completion() {
+    dropped_read_keeps_buffer(Backend::Threads);
+}
+
+#[test]
+fn shutdown_cancels_abandoned_reads() {
+    // A read that never completes must not hang Runtime::drop.
+    let rt = Runtime::single().unwrap();
+    let w = rt.block_on(|| async {
+        let (r, w) = pipe();
+        let f = AioFile::new(r, Backend::IoUring);
+        let mut fut = Box::pin(f.read(IoBuf::new(64), 0, 64, 0));
+        assert!(poll_once(fut.as_mut()).await.is_none());
+        drop(fut);
+        w
+    });
+    drop(rt);
+    drop(w);
+}
+
+#[test]
+fn sqpoll_mode_runs_io() {
+    let rt = Runtime::new(RuntimeConfig { shards: 1, poll: true, pin: false, ..Default::default() });
+    let Ok(rt) = rt else {
+        eprintln!("SQPOLL not permitted here; skipping");
+        return;
+    };
+    let n = rt.block_on(|| async {
+        let mut s = 0;
+        for _ in 0..100 {
+            s += nop().await;
+        }
+        s
+    });
+    assert_eq!(n, 0);
+}
