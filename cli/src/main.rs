@@ -1,1 +1,70 @@
-fn main(){}
+//! `ringblk`: qemu-img compatible image tool. This file parses the command line
+//! and dispatches; each subcommand lives in `cmd/`.
+
+mod cmd;
+mod common;
+mod progress;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "ringblk", version, about = "Disk image tool on io_uring (qemu-img compatible)")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+/// Options shared by commands that open an image.
+#[derive(Args, Clone, Debug, Default)]
+pub struct OpenArgs {
+    /// Image format (probed when omitted)
+    #[arg(short = 'f')]
+    pub format: Option<String>,
+    /// Treat the filename as an option string (driver=...,file.filename=...)
+    #[arg(long = "image-opts")]
+    pub image_opts: bool,
+    /// Open read-only and share all permissions with other users of the image
+    #[arg(short = 'U', long = "force-share")]
+    pub force_share: bool,
+    /// --object secret,id=ID,data=...|file=...[,format=raw|base64]
+    #[arg(long = "object")]
+    pub objects: Vec<String>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run a simple I/O benchmark (and compare I/O backends)
+    Bench(cmd::bench::BenchArgs),
+    /// Compare the contents of two images
+    Compare(cmd::compare::CompareArgs),
+    /// Convert an image to another format (or copy it)
+    Convert(cmd::convert::ConvertArgs),
+    /// Create a new image
+    Create(cmd::create::CreateArgs),
+    /// Copy from one image to another, dd style (bs=, count=, skip=, if=, of=)
+    Dd(cmd::dd::DdArgs),
+    /// Show information about an image
+    Info(cmd::info::InfoArgs),
+    /// Show the allocation map of an image
+    Map(cmd::map::MapArgs),
+    /// Compute the size a new image would need
+    Measure(cmd::measure::MeasureArgs),
+    /// Change the virtual size of an image
+    Resize(cmd::resize::ResizeArgs),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let code = match cli.cmd {
+        Cmd::Bench(a) => cmd::bench::run(a),
+        Cmd::Compare(a) => cmd::compare::run(a),
+        Cmd::Convert(a) => cmd::convert::run(a),
+        Cmd::Create(a) => cmd::create::run(a),
+        Cmd::Dd(a) => cmd::dd::run(a),
+        Cmd::Info(a) => cmd::info::run(a),
+        Cmd::Map(a) => cmd::map::run(a),
+        Cmd::Measure(a) => cmd::measure::run(a),
+        Cmd::Resize(a) => cmd::resize::run(a),
+    };
+    std::process::exit(code);
+}

@@ -1,1 +1,17 @@
+//! ringblk drivers: every format, filter and protocol driver, registered by name.
 
+pub mod format;
+pub mod protocol;
+
+use std::sync::Arc;
+
+use engine::block::Registry;
+
+/// A registry holding every driver this build has.
+pub fn registry() -> Arc<Registry> {
+    let mut r = Registry::new();
+    r.register(Box::new(protocol::file::FileDriver::file()));
+    r.register(Box::new(protocol::file::FileDriver::host_device()));
+    r.register(Box::new(format::raw::RawDriver));
+    Arc::new(r)
+}

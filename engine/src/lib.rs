@@ -6,6 +6,7 @@ pub mod block;
 pub mod error;
 pub mod options;
 pub mod runtime;
+pub mod secret;
 pub mod size;
 
 pub use error::{Error, ErrorKind, Result};

@@ -156,6 +156,12 @@ pub trait BlockNode: Send + Sync {
         })
     }
 
+    /// The host fd and offset where this node's bytes lie linearly, for copy
+    /// offload (copy_file_range). Only protocol nodes and pass-through formats.
+    fn passthrough_fd(&self) -> Option<(std::os::fd::RawFd, u64)> {
+        None
+    }
+
     /// `format-specific` block of `info`, as QAPI JSON ({"type":..,"data":..}).
     fn format_specific(&self) -> Option<serde_json::Value> {
         None

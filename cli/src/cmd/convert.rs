@@ -1,0 +1,445 @@
+//! `ringblk convert`: copy one or more images (concatenated) into a new or existing
+//! image. Work is cut into chunks that `-m` workers, spread over every shard, claim
+//! in order; block status decides what to read, zero detection (`-S`) what to skip,
+//! and without `-W` writes land in chunk order as qemu-img's do.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use clap::Args;
+use engine::block::{BlockNode, Extent, OpenFlags, WriteFlags, ZeroFlags};
+use engine::error::{invalid, Error, Result};
+use engine::options::OptionTree;
+use engine::runtime::{yield_now, IoBuf};
+
+use crate::common;
+use crate::progress::Progress;
+
+/// Bytes one worker copies per claim.
+const CHUNK: u64 = 2 << 20;
+
+#[derive(Args)]
+pub struct ConvertArgs {
+    /// Source format (probed when omitted)
+    #[arg(short = 'f')]
+    format: Option<String>,
+    /// Output format (default raw)
+    #[arg(short = 'O', default_value = "raw")]
+    out_format: String,
+    /// Output format options; may repeat
+    #[arg(short = 'o')]
+    options: Vec<String>,
+    /// Skip creating the target (it must exist)
+    #[arg(short = 'n')]
+    no_create: bool,
+    /// Minimum run of zero bytes to leave sparse (0: fully allocate)
+    #[arg(short = 'S', value_parser = common::parse_size_arg, default_value = "4096")]
+    sparse: u64,
+    /// Parallel requests (1-16)
+    #[arg(short = 'm', default_value_t = 8)]
+    coroutines: u32,
+    /// Allow out-of-order writes
+    #[arg(short = 'W')]
+    out_of_order: bool,
+    /// Copy offload (copy_file_range) where both sides allow it
+    #[arg(short = 'C')]
+    copy_offload: bool,
+    /// Compress the target (formats that support it)
+    #[arg(short = 'c')]
+    compress: bool,
+    #[arg(short = 'p')]
+    progress: bool,
+    #[arg(short = 'q')]
+    quiet: bool,
+    /// Target cache mode (default writeback, flushed once at the end)
+    #[arg(short = 't', default_value = "writeback")]
+    cache: String,
+    /// Source cache mode
+    #[arg(short = 'T', default_value = "writeback")]
+    src_cache: String,
+    /// Backing file of the target
+    #[arg(short = 'B')]
+    backing: Option<String>,
+    #[arg(short = 'F')]
+    backing_fmt: Option<String>,
+    /// Keep going on read errors, copying what can be read
+    #[arg(long)]
+    salvage: bool,
+    #[arg(long = "image-opts")]
+    image_opts: bool,
+    #[arg(long = "target-image-opts")]
+    target_image_opts: bool,
+    /// The existing target reads as zeroes (with -n)
+    #[arg(long = "target-is-zero")]
+    target_is_zero: bool,
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
+    #[arg(long = "object")]
+    objects: Vec<String>,
+    /// Source images, then the output
+    #[arg(required = true, num_args = 2..)]
+    files: Vec<String>,
+}
+
+/// One piece of work: a chunk of one source.
+struct Segment {
+    src: usize,
+    src_off: u64,
+    dst_off: u64,
+    len: u64,
+}
+
+struct Job {
+    srcs: Vec<Arc<dyn BlockNode>>,
+    dst: Arc<dyn BlockNode>,
+    segments: Vec<Segment>,
+    next: AtomicU64,
+    /// Index of the next segment allowed to write (in-order mode).
+    turn: AtomicU64,
+    in_order: bool,
+    sparse: u64,
+    target_zero: bool,
+    salvage: bool,
+    offload: Option<(i32, u64, i32, u64)>,
+    progress: Arc<Progress>,
+    failed: AtomicBool,
+    error: Mutex<Option<Error>>,
+}
+
+fn is_zero(b: &[u8]) -> bool {
+    let (pre, mid, post) = {
+        // SAFETY: any bit pattern is a valid u64; align_to handles the edges.
+        unsafe { b.align_to::<u64>() }
+    };
+    pre.iter().all(|&x| x == 0) && post.iter().all(|&x| x == 0) && mid.iter().fold(0, |a, &x| a | x) == 0
+}
+
+/// Split `buf` into (offset, len, is_zero) runs; zero runs shorter than `min` or
+/// not on 512-byte units count as data.
+fn zero_runs(buf: &[u8], min: u64) -> Vec<(usize, usize, bool)> {
+    const UNIT: usize = 512;
+    let min = (min as usize / UNIT * UNIT).max(UNIT);
+    let mut runs: Vec<(usize, usize, bool)> = Vec::new();
+    let mut i = 0;
+    while i < buf.len() {
+        let n = UNIT.min(buf.len() - i);
+        let z = n == UNIT && is_zero(&buf[i..i + n]);
+        match runs.last_mut() {
+            Some(r) if r.2 == z => r.1 += n,
+            _ => runs.push((i, n, z)),
+        }
+        i += n;
+    }
+    // Demote short zero runs to data and merge neighbours.
+    let mut out: Vec<(usize, usize, bool)> = Vec::new();
+    for (o, n, z) in runs {
+        let z = z && n >= min;
+        match out.last_mut() {
+            Some(r) if r.2 == z => r.1 += n,
+            _ => out.push((o, n, z)),
+        }
+    }
+    out
+}
+
+impl Job {
+    fn fail(&self, e: Error) {
+        self.failed.store(true, Ordering::SeqCst);
+        let mut g = self.error.lock().unwrap_or_else(|p| p.into_inner());
+        if g.is_none() {
+            *g = Some(e);
+        }
+    }
+
+    async fn wait_turn(&self, idx: u64) {
+        if !self.in_order {
+            return;
+        }
+        while self.turn.load(Ordering::Acquire) != idx && !self.failed.load(Ordering::Relaxed) {
+            yield_now().await;
+        }
+    }
+
+    async fn zero(&self, off: u64, len: u64) -> Result<()> {
+        if self.target_zero && self.sparse > 0 {
+            return Ok(());
+        }
+        let flags = ZeroFlags { may_unmap: self.sparse > 0, ..Default::default() };
+        self.dst.write_zeroes(off, len, flags).await
+    }
+
+    async fn read(&self, src: &dyn BlockNode, off: u64, buf: IoBuf) -> (Result<()>, IoBuf) {
+        let (r, mut buf) = src.read(off, buf).await;
+        match r {
+            Err(e) if self.salvage => {
+                eprintln!("ringblk: error while reading at byte {off}: {}; salvaging sector by sector", e.detail());
+                let n = buf.len();
+                let mut sector = IoBuf::new(512);
+                let mut i = 0;
+                while i < n {
+                    let k = 512.min(n - i);
+                    sector.set_len(k);
+                    let (r, s) = src.read(off + i as u64, sector).await;
+                    sector = s;
+                    if r.is_ok() {
+                        buf[i..i + k].copy_from_slice(&sector);
+                    } else {
+                        buf[i..i + k].fill(0);
+                    }
+                    i += k;
+                }
+                (Ok(()), buf)
+            }
+            r => (r.map_err(|e| e.at(off)), buf),
+        }
+    }
+
+    async fn copy_data(&self, src: &dyn BlockNode, src_off: u64, dst_off: u64, len: u64, mut buf: IoBuf) -> (Result<()>, IoBuf) {
+        if let Some((sfd, sbase, dfd, dbase)) = self.offload {
+            let r = engine::aio::blocking(move || copy_file_range(sfd, sbase + src_off, dfd, dbase + dst_off, len)).await;
+            return (r.map_err(|e| Error::os("copy offload", e).at(src_off)), buf);
+        }
+        buf.set_len(len as usize);
+        let (r, buf) = self.read(src, src_off, buf).await;
+        if let Err(e) = r {
+            return (Err(Error::new(e.kind(), format!("error while reading at byte {src_off}: {}", e.detail())).with_file(src.filename())), buf);
+        }
+        let runs = if self.sparse > 0 { zero_runs(&buf, self.sparse) } else { vec![(0, buf.len(), false)] };
+        if runs.len() == 1 && !runs[0].2 {
+            let (r, buf) = self.dst.write(dst_off, buf, WriteFlags::default()).await;
+            return (r, buf);
+        }
+        for (o, n, z) in runs {
+            let r = if z {
+                self.zero(dst_off + o as u64, n as u64).await
+            } else {
+                let piece = IoBuf::from_slice(&buf[o..o + n]);
+                self.dst.write(dst_off + o as u64, piece, WriteFlags::default()).await.0
+            };
+            if let Err(e) = r {
+                return (Err(e), buf);
+            }
+        }
+        (Ok(()), buf)
+    }
+
+    async fn segment(&self, idx: u64, mut buf: IoBuf) -> (Result<()>, IoBuf) {
+        let seg = &self.segments[idx as usize];
+        let src = &*self.srcs[seg.src];
+        // Plan the segment from block status first, so reads can run before our turn.
+        let mut plan: Vec<(u64, Extent)> = Vec::new();
+        let mut off = 0;
+        while off < seg.len {
+            match src.block_status(seg.src_off + off, seg.len - off).await {
+                Ok(e) => {
+                    plan.push((off, e));
+                    off += e.len;
+                }
+                Err(e) => return (Err(e), buf),
+            }
+        }
+        self.wait_turn(idx).await;
+        for (o, e) in plan {
+            let r = if e.zero && !e.data {
+                self.zero(seg.dst_off + o, e.len).await
+            } else {
+                let (r, b) = self.copy_data(src, seg.src_off + o, seg.dst_off + o, e.len, buf).await;
+                buf = b;
+                r
+            };
+            if let Err(e) = r {
+                return (Err(e), buf);
+            }
+        }
+        self.turn.store(idx + 1, Ordering::Release);
+        self.progress.add(seg.len);
+        (Ok(()), buf)
+    }
+
+    async fn worker(self: Arc<Self>) {
+        let mut buf = IoBuf::heap(CHUNK as usize);
+        loop {
+            if self.failed.load(Ordering::Relaxed) {
+                return;
+            }
+            let idx = self.next.fetch_add(1, Ordering::AcqRel);
+            if idx as usize >= self.segments.len() {
+                return;
+            }
+            let (r, b) = self.segment(idx, buf).await;
+            buf = b;
+            if let Err(e) = r {
+                self.fail(e);
+                return;
+            }
+        }
+    }
+}
+
+fn copy_file_range(sfd: i32, mut soff: u64, dfd: i32, mut doff: u64, mut len: u64) -> std::io::Result<()> {
+    while len > 0 {
+        let mut si = soff as libc::loff_t;
+        let mut di = doff as libc::loff_t;
+        // SAFETY: offsets are live locals; the fds stay open while the job holds the nodes.
+        let r = unsafe { libc::copy_file_range(sfd, &mut si, dfd, &mut di, len as usize, 0) };
+        if r < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        if r == 0 {
+            return Err(std::io::Error::from_raw_os_error(libc::EIO));
+        }
+        soff += r as u64;
+        doff += r as u64;
+        len -= r as u64;
+    }
+    Ok(())
+}
+
+pub fn run(a: ConvertArgs) -> i32 {
+    match convert(a) {
+        Ok(()) => 0,
+        Err(e) => common::fail(e),
+    }
+}
+
+fn convert(a: ConvertArgs) -> Result<()> {
+    let mut secrets = engine::secret::Secrets::default();
+    for o in &a.objects {
+        secrets.add_object(o)?;
+    }
+    if !(1..=16).contains(&a.coroutines) {
+        return Err(invalid("Invalid number of coroutines. Allowed number of coroutines is between 1 and 16"));
+    }
+    if a.target_image_opts && !a.no_create {
+        return Err(invalid("--target-image-opts requires use of -n flag"));
+    }
+    if a.target_is_zero && !a.no_create {
+        return Err(invalid("--target-is-zero requires use of -n flag"));
+    }
+    if a.copy_offload && a.compress {
+        return Err(invalid("Cannot enable copy offloading when -c is used"));
+    }
+    if a.compress && a.out_format == "raw" {
+        return Err(invalid("Compression not supported for this file format"));
+    }
+    let (out, srcs) = a.files.split_last().expect("clap requires two files");
+    let src_cache: engine::block::CacheMode = a.src_cache.parse()?;
+    let dst_cache: engine::block::CacheMode = a.cache.parse()?;
+    let mut create_opts = match common::join_opts(&a.options) {
+        Some(s) => OptionTree::parse(&s, None)?,
+        None => OptionTree::new(),
+    };
+    if let Some(b) = &a.backing {
+        create_opts.set("backing_file", b.clone());
+        if let Some(f) = &a.backing_fmt {
+            create_opts.set("backing_fmt", f.clone());
+        }
+    }
+    let src_specs = srcs
+        .iter()
+        .map(|s| common::image_spec(s, a.format.as_deref(), a.image_opts))
+        .collect::<Result<Vec<_>>>()?;
+    let dst_spec = if a.target_image_opts {
+        common::image_spec(out, None, true)?
+    } else {
+        common::image_spec(out, Some(&a.out_format), false)?
+    };
+    let rt = common::full_runtime()?;
+    let src_flags = OpenFlags { force_share: a.force_share, cache: src_cache, ..Default::default() };
+    let dst_flags = OpenFlags { write: true, cache: dst_cache, ..Default::default() };
+    let (no_create, fmt, out_name, quiet, progress) = (a.no_create, a.out_format.clone(), out.clone(), a.quiet, a.progress);
+    let has_backing = create_opts.contains("backing_file");
+    let prealloc_off = create_opts.get("preallocation").is_none_or(|p| p == "off");
+    let (sparse, in_order, salvage, offload, target_is_zero, m) =
+        (a.sparse, !a.out_of_order, a.salvage, a.copy_offload, a.target_is_zero, a.coroutines);
+
+    let (srcs, dst) = rt.block_on(move || async move {
+        let mut nodes = Vec::new();
+        for s in src_specs {
+            nodes.push(common::open(s, src_flags.clone()).await?);
+        }
+        let total: u64 = nodes.iter().map(|n| n.size()).sum();
+        if !no_create {
+            let reg = drivers::registry();
+            let d = reg.get(&fmt).ok_or_else(|| invalid(format!("Unknown file format '{fmt}'")))?;
+            if has_backing && !d.create_opts().iter().any(|o| o.name == "backing_file") {
+                return Err(invalid(format!("Backing file not supported for file format '{fmt}'")));
+            }
+            let mut o = create_opts;
+            o.set("size", total.to_string());
+            super::create::create_image(&fmt, &out_name, o).await?;
+        }
+        let dst = common::open(dst_spec, dst_flags).await?;
+        if no_create && dst.size() < total {
+            return Err(invalid("output file is smaller than input file").with_file(dst.filename()));
+        }
+        Ok::<_, Error>((nodes, dst))
+    })?;
+
+    let total: u64 = srcs.iter().map(|n| n.size()).sum();
+    let mut segments = Vec::new();
+    let mut dst_off = 0;
+    for (i, s) in srcs.iter().enumerate() {
+        let mut o = 0;
+        while o < s.size() {
+            let len = CHUNK.min(s.size() - o);
+            segments.push(Segment { src: i, src_off: o, dst_off, len });
+            o += len;
+            dst_off += len;
+        }
+    }
+    let offload = if offload {
+        match (srcs.as_slice(), dst.passthrough_fd()) {
+            ([s], Some((dfd, dbase))) => s.passthrough_fd().map(|(sfd, sbase)| (sfd, sbase, dfd, dbase)),
+            _ => None,
+        }
+    } else {
+        None
+    };
+    let job = Arc::new(Job {
+        srcs,
+        dst,
+        segments,
+        next: AtomicU64::new(0),
+        turn: AtomicU64::new(0),
+        in_order,
+        sparse,
+        target_zero: (!no_create && prealloc_off) || target_is_zero,
+        salvage,
+        offload,
+        progress: Progress::new(total, progress && !quiet),
+        failed: AtomicBool::new(false),
+        error: Mutex::new(None),
+    });
+    let handles: Vec<_> = (0..m as usize)
+        .map(|i| {
+            let j = job.clone();
+            rt.spawn_on(i % rt.shards(), move || j.worker())
+        })
+        .collect();
+    for h in handles {
+        h.join();
+    }
+    job.progress.finish();
+    if let Some(e) = job.error.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        return Err(e);
+    }
+    let j = job.clone();
+    rt.block_on(move || async move { j.dst.flush().await })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_runs_respect_minimum() {
+        let mut b = vec![1u8; 512];
+        b.extend(vec![0u8; 4096]);
+        b.extend(vec![2u8; 100]);
+        let r = zero_runs(&b, 4096);
+        assert_eq!(r, vec![(0, 512, false), (512, 4096, true), (4608, 100, false)]);
+        let r = zero_runs(&b, 8192);
+        assert_eq!(r, vec![(0, b.len(), false)]);
+    }
+}

@@ -1,0 +1,110 @@
+//! `ringblk create`: make a new image with a format's create options.
+
+use clap::Args;
+use engine::block::{OpenCtx, OpenFlags};
+use engine::error::{invalid, Result};
+use engine::options::OptionTree;
+
+use crate::common;
+
+#[derive(Args)]
+pub struct CreateArgs {
+    /// Image format (default raw)
+    #[arg(short = 'f', default_value = "raw")]
+    format: String,
+    /// Format options (key=val,...; "help" lists them); may repeat
+    #[arg(short = 'o')]
+    options: Vec<String>,
+    /// Backing file
+    #[arg(short = 'b')]
+    backing: Option<String>,
+    /// Backing file format
+    #[arg(short = 'F')]
+    backing_fmt: Option<String>,
+    /// Unsafe: do not open the backing file to check it
+    #[arg(short = 'u')]
+    unsafe_backing: bool,
+    #[arg(short = 'q')]
+    quiet: bool,
+    #[arg(long = "object")]
+    objects: Vec<String>,
+    filename: String,
+    #[arg(value_parser = common::parse_size_arg)]
+    size: Option<u64>,
+}
+
+/// Print a driver's create options as `-o help` does.
+pub fn print_help(fmt: &str) -> Result<()> {
+    let reg = drivers::registry();
+    let d = reg.get(fmt).ok_or_else(|| invalid(format!("Unknown file format '{fmt}'")))?;
+    println!("Supported {fmt} options:");
+    for o in d.create_opts() {
+        println!("  {:<24}- {}", format!("{}=<{}>", o.name, o.ty), o.help);
+    }
+    Ok(())
+}
+
+/// Create `filename` as `fmt` with options `opts` (size included).
+pub async fn create_image(fmt: &str, filename: &str, opts: OptionTree) -> Result<()> {
+    let reg = drivers::registry();
+    let d = reg.get(fmt).ok_or_else(|| invalid(format!("Unknown file format '{fmt}'")))?;
+    let ctx = OpenCtx::new(reg.clone(), OpenFlags { write: true, ..Default::default() });
+    d.create(&ctx, filename, opts).await
+}
+
+/// "Formatting 'x', fmt=raw size=N ..." line.
+pub fn formatting_line(fmt: &str, filename: &str, opts: &OptionTree) -> String {
+    let mut s = format!("Formatting '{filename}', fmt={fmt}");
+    if let Some(size) = opts.get("size") {
+        s.push_str(&format!(" size={size}"));
+    }
+    for (k, v) in opts.iter().filter(|(k, _)| *k != "size") {
+        s.push_str(&format!(" {k}={v}"));
+    }
+    s
+}
+
+pub fn run(a: CreateArgs) -> i32 {
+    let r = (|| -> Result<i32> {
+        let mut secrets = engine::secret::Secrets::default();
+        for o in &a.objects {
+            secrets.add_object(o)?;
+        }
+        let mut opts = match common::join_opts(&a.options) {
+            Some(s) => OptionTree::parse(&s, Some("help"))?,
+            None => OptionTree::new(),
+        };
+        if opts.take("help").is_some() || opts.get("?").is_some() {
+            print_help(&a.format)?;
+            return Ok(0);
+        }
+        if let Some(b) = &a.backing {
+            opts.set("backing_file", b.clone());
+        }
+        if let Some(f) = &a.backing_fmt {
+            opts.set("backing_fmt", f.clone());
+        }
+        let _ = a.unsafe_backing;
+        match a.size {
+            Some(s) => opts.set("size", s.to_string()),
+            None if opts.contains("size") => {
+                let s = opts.take_size("size")?.expect("present");
+                opts.set("size", s.to_string());
+            }
+            None => return Err(invalid("Image creation needs a size parameter")),
+        }
+        let reg = drivers::registry();
+        let d = reg.get(&a.format).ok_or_else(|| invalid(format!("Unknown file format '{}'", a.format)))?;
+        if opts.contains("backing_file") && !d.create_opts().iter().any(|o| o.name == "backing_file") {
+            return Err(invalid(format!("Backing file not supported for file format '{}'", a.format)));
+        }
+        if !a.quiet {
+            println!("{}", formatting_line(&a.format, &a.filename, &opts));
+        }
+        let rt = common::small_runtime()?;
+        let (fmt, filename) = (a.format.clone(), a.filename.clone());
+        rt.block_on(move || async move { create_image(&fmt, &filename, opts).await })?;
+        Ok(0)
+    })();
+    r.unwrap_or_else(common::fail)
+}

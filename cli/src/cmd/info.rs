@@ -1,0 +1,158 @@
+//! `ringblk info`: what an image is, in qemu-img's human layout or as QAPI
+//! ImageInfo JSON (same keys and nesting as qemu-img's).
+
+use std::sync::Arc;
+
+use clap::Args;
+use engine::block::BlockNode;
+use engine::error::Result;
+use engine::size::human_size;
+use serde_json::{json, Map, Value};
+
+use crate::common::{self, OutputFormat};
+use crate::OpenArgs;
+
+#[derive(Args)]
+pub struct InfoArgs {
+    #[command(flatten)]
+    open: OpenArgs,
+    #[arg(long, value_enum, default_value_t)]
+    output: OutputFormat,
+    /// Also show the images of the backing chain
+    #[arg(long = "backing-chain")]
+    backing_chain: bool,
+    filename: String,
+}
+
+/// QAPI ImageInfo of a node and its children.
+pub async fn image_info(node: &Arc<dyn BlockNode>) -> Result<Value> {
+    let mut children = Vec::new();
+    for c in node.children() {
+        let info = Box::pin(image_info(&c.node)).await?;
+        children.push(json!({ "name": c.role, "info": info }));
+    }
+    let mut m = Map::new();
+    m.insert("children".into(), Value::Array(children));
+    m.insert("virtual-size".into(), json!(node.size()));
+    m.insert("filename".into(), json!(node.filename()));
+    m.insert("format".into(), json!(node.driver()));
+    if let Some(a) = node.allocated_size().await? {
+        m.insert("actual-size".into(), json!(a));
+    }
+    if let Some(fs) = node.format_specific() {
+        m.insert("format-specific".into(), fs);
+    }
+    m.insert("dirty-flag".into(), json!(false));
+    Ok(Value::Object(m))
+}
+
+fn print_human(info: &Value, out: &mut String) {
+    let size = info["virtual-size"].as_u64().unwrap_or(0);
+    out.push_str(&format!("image: {}\n", info["filename"].as_str().unwrap_or("")));
+    out.push_str(&format!("file format: {}\n", info["format"].as_str().unwrap_or("")));
+    out.push_str(&format!("virtual size: {} ({size} bytes)\n", human_size(size)));
+    out.push_str(&format!("disk size: {}\n", disk_size(info)));
+    print_children(info, "", 0, out);
+}
+
+fn disk_size(info: &Value) -> String {
+    info.get("actual-size").and_then(Value::as_u64).map_or_else(|| "unavailable".to_string(), human_size)
+}
+
+fn print_children(info: &Value, path: &str, depth: usize, out: &mut String) {
+    let Some(children) = info["children"].as_array() else { return };
+    for c in children {
+        let name = c["name"].as_str().unwrap_or("");
+        let ci = &c["info"];
+        let indent = "    ".repeat(depth);
+        let p = format!("{path}/{name}");
+        out.push_str(&format!("{indent}Child node '{p}':\n"));
+        let ind = "    ".repeat(depth + 1);
+        let size = ci["virtual-size"].as_u64().unwrap_or(0);
+        out.push_str(&format!("{ind}filename: {}\n", ci["filename"].as_str().unwrap_or("")));
+        if ci["children"].as_array().is_none_or(Vec::is_empty) {
+            out.push_str(&format!("{ind}protocol type: {}\n", ci["format"].as_str().unwrap_or("")));
+            out.push_str(&format!("{ind}file length: {} ({size} bytes)\n", human_size(size)));
+        } else {
+            out.push_str(&format!("{ind}file format: {}\n", ci["format"].as_str().unwrap_or("")));
+            out.push_str(&format!("{ind}virtual size: {} ({size} bytes)\n", human_size(size)));
+        }
+        out.push_str(&format!("{ind}disk size: {}\n", disk_size(ci)));
+        print_children(ci, &p, depth + 1, out);
+    }
+}
+
+pub fn run(a: InfoArgs) -> i32 {
+    let spec = match common::secrets(&a.open).and_then(|_| common::image_spec(&a.filename, a.open.format.as_deref(), a.open.image_opts)) {
+        Ok(s) => s,
+        Err(e) => return common::fail(e),
+    };
+    let rt = match common::small_runtime() {
+        Ok(r) => r,
+        Err(e) => return common::fail(e),
+    };
+    let mut flags = common::flags(&a.open, false);
+    flags.no_io = true;
+    let r = rt.block_on(move || async move {
+        let node = common::open(spec, flags).await?;
+        image_info(&node).await
+    });
+    let info = match r {
+        Ok(i) => i,
+        Err(e) => return common::fail(e),
+    };
+    match (a.output, a.backing_chain) {
+        (OutputFormat::Json, false) => println!("{}", to_qemu_json(&info)),
+        (OutputFormat::Json, true) => println!("{}", to_qemu_json(&Value::Array(vec![info]))),
+        (OutputFormat::Human, _) => {
+            let mut s = String::new();
+            print_human(&info, &mut s);
+            print!("{s}");
+        }
+    }
+    0
+}
+
+/// JSON pretty-printed the way QEMU's QObject printer does: 4-space indent and
+/// empty containers written as "[\n<indent>]" / "{\n<indent>}".
+pub fn to_qemu_json(v: &Value) -> String {
+    let mut s = String::new();
+    write_json(v, 0, &mut s);
+    s
+}
+
+fn write_json(v: &Value, depth: usize, s: &mut String) {
+    let ind = "    ".repeat(depth + 1);
+    let end = "    ".repeat(depth);
+    match v {
+        Value::Array(a) => {
+            s.push_str("[\n");
+            for (i, x) in a.iter().enumerate() {
+                s.push_str(&ind);
+                write_json(x, depth + 1, s);
+                if i + 1 < a.len() {
+                    s.push(',');
+                }
+                s.push('\n');
+            }
+            s.push_str(&end);
+            s.push(']');
+        }
+        Value::Object(o) => {
+            s.push_str("{\n");
+            for (i, (k, x)) in o.iter().enumerate() {
+                s.push_str(&ind);
+                s.push_str(&serde_json::to_string(k).expect("string serialises"));
+                s.push_str(": ");
+                write_json(x, depth + 1, s);
+                if i + 1 < o.len() {
+                    s.push(',');
+                }
+                s.push('\n');
+            }
+            s.push_str(&end);
+            s.push('}');
+        }
+        other => s.push_str(&other.to_string()),
+    }
+}

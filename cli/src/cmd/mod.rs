@@ -1,0 +1,11 @@
+//! One module per subcommand.
+
+pub mod bench;
+pub mod compare;
+pub mod convert;
+pub mod create;
+pub mod dd;
+pub mod info;
+pub mod map;
+pub mod measure;
+pub mod resize;

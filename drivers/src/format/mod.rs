@@ -1,0 +1,3 @@
+//! Image format drivers.
+
+pub mod raw;

@@ -1,0 +1,211 @@
+//! The `raw` format: the guest sees the file child's bytes, optionally a window of
+//! them (`offset=`, `size=`). When the format was probed rather than named, a write
+//! that would make sector 0 look like another format is refused, as QEMU does, so a
+//! guest cannot turn its disk into, say, a qcow2 image pointing at host files.
+
+use std::sync::Arc;
+
+use engine::block::{
+    check_request, check_writable, BlockNode, BoxFuture, Child, CreateOpt, Driver, DriverKind, Extent, Limits, OpenCtx,
+    Prealloc, Registry, WriteFlags, ZeroFlags,
+};
+use engine::error::{invalid, Error, ErrorKind, Result};
+use engine::options::OptionTree;
+use engine::runtime::IoBuf;
+
+const SECTOR: u64 = 512;
+
+pub struct RawNode {
+    file: Arc<dyn BlockNode>,
+    offset: u64,
+    /// Fixed window size from `size=`, else the file's size minus `offset`.
+    fixed_size: Option<u64>,
+    probed: bool,
+    registry: Arc<Registry>,
+}
+
+impl RawNode {
+    /// For a probed image, refuse a write whose sector 0 would probe as a format.
+    async fn check_sector0(&self, offset: u64, buf: &[u8]) -> Result<()> {
+        if !self.probed || offset >= SECTOR {
+            return Ok(());
+        }
+        let end = (offset + buf.len() as u64).min(SECTOR);
+        let mut sector = vec![0u8; SECTOR.min(self.size()) as usize];
+        if !(offset == 0 && end as usize == sector.len()) {
+            let cur = engine::block::read_vec(self, 0, sector.len()).await?;
+            sector.copy_from_slice(&cur);
+        }
+        let n = (end - offset) as usize;
+        sector[offset as usize..offset as usize + n].copy_from_slice(&buf[..n]);
+        if let Some(d) = self.registry.probe_format(&sector, &self.file.filename()) {
+            return Err(Error::new(
+                ErrorKind::PermissionDenied,
+                format!(
+                    "refusing to write a '{}' header to sector 0 of an image whose raw format was probed; name the format with -f raw",
+                    d.name()
+                ),
+            )
+            .with_file(self.file.filename()));
+        }
+        Ok(())
+    }
+}
+
+impl BlockNode for RawNode {
+    fn driver(&self) -> &'static str {
+        "raw"
+    }
+    fn filename(&self) -> String {
+        self.file.filename()
+    }
+    fn size(&self) -> u64 {
+        self.fixed_size.unwrap_or_else(|| self.file.size().saturating_sub(self.offset))
+    }
+    fn limits(&self) -> Limits {
+        self.file.limits()
+    }
+    fn read_only(&self) -> bool {
+        self.file.read_only()
+    }
+    fn children(&self) -> Vec<Child> {
+        vec![Child { role: "file", node: self.file.clone() }]
+    }
+
+    fn read(&self, offset: u64, buf: IoBuf) -> BoxFuture<'_, (Result<()>, IoBuf)> {
+        Box::pin(async move {
+            if let Err(e) = check_request(self, offset, buf.len() as u64) {
+                return (Err(e), buf);
+            }
+            self.file.read(offset + self.offset, buf).await
+        })
+    }
+
+    fn write(&self, offset: u64, buf: IoBuf, flags: WriteFlags) -> BoxFuture<'_, (Result<()>, IoBuf)> {
+        Box::pin(async move {
+            if let Err(e) = check_writable(self).and_then(|()| check_request(self, offset, buf.len() as u64)) {
+                return (Err(e), buf);
+            }
+            if let Err(e) = self.check_sector0(offset, &buf).await {
+                return (Err(e), buf);
+            }
+            self.file.write(offset + self.offset, buf, flags).await
+        })
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async move {
+            check_writable(self)?;
+            check_request(self, offset, len)?;
+            self.file.write_zeroes(offset + self.offset, len, flags).await
+        })
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async move {
+            check_writable(self)?;
+            check_request(self, offset, len)?;
+            self.file.discard(offset + self.offset, len).await
+        })
+    }
+
+    fn flush(&self) -> BoxFuture<'_, Result<()>> {
+        self.file.flush()
+    }
+
+    fn block_status(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<Extent>> {
+        Box::pin(async move {
+            let size = self.size();
+            if offset >= size {
+                return Err(invalid(format!("block status at offset {offset} beyond end ({size})")));
+            }
+            let mut e = self.file.block_status(offset + self.offset, len.min(size - offset)).await?;
+            e.offset = Some(offset + self.offset);
+            Ok(e)
+        })
+    }
+
+    fn passthrough_fd(&self) -> Option<(std::os::fd::RawFd, u64)> {
+        self.file.passthrough_fd().map(|(fd, base)| (fd, base + self.offset))
+    }
+
+    fn truncate(&self, size: u64, exact: bool, prealloc: Prealloc) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async move {
+            if self.fixed_size.is_some() {
+                return Err(Error::new(ErrorKind::Unsupported, "Cannot resize fixed-size raw disks").with_file(self.filename()));
+            }
+            let total = size.checked_add(self.offset).ok_or_else(|| invalid("size overflows with the raw offset"))?;
+            self.file.truncate(total, exact, prealloc).await
+        })
+    }
+}
+
+pub struct RawDriver;
+
+const RAW_CREATE_OPTS: &[CreateOpt] = &[
+    CreateOpt { name: "size", ty: "size", help: "Virtual disk size" },
+    CreateOpt { name: "preallocation", ty: "str", help: "Preallocation mode (allowed values: off, falloc, full)" },
+    CreateOpt { name: "nocow", ty: "bool", help: "Turn off copy-on-write (valid only on btrfs)" },
+    CreateOpt { name: "extent_size_hint", ty: "size", help: "Extent size hint for the image file, 0 to disable" },
+];
+
+impl Driver for RawDriver {
+    fn name(&self) -> &'static str {
+        "raw"
+    }
+    fn kind(&self) -> DriverKind {
+        DriverKind::Format
+    }
+    // Raw is the fallback, never a probe winner.
+    fn probe(&self, _header: &[u8], _filename: &str) -> u32 {
+        0
+    }
+
+    fn open_format<'a>(
+        &'a self,
+        ctx: &'a OpenCtx,
+        mut opts: OptionTree,
+        file: Arc<dyn BlockNode>,
+        probed: bool,
+    ) -> BoxFuture<'a, Result<Arc<dyn BlockNode>>> {
+        Box::pin(async move {
+            let offset = opts.take_size("offset")?.unwrap_or(0);
+            let fixed_size = opts.take_size("size")?;
+            opts.ensure_consumed("Block format 'raw'")?;
+            let fsize = file.size();
+            if offset > fsize {
+                return Err(invalid(format!("offset ({offset}) cannot be greater than size of the containing file ({fsize})"))
+                    .with_file(file.filename()));
+            }
+            if let Some(s) = fixed_size {
+                if offset.checked_add(s).is_none_or(|end| end > fsize) {
+                    return Err(invalid(format!(
+                        "The sum of offset ({offset}) and size ({s}) has to be smaller or equal to the actual size of the containing file ({fsize})"
+                    ))
+                    .with_file(file.filename()));
+                }
+            }
+            if probed && ctx.flags.write {
+                (ctx.warn)(&format!(
+                    "WARNING: Image format was not specified for '{}' and probing guessed raw.\n         Automatically detecting the format is dangerous for raw images, write operations on block 0 will be restricted.\n         Specify the 'raw' format explicitly to remove the restrictions.",
+                    file.filename()
+                ));
+            }
+            Ok(Arc::new(RawNode { file, offset, fixed_size, probed, registry: ctx.registry.clone() }) as Arc<dyn BlockNode>)
+        })
+    }
+
+    fn create_opts(&self) -> &'static [CreateOpt] {
+        RAW_CREATE_OPTS
+    }
+
+    fn create<'a>(&'a self, ctx: &'a OpenCtx, filename: &'a str, opts: OptionTree) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            let proto = ctx
+                .registry
+                .probe_protocol(filename)
+                .ok_or_else(|| invalid(format!("no protocol driver for '{filename}'")))?;
+            proto.create(ctx, filename, opts).await
+        })
+    }
+}

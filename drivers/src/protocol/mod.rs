@@ -1,0 +1,4 @@
+//! Protocol drivers: where bytes finally live.
+
+pub mod file;
+mod sys;

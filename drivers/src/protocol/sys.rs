@@ -1,0 +1,132 @@
+//! Small Linux syscall wrappers the file protocol needs: block device ioctls,
+//! direct-I/O alignment discovery, SEEK_DATA/SEEK_HOLE, fstat.
+
+use std::io;
+use std::os::fd::RawFd;
+
+/// `_IO(0x12, 104)`: logical block size of a block device.
+const BLKSSZGET: libc::c_ulong = 0x1268;
+/// `_IOR(0x12, 114, u64)`: size of a block device in bytes.
+const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
+/// `_IO(0x12, 119)`: discard a byte range of a block device.
+const BLKDISCARD: libc::c_ulong = 0x1277;
+/// `_IOR('f', 1, long)` / `_IOW('f', 2, long)`: inode flags.
+const FS_IOC_GETFLAGS: libc::c_ulong = 0x8008_6601;
+const FS_IOC_SETFLAGS: libc::c_ulong = 0x4008_6602;
+const FS_NOCOW_FL: libc::c_long = 0x0080_0000;
+
+fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+pub fn fstat(fd: RawFd) -> io::Result<libc::stat> {
+    // SAFETY: st is plain data that fstat fills.
+    unsafe {
+        let mut st: libc::stat = std::mem::zeroed();
+        cvt(libc::fstat(fd, &mut st))?;
+        Ok(st)
+    }
+}
+
+pub fn is_block_device(st: &libc::stat) -> bool {
+    st.st_mode & libc::S_IFMT == libc::S_IFBLK
+}
+
+pub fn block_device_size(fd: RawFd) -> io::Result<u64> {
+    let mut size: u64 = 0;
+    // SAFETY: BLKGETSIZE64 writes one u64 to the live local.
+    cvt(unsafe { libc::ioctl(fd, BLKGETSIZE64, &mut size as *mut u64) })?;
+    Ok(size)
+}
+
+pub fn block_device_sector_size(fd: RawFd) -> io::Result<u32> {
+    let mut size: libc::c_int = 0;
+    // SAFETY: BLKSSZGET writes one int to the live local.
+    cvt(unsafe { libc::ioctl(fd, BLKSSZGET, &mut size as *mut libc::c_int) })?;
+    Ok(size as u32)
+}
+
+pub fn block_device_discard(fd: RawFd, off: u64, len: u64) -> io::Result<()> {
+    let range: [u64; 2] = [off, len];
+    // SAFETY: BLKDISCARD reads two u64 from the live array.
+    cvt(unsafe { libc::ioctl(fd, BLKDISCARD, range.as_ptr()) }).map(drop)
+}
+
+/// (memory alignment, offset alignment) for O_DIRECT on a regular file, from
+/// statx(STATX_DIOALIGN), when the filesystem reports it.
+pub fn dio_align(fd: RawFd) -> Option<(u32, u32)> {
+    // SAFETY: stx is plain data statx fills; the empty path with AT_EMPTY_PATH
+    // names fd itself.
+    unsafe {
+        let mut stx: libc::statx = std::mem::zeroed();
+        let r = libc::statx(fd, c"".as_ptr(), libc::AT_EMPTY_PATH, libc::STATX_DIOALIGN, &mut stx);
+        if r != 0 || stx.stx_mask & libc::STATX_DIOALIGN == 0 || stx.stx_dio_offset_align == 0 {
+            return None;
+        }
+        Some((stx.stx_dio_mem_align, stx.stx_dio_offset_align))
+    }
+}
+
+/// Find the smallest read size/offset alignment O_DIRECT accepts by trying reads,
+/// for filesystems that do not report it. Returns 4096 when nothing can be learnt.
+pub fn probe_dio_align(fd: RawFd) -> u32 {
+    let buf = engine::runtime::IoBuf::heap(4096);
+    for align in [512u32, 1024, 2048, 4096] {
+        // SAFETY: reads at most `align` <= 4096 bytes into a live 4096-byte buffer.
+        let r = unsafe { libc::pread(fd, buf.as_ptr() as *mut libc::c_void, align as usize, 0) };
+        if r >= 0 {
+            return align;
+        }
+        if io::Error::last_os_error().raw_os_error() != Some(libc::EINVAL) {
+            break;
+        }
+    }
+    4096
+}
+
+pub enum Seek {
+    /// Data from the offset up to the given end.
+    Data(u64),
+    /// A hole from the offset up to the given end.
+    Hole(u64),
+}
+
+/// SEEK_DATA/SEEK_HOLE around `off` on a file of `size` bytes.
+pub fn seek_extent(fd: RawFd, off: u64, size: u64) -> io::Result<Seek> {
+    // SAFETY: lseek has no memory arguments.
+    let data = unsafe { libc::lseek(fd, off as libc::off_t, libc::SEEK_DATA) };
+    if data < 0 {
+        let e = io::Error::last_os_error();
+        return match e.raw_os_error() {
+            // No data after `off`: a hole up to EOF.
+            Some(libc::ENXIO) => Ok(Seek::Hole(size)),
+            _ => Err(e),
+        };
+    }
+    let data = data as u64;
+    if data > off {
+        return Ok(Seek::Hole(data.min(size)));
+    }
+    // SAFETY: as above.
+    let hole = unsafe { libc::lseek(fd, off as libc::off_t, libc::SEEK_HOLE) };
+    if hole < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(Seek::Data((hole as u64).min(size).max(off + 1)))
+}
+
+/// Set FS_NOCOW_FL (btrfs); a no-op error on filesystems without it is ignored by callers.
+pub fn set_nocow(fd: RawFd) -> io::Result<()> {
+    let mut flags: libc::c_long = 0;
+    // SAFETY: FS_IOC_GETFLAGS/SETFLAGS read and write one long from the live local.
+    unsafe {
+        cvt(libc::ioctl(fd, FS_IOC_GETFLAGS, &mut flags as *mut libc::c_long))?;
+        flags |= FS_NOCOW_FL;
+        cvt(libc::ioctl(fd, FS_IOC_SETFLAGS, &flags as *const libc::c_long))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,420 @@
+//! The `ringblk` binary against the real qemu-img and qemu-nbd: outputs that
+//! must be identical, images QEMU must accept, exit codes that must agree, and
+//! image locks both sides must respect.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn ringblk() -> PathBuf {
+    // target/<profile>/deps/<test-binary> -> target/<profile>/ringblk
+    let exe = std::env::current_exe().unwrap();
+    let p = exe.parent().unwrap().parent().unwrap().join("ringblk");
+    assert!(p.exists(), "{} missing: build the workspace binaries first (scripts/test.sh does)", p.display());
+    p
+}
+
+/// Is an external tool present? Outside CI a missing tool skips the test with a
+/// printed reason; in CI it fails.
+fn have(tool: &str) -> bool {
+    let ok = Command::new("sh").arg("-c").arg(format!("command -v {tool}")).output().is_ok_and(|o| o.status.success());
+    if !ok {
+        assert!(std::env::var_os("CI").is_none(), "{tool} is required in CI but not installed");
+        eprintln!("skipping: {tool} not installed");
+    }
+    ok
+}
+
+fn run(cmd: &mut Command) -> Output {
+    cmd.output().unwrap_or_else(|e| panic!("running {cmd:?}: {e}"))
+}
+
+fn rb(args: &[&str]) -> Output {
+    run(Command::new(ringblk()).args(args))
+}
+
+fn qi(args: &[&str]) -> Output {
+    run(Command::new("qemu-img").args(args))
+}
+
+fn ok(o: Output) -> String {
+    assert!(o.status.success(), "failed: {}\n{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    String::from_utf8(o.stdout).unwrap()
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+/// A sparse raw file of `size` bytes with random data runs, written zero runs and
+/// holes, at 4 KiB granularity, plus an unaligned tail when `size` is unaligned.
+fn mixed_image(path: &Path, size: u64, seed: u64) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::create(path).unwrap();
+    f.set_len(size).unwrap();
+    let mut rng = Rng(seed | 1);
+    let mut off = 0;
+    while off < size {
+        let len = ((rng.next() % 64 + 1) * 4096).min(size - off);
+        match rng.next() % 3 {
+            0 => {
+                let data: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
+                f.write_all_at(&data, off).unwrap();
+            }
+            1 => f.write_all_at(&vec![0u8; len as usize], off).unwrap(),
+            _ => {} // hole
+        }
+        off += len;
+    }
+}
+
+#[test]
+fn info_json_and_human_match_qemu_img_for_raw() {
+    if !have("qemu-img") {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let created = d.path().join("created.raw");
+    ok(rb(&["create", "-q", "-f", "raw", s(&created), "64M"]));
+    let mixed = d.path().join("mixed.raw");
+    mixed_image(&mixed, 3 << 20, 7);
+    for img in [&created, &mixed] {
+        let ours: serde_json::Value = serde_json::from_str(&ok(rb(&["info", "--output=json", s(img)]))).unwrap();
+        let theirs: serde_json::Value = serde_json::from_str(&ok(qi(&["info", "--output=json", s(img)]))).unwrap();
+        assert_eq!(ours, theirs, "info json differs for {}", img.display());
+        assert_eq!(ok(rb(&["info", s(img)])), ok(qi(&["info", s(img)])));
+    }
+    // The image we created is one QEMU reads as 64 MiB of zeroes.
+    let zero = d.path().join("zero.raw");
+    ok(qi(&["create", "-q", "-f", "raw", s(&zero), "64M"]));
+    assert!(ok(qi(&["compare", "-s", s(&created), s(&zero)])).contains("identical"));
+}
+
+#[test]
+fn map_json_is_identical_to_qemu_img() {
+    if !have("qemu-img") {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let cases: Vec<(PathBuf, u64, u64)> =
+        vec![("a", 8 << 20, 1), ("b", 5 << 20, 2), ("c", 1000, 3), ("d", (4 << 20) + 123, 4)]
+            .into_iter()
+            .map(|(n, size, seed)| (d.path().join(n), size, seed))
+            .collect();
+    for (p, size, seed) in &cases {
+        mixed_image(p, *size, *seed);
+        for fmt in [&["--output=json"][..], &[][..]] {
+            let mut a = vec!["map"];
+            a.extend_from_slice(fmt);
+            a.push(s(p));
+            let mut b = a.clone();
+            b.insert(1, "-f");
+            b.insert(2, "raw");
+            assert_eq!(ok(rb(&b)), ok(qi(&b)), "map {:?} differs", fmt);
+        }
+    }
+    // Fully sparse and fully allocated files.
+    let hole = d.path().join("hole.raw");
+    std::fs::File::create(&hole).unwrap().set_len(16 << 20).unwrap();
+    let full = d.path().join("full.raw");
+    std::fs::write(&full, vec![0xabu8; 1 << 20]).unwrap();
+    for p in [&hole, &full] {
+        let a = ["map", "--output=json", "-f", "raw", s(p)];
+        assert_eq!(ok(rb(&a)), ok(qi(&a)));
+    }
+}
+
+#[test]
+fn convert_output_matches_source_and_qemu_convert() {
+    if !have("qemu-img") {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let src = d.path().join("src.raw");
+    mixed_image(&src, 24 << 20, 11);
+    let variants: Vec<Vec<&str>> = vec![
+        vec![],
+        vec!["-W", "-m", "16"],
+        vec!["-m", "1"],
+        vec!["-S", "0"],
+        vec!["-C"],
+        vec!["-S", "64k", "-t", "none"],
+    ];
+    let theirs = d.path().join("qemu.raw");
+    ok(qi(&["convert", "-f", "raw", "-O", "raw", s(&src), s(&theirs)]));
+    for (i, v) in variants.iter().enumerate() {
+        let out = d.path().join(format!("out{i}.raw"));
+        let mut a = vec!["convert", "-q", "-f", "raw", "-O", "raw"];
+        a.extend(v.iter().copied());
+        a.push(s(&src));
+        a.push(s(&out));
+        ok(rb(&a));
+        let c = qi(&["compare", "-f", "raw", "-F", "raw", s(&src), s(&out)]);
+        assert!(c.status.success(), "convert {v:?}: {}", String::from_utf8_lossy(&c.stdout));
+        if v.is_empty() || v[0] == "-W" {
+            // Same sparseness as qemu-img's own convert.
+            let m = |p: &Path| ok(qi(&["map", "--output=json", "-f", "raw", s(p)]));
+            assert_eq!(m(&out), m(&theirs), "convert {v:?} allocated differently from qemu-img convert");
+        }
+        if v.first() == Some(&"-S") && v[1] == "0" {
+            let info: serde_json::Value = serde_json::from_str(&ok(qi(&["info", "--output=json", s(&out)]))).unwrap();
+            assert!(info["actual-size"].as_u64().unwrap() >= 24 << 20, "-S 0 must allocate everything");
+        }
+    }
+    // -n onto an existing image full of garbage: zero regions must be zeroed.
+    let existing = d.path().join("existing.raw");
+    std::fs::write(&existing, vec![0x5au8; 24 << 20]).unwrap();
+    ok(rb(&["convert", "-q", "-n", "-f", "raw", "-O", "raw", s(&src), s(&existing)]));
+    assert!(qi(&["compare", "-f", "raw", "-F", "raw", s(&src), s(&existing)]).status.success());
+    // Two sources are concatenated.
+    let cat = d.path().join("cat.raw");
+    ok(rb(&["convert", "-q", "-f", "raw", "-O", "raw", s(&src), s(&src), s(&cat)]));
+    assert_eq!(std::fs::metadata(&cat).unwrap().len(), 48 << 20);
+    let qcat = d.path().join("qcat.raw");
+    ok(qi(&["convert", "-f", "raw", "-O", "raw", s(&src), s(&src), s(&qcat)]));
+    assert!(qi(&["compare", s(&cat), s(&qcat)]).status.success());
+}
+
+#[test]
+fn compare_agrees_with_qemu_img() {
+    if !have("qemu-img") {
+        return;
+    }
+    use std::os::unix::fs::FileExt;
+    let d = tempfile::tempdir().unwrap();
+    let base = d.path().join("base.raw");
+    mixed_image(&base, 6 << 20, 5);
+    let mut cases = Vec::new();
+    let same = d.path().join("same.raw");
+    std::fs::copy(&base, &same).unwrap();
+    cases.push(same.clone());
+    for (i, off) in [0u64, 511, 4096 * 7 + 3, (6 << 20) - 1].iter().enumerate() {
+        let p = d.path().join(format!("diff{i}.raw"));
+        std::fs::copy(&base, &p).unwrap();
+        let f = std::fs::OpenOptions::new().read(true).write(true).open(&p).unwrap();
+        let mut b = [0u8];
+        f.read_exact_at(&mut b, *off).unwrap();
+        f.write_all_at(&[b[0] ^ 0xff], *off).unwrap();
+        cases.push(p);
+    }
+    let zero_tail = d.path().join("zerotail.raw");
+    std::fs::copy(&base, &zero_tail).unwrap();
+    std::fs::OpenOptions::new().write(true).open(&zero_tail).unwrap().set_len(8 << 20).unwrap();
+    cases.push(zero_tail);
+    let data_tail = d.path().join("datatail.raw");
+    std::fs::copy(&base, &data_tail).unwrap();
+    let f = std::fs::OpenOptions::new().write(true).open(&data_tail).unwrap();
+    f.set_len(8 << 20).unwrap();
+    f.write_all_at(&[1], (7 << 20) + 5).unwrap();
+    cases.push(data_tail);
+    // Holes against written zeroes.
+    let dense = d.path().join("dense.raw");
+    std::fs::write(&dense, std::fs::read(&base).unwrap()).unwrap();
+    cases.push(dense);
+    for c in &cases {
+        for strict in [false, true] {
+            let mut a = vec!["compare", "-f", "raw", "-F", "raw"];
+            if strict {
+                a.push("-s");
+            }
+            a.push(s(&base));
+            a.push(s(c));
+            let (o, q) = (rb(&a), qi(&a));
+            assert_eq!(o.status.code(), q.status.code(), "exit code for {a:?}");
+            assert_eq!(String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&q.stdout), "output for {a:?}");
+        }
+    }
+    let o = rb(&["compare", "/nonexistent/x.raw", s(&base)]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("/nonexistent/x.raw"));
+}
+
+#[test]
+fn dd_resize_measure_match_qemu_img() {
+    if !have("qemu-img") {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let src = d.path().join("src.raw");
+    mixed_image(&src, 10 << 20, 9);
+    for ops in [vec!["bs=64k", "count=100", "skip=20"], vec!["bs=4k"], vec!["bs=1M", "skip=3"], vec!["bs=512", "count=7"]] {
+        let (a, b) = (d.path().join("a.raw"), d.path().join("b.raw"));
+        let args = |out: &Path| {
+            let mut v = vec!["dd".to_string(), "-f".into(), "raw".into(), "-O".into(), "raw".into()];
+            v.extend(ops.iter().map(|x| x.to_string()));
+            v.push(format!("if={}", s(&src)));
+            v.push(format!("of={}", s(out)));
+            v
+        };
+        ok(run(Command::new(ringblk()).args(args(&a))));
+        ok(run(Command::new("qemu-img").args(args(&b))));
+        assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap(), "dd {ops:?}");
+    }
+    let img = d.path().join("r.raw");
+    ok(rb(&["create", "-q", "-f", "raw", s(&img), "10M"]));
+    assert_eq!(ok(rb(&["resize", "-f", "raw", s(&img), "+2M"])), "Image resized.\n");
+    let size = |p: &Path| {
+        serde_json::from_str::<serde_json::Value>(&ok(qi(&["info", "--output=json", s(p)]))).unwrap()["virtual-size"]
+            .as_u64()
+            .unwrap()
+    };
+    assert_eq!(size(&img), 12 << 20);
+    let o = rb(&["resize", "-f", "raw", s(&img), "1M"]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--shrink"));
+    assert_eq!(size(&img), 12 << 20, "a refused shrink must not change the image");
+    ok(rb(&["resize", "-f", "raw", "--shrink", s(&img), "-11M"]));
+    assert_eq!(size(&img), 1 << 20);
+    ok(rb(&["resize", "-f", "raw", "--preallocation=full", s(&img), "4M"]));
+    assert_eq!(size(&img), 4 << 20);
+    for args in [vec!["measure", "--output=json", "-O", "raw", "--size", "3G"], vec!["measure", "-O", "raw", "-f", "raw", s(&src)]] {
+        assert_eq!(ok(rb(&args)), ok(qi(&args)));
+    }
+}
+
+/// Wait (bounded) until `path`'s OFD locks appear in /proc/locks.
+fn wait_for_locks(path: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    let ino = std::fs::metadata(path).unwrap().ino();
+    for _ in 0..200 {
+        let locks = std::fs::read_to_string("/proc/locks").unwrap_or_default();
+        if locks.lines().any(|l| l.contains("OFDLCK") && l.contains(&format!(":{ino} "))) {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(25));
+    }
+    panic!("no locks appeared on {}", path.display());
+}
+
+struct Kill(std::process::Child);
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn qemu_nbd_locks_keep_ringblk_out() {
+    if !have("qemu-nbd") || !have("qemu-img") {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    // qemu-nbd serving qcow2 does not share "write" on the file.
+    let q = d.path().join("img.qcow2");
+    ok(qi(&["create", "-q", "-f", "qcow2", s(&q), "16M"]));
+    let sock = d.path().join("nbd.sock");
+    let _nbd = Kill(Command::new("qemu-nbd").args(["-f", "qcow2", "--socket", s(&sock), s(&q)]).spawn().unwrap());
+    wait_for_locks(&q);
+    let o = rb(&["bench", "-w", "-c", "4", "-f", "raw", s(&q)]);
+    assert!(!o.status.success(), "write open of a file qemu-nbd holds must fail");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("Failed to get \"write\" lock") && err.contains(s(&q)), "{err}");
+    // Reading with -U still works.
+    ok(rb(&["bench", "-U", "-c", "4", "-f", "raw", s(&q)]));
+    drop(_nbd);
+
+    // qemu-nbd serving raw does not share "resize".
+    let r = d.path().join("img.raw");
+    ok(rb(&["create", "-q", "-f", "raw", s(&r), "16M"]));
+    let _nbd = Kill(Command::new("qemu-nbd").args(["-f", "raw", "--socket", s(&sock), s(&r)]).spawn().unwrap());
+    wait_for_locks(&r);
+    let o = rb(&["resize", "-f", "raw", s(&r), "32M"]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("Failed to get \"resize\" lock"));
+    ok(rb(&["info", s(&r)]));
+}
+
+#[test]
+fn ringblk_locks_keep_qemu_out() {
+    if !have("qemu-img") || !have("qemu-nbd") {
+        return;
+    }
+    use engine::block::{open_image, OpenCtx, OpenFlags, Perm};
+    let d = tempfile::tempdir().unwrap();
+    let r = d.path().join("held.raw");
+    ok(qi(&["create", "-q", "-f", "raw", s(&r), "16M"]));
+    let rt = engine::runtime::Runtime::single().unwrap();
+    let path = s(&r).to_string();
+    // Hold the image as a writer that shares neither write nor resize (what a
+    // format driver that owns its metadata does).
+    let node = rt.block_on(move || async move {
+        let flags = OpenFlags { write: true, shared: Perm::ALL.without(Perm::WRITE.union(Perm::RESIZE)), ..Default::default() };
+        let ctx = OpenCtx::new(drivers::registry(), flags);
+        let mut o = engine::options::OptionTree::new();
+        o.set("driver", "raw");
+        o.set("file.filename", path);
+        open_image(&ctx, o).await.unwrap()
+    });
+    let o = qi(&["bench", "-w", "-c", "1", "-f", "raw", s(&r)]);
+    assert!(!o.status.success(), "qemu-img must not write an image ringblk holds");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("lock"));
+    let o = qi(&["resize", "-f", "raw", s(&r), "32M"]);
+    assert!(!o.status.success());
+    let sock = d.path().join("n.sock");
+    let o = run(Command::new("timeout").args(["5", "qemu-nbd", "-f", "raw", "--socket", s(&sock), s(&r)]));
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("lock"), "qemu-nbd must refuse: {o:?}");
+    // Readers that share write may still look.
+    assert!(qi(&["info", s(&r)]).status.success());
+    drop(node);
+    drop(rt);
+    assert!(qi(&["resize", "-f", "raw", s(&r), "32M"]).status.success(), "locks must go away on close");
+}
+
+#[test]
+fn bench_compares_backends_in_one_run() {
+    let d = tempfile::tempdir().unwrap();
+    let img = d.path().join("b.raw");
+    ok(rb(&["create", "-q", "-f", "raw", s(&img), "64M"]));
+    let out = ok(rb(&["bench", "-f", "raw", "-c", "3000", "-d", "8", "--pattern", "rand", "--aio", "threads,native,io_uring", "--output=json", s(&img)]));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let runs = v.as_array().unwrap();
+    assert_eq!(runs.len(), 3);
+    for (r, want) in runs.iter().zip(["threads", "native", "io_uring"]) {
+        assert_eq!(r["backend"], want);
+        assert!(r["iops"].as_f64().unwrap() > 0.0);
+        assert_eq!(r["requests"], 3000);
+    }
+    assert_eq!(runs[1]["cache"], "none", "native runs with O_DIRECT");
+    // qemu-img's output lines for a single run.
+    let out = ok(rb(&["bench", "-w", "-f", "raw", "-c", "100", "-d", "4", "--pattern=5", s(&img)]));
+    assert!(out.starts_with("Sending 100 write requests, 4096 bytes each, 4 in parallel (starting at offset 0, step size 4096)\n"), "{out}");
+    assert!(out.contains("Run completed in "));
+    let data = std::fs::read(&img).unwrap();
+    assert!(data[..100 * 4096].iter().all(|&b| b == 5), "--pattern=5 fills written blocks with 5");
+    // The default run (no image) compares every backend on a temporary image.
+    let out = ok(rb(&["bench", "-c", "2000"]));
+    for b in ["threads", "native", "io_uring"] {
+        assert_eq!(out.lines().filter(|l| l.starts_with(b)).count(), 2, "{b} read and write rows in:\n{out}");
+    }
+}
+
+#[test]
+fn errors_name_the_file_and_exit_nonzero() {
+    let o = rb(&["info", "/nonexistent/dir/img.raw"]);
+    assert_eq!(o.status.code(), Some(1));
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("/nonexistent/dir/img.raw") && e.contains("No such file"), "{e}");
+    let d = tempfile::tempdir().unwrap();
+    let img = d.path().join("x.raw");
+    ok(rb(&["create", "-q", "-f", "raw", s(&img), "1M"]));
+    let o = rb(&["info", "--image-opts", &format!("driver=raw,file.filename={},bogus=1", s(&img))]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("bogus"));
+    let o = rb(&["info", &format!("json:{{\"driver\":\"raw\",\"file\":{{\"driver\":\"file\",\"filename\":\"{}\"}}}}", s(&img))]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = rb(&["bench", "-c", "1", "--image-opts", &format!("driver=raw,file.filename={},file.aio=native", s(&img))]);
+    assert!(!o.status.success(), "aio=native without cache.direct must be refused");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("cache.direct"));
+    let o = rb(&["create", "-f", "raw", s(&img), "12Q"]);
+    assert!(!o.status.success());
+}
