@@ -1,1 +1,1 @@
-
+//! Benchmarks live in benches/ (criterion) and scripts/bench/ (peer comparisons).

@@ -98,7 +98,10 @@ impl Runtime {
             let (ready_tx, ready_rx) = std::sync::mpsc::channel::<std::io::Result<()>>();
             let cfg2 = cfg.clone();
             let sh = shared.clone();
-            let cpu = if cfg.pin && !cpus.is_empty() { Some(cpus[i % cpus.len()]) } else { None };
+            // In poll mode the SQPOLL kernel thread inherits the shard thread's
+            // affinity; pinned to the same core, the two spinners starve each
+            // other. Leave both to the scheduler then.
+            let cpu = if cfg.pin && !cfg.poll && !cpus.is_empty() { Some(cpus[i % cpus.len()]) } else { None };
             let thread = thread::Builder::new()
                 .name(format!("ringblk-shard-{i}"))
                 .spawn(move || {

@@ -410,9 +410,10 @@ impl Shard {
             let busy = !self.ready.borrow().is_empty() || !self.shared.jobs.is_empty() || !self.shared.wakes.is_empty();
             let spin = self.poll_mode && self.in_flight() > 0;
             if busy || spin {
-                if self.unsubmitted.get() > 0 || !self.poll_mode {
-                    self.submit(false);
-                }
+                // In SQPOLL mode this is a flag check unless the kernel thread
+                // went to sleep; asking every turn also covers a sleep that raced
+                // with our last tail update (the flag can be seen late).
+                self.submit(false);
             } else {
                 self.submit(true);
             }
