@@ -391,6 +391,14 @@ fn bench_compares_backends_in_one_run() {
     assert!(out.contains("Run completed in "));
     let data = std::fs::read(&img).unwrap();
     assert!(data[..100 * 4096].iter().all(|&b| b == 5), "--pattern=5 fills written blocks with 5");
+    // Flushes every 10 requests, with and without draining.
+    for extra in [&[][..], &["--no-drain"][..]] {
+        let mut a = vec!["bench", "-w", "-f", "raw", "-c", "200", "-d", "8", "--flush-interval=10", "--output=json"];
+        a.extend_from_slice(extra);
+        a.push(s(&img));
+        let v: serde_json::Value = serde_json::from_str(&ok(rb(&a))).unwrap();
+        assert_eq!(v[0]["requests"], 200);
+    }
     // The default run (no image) compares every backend on a temporary image.
     let out = ok(rb(&["bench", "-c", "2000"]));
     for b in ["threads", "native", "io_uring"] {

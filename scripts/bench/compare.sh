@@ -25,7 +25,7 @@ done
 if command -v fio >/dev/null; then
   for sq in 0 1; do
     iops=$(fio --name=r --filename="$IMG" --rw=randread --bs=4k --iodepth=32 --ioengine=io_uring --sqthread_poll=$sq \
-      --numjobs=1 --time_based --runtime=5 --output-format=json | python3 -c "import json,sys; print(round(json.load(sys.stdin)['jobs'][0]['read']['iops']))")
+      --numjobs=1 --invalidate=0 --time_based --runtime=5 --output-format=json | python3 -c "import json,sys; print(round(json.load(sys.stdin)['jobs'][0]['read']['iops']))")
     echo "fio io_uring randread (sqpoll=$sq): $iops IOPS"
   done
 fi

@@ -12,7 +12,7 @@ use clap::Args;
 use engine::aio::Backend;
 use engine::block::{BlockNode, CacheMode, OpenFlags, WriteFlags};
 use engine::error::{invalid, Error, Result};
-use engine::runtime::{spawn_local, IoBuf, Runtime, RuntimeConfig};
+use engine::runtime::{spawn_local, yield_now, IoBuf, Runtime, RuntimeConfig};
 use serde_json::json;
 
 use crate::common::{self, OutputFormat};
@@ -85,6 +85,7 @@ struct Workload {
     random: bool,
     fill: u8,
     flush_interval: u64,
+    no_drain: bool,
 }
 
 struct Outcome {
@@ -124,6 +125,8 @@ async fn shard_run(node: Arc<dyn BlockNode>, w: Workload, shard: u64, shards: u6
     let mine = w.count / shards + u64::from(shard < w.count % shards);
     let next = Rc::new(Cell::new(0u64));
     let err: Rc<Cell<Option<Error>>> = Rc::new(Cell::new(None));
+    let inflight = Rc::new(Cell::new(0u32));
+    let draining = Rc::new(Cell::new(0u32));
     let span = node.size().saturating_sub(w.offset);
     if span < w.bufsize {
         return Err(invalid("image too small for the requested buffer size and offset"));
@@ -132,6 +135,7 @@ async fn shard_run(node: Arc<dyn BlockNode>, w: Workload, shard: u64, shards: u6
     let mut tasks = Vec::new();
     for t in 0..w.depth {
         let (node, w, next, err) = (node.clone(), w.clone(), next.clone(), err.clone());
+        let (inflight, draining) = (inflight.clone(), draining.clone());
         tasks.push(spawn_local(async move {
             let mut buf = IoBuf::new(w.bufsize as usize);
             buf.fill(w.fill);
@@ -151,10 +155,29 @@ async fn shard_run(node: Arc<dyn BlockNode>, w: Workload, shard: u64, shards: u6
                     (i * shards + shard) % positions
                 };
                 let off = w.offset + pos * w.step;
+                while draining.get() > 0 {
+                    yield_now().await;
+                }
+                inflight.set(inflight.get() + 1);
                 let (r, b) = if w.write { node.write(off, buf, WriteFlags::default()).await } else { node.read(off, buf).await };
                 buf = b;
+                inflight.set(inflight.get() - 1);
                 let r = match r {
-                    Ok(()) if w.flush_interval > 0 && (i + 1) % w.flush_interval == 0 => node.flush().await,
+                    Ok(()) if w.flush_interval > 0 && (i + 1) % w.flush_interval == 0 => {
+                        // Drain (unless --no-drain): hold new requests and let the
+                        // ones in flight finish before the flush, as qemu-img does.
+                        if !w.no_drain {
+                            draining.set(draining.get() + 1);
+                            while inflight.get() > 0 {
+                                yield_now().await;
+                            }
+                        }
+                        let r = node.flush().await;
+                        if !w.no_drain {
+                            draining.set(draining.get() - 1);
+                        }
+                        r
+                    }
                     r => r,
                 };
                 if let Err(e) = r {
@@ -266,8 +289,8 @@ fn bench(a: BenchArgs) -> Result<()> {
         random,
         fill,
         flush_interval: a.flush_interval,
+        no_drain: a.no_drain,
     };
-    let _ = a.no_drain;
     let ops: Vec<bool> = if default_run { vec![false, true] } else { vec![a.write] };
     let shards = a.shards.unwrap_or_else(|| RuntimeConfig::default().shards);
     let spec = common::image_spec(&filename, a.open.format.as_deref().or(default_run.then_some("raw")), a.open.image_opts)?;

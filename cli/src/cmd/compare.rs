@@ -67,7 +67,7 @@ async fn check_zero(node: &dyn BlockNode, mut off: u64, end: u64, p: &Progress) 
     let mut buf = IoBuf::heap(CHUNK as usize);
     while off < end {
         let e = node.block_status(off, (end - off).min(CHUNK)).await.map_err(|e| (3, e))?;
-        if !(e.zero && !e.data) {
+        if !e.is_zero_hole() {
             let b = read(node, off, e.len, buf).await.map_err(|(e, _)| (4, e))?;
             if let Some(i) = b.iter().position(|&x| x != 0) {
                 return Ok(Some(off + (i as u64 / 512 * 512)));
@@ -107,8 +107,7 @@ async fn compare(n1: Arc<dyn BlockNode>, n2: Arc<dyn BlockNode>, strict: bool, p
         if strict && (e1.allocated, e1.data, e1.zero, e1.len) != (e2.allocated, e2.data, e2.zero, e2.len) {
             return Outcome::Differ(format!("Strict mode: Offset {off} block status mismatch!"));
         }
-        let z1 = e1.zero && !e1.data;
-        let z2 = e2.zero && !e2.data;
+        let (z1, z2) = (e1.is_zero_hole(), e2.is_zero_hole());
         if !(z1 && z2) {
             let mismatch = if z1 || z2 {
                 let (node, buf) = if z1 { (&n2, &mut b2) } else { (&n1, &mut b1) };

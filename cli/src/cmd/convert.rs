@@ -3,14 +3,16 @@
 //! in order; block status decides what to read, zero detection (`-S`) what to skip,
 //! and without `-W` writes land in chunk order as qemu-img's do.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::task::{Poll, Waker};
 use std::sync::{Arc, Mutex};
 
 use clap::Args;
 use engine::block::{BlockNode, Extent, OpenFlags, WriteFlags, ZeroFlags};
 use engine::error::{invalid, Error, Result};
 use engine::options::OptionTree;
-use engine::runtime::{yield_now, IoBuf};
+use engine::runtime::IoBuf;
 
 use crate::common;
 use crate::progress::Progress;
@@ -96,6 +98,7 @@ struct Job {
     next: AtomicU64,
     /// Index of the next segment allowed to write (in-order mode).
     turn: AtomicU64,
+    waiters: Mutex<HashMap<u64, Waker>>,
     in_order: bool,
     sparse: u64,
     target_zero: bool,
@@ -145,18 +148,43 @@ fn zero_runs(buf: &[u8], min: u64) -> Vec<(usize, usize, bool)> {
 impl Job {
     fn fail(&self, e: Error) {
         self.failed.store(true, Ordering::SeqCst);
+        // Release everyone parked in wait_turn.
+        let parked: Vec<_> = self.waiters.lock().unwrap_or_else(|p| p.into_inner()).drain().map(|(_, w)| w).collect();
+        for w in parked {
+            w.wake();
+        }
         let mut g = self.error.lock().unwrap_or_else(|p| p.into_inner());
         if g.is_none() {
             *g = Some(e);
         }
     }
 
+    /// In-order mode: wait until every earlier segment has been written. The
+    /// waiter parks its waker under its index; `pass_turn` wakes exactly the next
+    /// one, whichever shard it runs on.
     async fn wait_turn(&self, idx: u64) {
         if !self.in_order {
             return;
         }
-        while self.turn.load(Ordering::Acquire) != idx && !self.failed.load(Ordering::Relaxed) {
-            yield_now().await;
+        std::future::poll_fn(|cx| {
+            let mut w = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
+            if self.turn.load(Ordering::Acquire) == idx || self.failed.load(Ordering::Acquire) {
+                return Poll::Ready(());
+            }
+            w.insert(idx, cx.waker().clone());
+            Poll::Pending
+        })
+        .await
+    }
+
+    fn pass_turn(&self, idx: u64) {
+        let next = {
+            let mut w = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
+            self.turn.store(idx + 1, Ordering::Release);
+            w.remove(&(idx + 1))
+        };
+        if let Some(waker) = next {
+            waker.wake();
         }
     }
 
@@ -240,7 +268,7 @@ impl Job {
         }
         self.wait_turn(idx).await;
         for (o, e) in plan {
-            let r = if e.zero && !e.data {
+            let r = if e.is_zero_hole() {
                 self.zero(seg.dst_off + o, e.len).await
             } else {
                 let (r, b) = self.copy_data(src, seg.src_off + o, seg.dst_off + o, e.len, buf).await;
@@ -251,7 +279,7 @@ impl Job {
                 return (Err(e), buf);
             }
         }
-        self.turn.store(idx + 1, Ordering::Release);
+        self.pass_turn(idx);
         self.progress.add(seg.len);
         (Ok(()), buf)
     }
@@ -402,6 +430,7 @@ fn convert(a: ConvertArgs) -> Result<()> {
         segments,
         next: AtomicU64::new(0),
         turn: AtomicU64::new(0),
+        waiters: Mutex::new(HashMap::new()),
         in_order,
         sparse,
         target_zero: (!no_create && prealloc_off) || target_is_zero,

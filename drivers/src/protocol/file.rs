@@ -53,7 +53,7 @@ impl FileNode {
 
     fn aligned(&self, off: u64, len: usize, ptr: *const u8) -> bool {
         let a = self.align as u64;
-        off % a == 0 && len as u64 % a == 0 && (ptr as usize) % self.mem_align as usize == 0
+        off.is_multiple_of(a) && (len as u64).is_multiple_of(a) && (ptr as usize).is_multiple_of(self.mem_align as usize)
     }
 
     /// Read exactly `len` bytes into `buf[at..]` (zeroes past EOF).
@@ -337,11 +337,19 @@ impl BlockNode for FileNode {
             // meet (it reads cached extent maps), so it runs on the shard.
             let a = self.align as u64;
             match sys::seek_extent(self.file.fd(), offset, size) {
-                Ok(sys::Seek::Data(end)) => Ok(data((end - offset).min(len))),
+                Ok(sys::Seek::Data(end)) => {
+                    // Data up to an unaligned EOF: round up to whole aligned units
+                    // (the tail reads as zeroes), as QEMU does under O_DIRECT.
+                    let mut n = (end - offset).min(len);
+                    if a > 1 && !(offset + n).is_multiple_of(a) {
+                        n = ((offset + n).next_multiple_of(a) - offset).min(len);
+                    }
+                    Ok(data(n))
+                }
                 Ok(sys::Seek::Hole(end)) => {
                     // With O_DIRECT alignment, report holes in whole aligned units.
                     let mut n = (end - offset).min(len);
-                    if a > 1 && n > a && (offset + n) % a != 0 {
+                    if a > 1 && n > a && !(offset + n).is_multiple_of(a) {
                         n -= (offset + n) % a;
                     }
                     Ok(Extent { len: n, data: false, zero: true, allocated: true, offset: Some(offset), compressed: false })

@@ -55,6 +55,13 @@ pub struct Extent {
     pub compressed: bool,
 }
 
+impl Extent {
+    /// Reads are known to return zeroes without any data stored for them.
+    pub fn is_zero_hole(&self) -> bool {
+        self.zero && !self.data
+    }
+}
+
 /// Request size and alignment limits of a node.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Limits {

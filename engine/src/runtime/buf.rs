@@ -35,7 +35,7 @@ unsafe impl Sync for BufPool {}
 
 impl BufPool {
     pub fn new(count: usize, buf_size: usize) -> Arc<BufPool> {
-        assert!(buf_size % BUF_ALIGN == 0 && buf_size > 0, "pool buffer size must be a multiple of {BUF_ALIGN}");
+        assert!(buf_size.is_multiple_of(BUF_ALIGN) && buf_size > 0, "pool buffer size must be a multiple of {BUF_ALIGN}");
         let count = count.max(1);
         let layout = Layout::from_size_align(count * buf_size, BUF_ALIGN).expect("pool layout fits in isize");
         // SAFETY: layout has non-zero size.
