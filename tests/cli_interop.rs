@@ -5,6 +5,8 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use ringblk_tests::{have, Rng};
+
 fn ringblk() -> PathBuf {
     // target/<profile>/deps/<test-binary> -> target/<profile>/ringblk
     let exe = std::env::current_exe().unwrap();
@@ -13,27 +15,16 @@ fn ringblk() -> PathBuf {
     p
 }
 
-/// Is an external tool present? Outside CI a missing tool skips the test with a
-/// printed reason; in CI it fails.
-fn have(tool: &str) -> bool {
-    let ok = Command::new("sh").arg("-c").arg(format!("command -v {tool}")).output().is_ok_and(|o| o.status.success());
-    if !ok {
-        assert!(std::env::var_os("CI").is_none(), "{tool} is required in CI but not installed");
-        eprintln!("skipping: {tool} not installed");
-    }
-    ok
-}
-
-fn run(cmd: &mut Command) -> Output {
+fn output(cmd: &mut Command) -> Output {
     cmd.output().unwrap_or_else(|e| panic!("running {cmd:?}: {e}"))
 }
 
 fn rb(args: &[&str]) -> Output {
-    run(Command::new(ringblk()).args(args))
+    output(Command::new(ringblk()).args(args))
 }
 
 fn qi(args: &[&str]) -> Output {
-    run(Command::new("qemu-img").args(args))
+    output(Command::new("qemu-img").args(args))
 }
 
 fn ok(o: Output) -> String {
@@ -45,29 +36,19 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
-
 /// A sparse raw file of `size` bytes with random data runs, written zero runs and
 /// holes, at 4 KiB granularity, plus an unaligned tail when `size` is unaligned.
 fn mixed_image(path: &Path, size: u64, seed: u64) {
     use std::os::unix::fs::FileExt;
     let f = std::fs::File::create(path).unwrap();
     f.set_len(size).unwrap();
-    let mut rng = Rng(seed | 1);
+    let mut rng = Rng::new(seed);
     let mut off = 0;
     while off < size {
-        let len = ((rng.next() % 64 + 1) * 4096).min(size - off);
-        match rng.next() % 3 {
+        let len = ((rng.next_u64() % 64 + 1) * 4096).min(size - off);
+        match rng.next_u64() % 3 {
             0 => {
-                let data: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
+                let data: Vec<u8> = (0..len).map(|_| rng.next_u64() as u8).collect();
                 f.write_all_at(&data, off).unwrap();
             }
             1 => f.write_all_at(&vec![0u8; len as usize], off).unwrap(),
@@ -255,8 +236,8 @@ fn dd_resize_measure_match_qemu_img() {
             v.push(format!("of={}", s(out)));
             v
         };
-        ok(run(Command::new(ringblk()).args(args(&a))));
-        ok(run(Command::new("qemu-img").args(args(&b))));
+        ok(output(Command::new(ringblk()).args(args(&a))));
+        ok(output(Command::new("qemu-img").args(args(&b))));
         assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap(), "dd {ops:?}");
     }
     let img = d.path().join("r.raw");
@@ -361,7 +342,7 @@ fn ringblk_locks_keep_qemu_out() {
     let o = qi(&["resize", "-f", "raw", s(&r), "32M"]);
     assert!(!o.status.success());
     let sock = d.path().join("n.sock");
-    let o = run(Command::new("timeout").args(["5", "qemu-nbd", "-f", "raw", "--socket", s(&sock), s(&r)]));
+    let o = output(Command::new("timeout").args(["5", "qemu-nbd", "-f", "raw", "--socket", s(&sock), s(&r)]));
     assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("lock"), "qemu-nbd must refuse: {o:?}");
     // Readers that share write may still look.
     assert!(qi(&["info", s(&r)]).status.success());

@@ -6,17 +6,17 @@
 //! image formats.
 
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use engine::aio::{AioFile, Backend};
 use engine::block::{
     check_request, check_writable, write_zero_buffers, BlockNode, BoxFuture, CreateOpt, Driver, DriverKind, Extent,
-    ImageLock, Limits, OpenCtx, Perm, Prealloc, WriteFlags, ZeroFlags,
+    ImageLock, Limits, OpenCtx, Perm, Prealloc, RangeTracker, Tracked, WriteFlags, ZeroFlags,
 };
 use engine::error::{invalid, unsupported, Error, ErrorKind, Result};
 use engine::options::OptionTree;
-use engine::runtime::{yield_now, IoBuf};
+use engine::runtime::IoBuf;
 
 use super::sys;
 
@@ -39,10 +39,10 @@ pub struct FileNode {
     /// Offset/length alignment for O_DIRECT (1 without it).
     align: u32,
     mem_align: u32,
-    /// Ranges under read-modify-write (misaligned O_DIRECT writes); they exclude
-    /// each other and any write that overlaps them.
-    rmw: Mutex<Vec<(u64, u64)>>,
-    rmw_active: AtomicUsize,
+    /// Writes, zeroing and discards in flight under O_DIRECT, so a
+    /// read-modify-write (misaligned write) never writes back stale bytes over
+    /// an overlapping request, nor one over it.
+    inflight: RangeTracker,
     _lock: Option<ImageLock>,
 }
 
@@ -115,8 +115,7 @@ impl FileNode {
         let a = self.align as u64;
         let start = off / a * a;
         let end = (off + buf.len() as u64).next_multiple_of(a);
-        self.rmw_active.fetch_add(1, Ordering::SeqCst);
-        self.claim(start, end).await;
+        let _t = self.track(start, end, true).await;
         let bounce = IoBuf::new((end - start) as usize);
         let blen = bounce.len();
         let (r, mut bounce) = self.read_exact(bounce, 0, blen, start).await;
@@ -128,28 +127,16 @@ impl FileNode {
             }
             Err(e) => Err(e),
         };
-        self.release(start, end);
-        self.rmw_active.fetch_sub(1, Ordering::SeqCst);
         (result, buf)
     }
 
-    async fn claim(&self, start: u64, end: u64) {
-        loop {
-            {
-                let mut r = self.rmw.lock().unwrap_or_else(|e| e.into_inner());
-                if !r.iter().any(|&(s, e)| s < end && start < e) {
-                    r.push((start, end));
-                    return;
-                }
-            }
-            yield_now().await;
-        }
-    }
-
-    fn release(&self, start: u64, end: u64) {
-        let mut r = self.rmw.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(i) = r.iter().position(|&x| x == (start, end)) {
-            r.swap_remove(i);
+    /// Track a modifying request when read-modify-write can happen (O_DIRECT);
+    /// buffered files never need it.
+    async fn track(&self, start: u64, end: u64, serialising: bool) -> Option<Tracked<'_>> {
+        if self.align > 1 || self.mem_align > 1 {
+            Some(self.inflight.begin(start, end, serialising).await)
+        } else {
+            None
         }
     }
 
@@ -277,13 +264,7 @@ impl BlockNode for FileNode {
                 return self.write_rmw(offset, buf, fua).await;
             }
             let n = buf.len();
-            if self.rmw_active.load(Ordering::SeqCst) > 0 {
-                // Rare: a misaligned write is in flight; keep out of its range.
-                self.claim(offset, offset + n as u64).await;
-                let r = self.write_all(buf, 0, n, offset, fua).await;
-                self.release(offset, offset + n as u64);
-                return r;
-            }
+            let _t = self.track(offset, offset + n as u64, false).await;
             self.write_all(buf, 0, n, offset, fua).await
         })
     }
@@ -295,6 +276,7 @@ impl BlockNode for FileNode {
             if len == 0 {
                 return Ok(());
             }
+            let _t = self.track(offset, offset + len, false).await;
             self.do_write_zeroes(offset, len, flags).await
         })
     }
@@ -306,6 +288,7 @@ impl BlockNode for FileNode {
             if len == 0 {
                 return Ok(());
             }
+            let _t = self.track(offset, offset + len, false).await;
             let r = match self.kind {
                 Kind::File => self.fallocate(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, offset, len).await,
                 Kind::HostDevice => self.file.blocking(move |fd| sys::block_device_discard(fd, offset, len)).await,
@@ -488,8 +471,7 @@ impl FileDriver {
             no_flush,
             align: align.max(1),
             mem_align: mem_align.max(1),
-            rmw: Mutex::new(Vec::new()),
-            rmw_active: AtomicUsize::new(0),
+            inflight: RangeTracker::new(),
             _lock: lock,
         }))
     }
@@ -527,8 +509,7 @@ impl FileDriver {
             no_flush: false,
             align: 1,
             mem_align: 1,
-            rmw: Mutex::new(Vec::new()),
-            rmw_active: AtomicUsize::new(0),
+            inflight: RangeTracker::new(),
             _lock: None,
         };
         node.do_truncate(0, true, Prealloc::Off).await?;

@@ -6,6 +6,7 @@
 mod lock;
 mod open;
 mod registry;
+mod tracker;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -14,6 +15,7 @@ use std::sync::Arc;
 pub use lock::{ImageLock, Perm};
 pub use open::{open_image, CacheMode, OpenCtx, OpenFlags};
 pub use registry::{CreateOpt, Driver, DriverKind, Registry};
+pub use tracker::{RangeTracker, Tracked};
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::runtime::IoBuf;
@@ -201,8 +203,7 @@ pub fn check_writable(node: &dyn BlockNode) -> Result<()> {
 pub async fn write_zero_buffers(node: &dyn BlockNode, mut offset: u64, len: u64, fua: bool) -> Result<()> {
     const CHUNK: u64 = 1 << 20;
     let end = offset + len;
-    let mut buf = IoBuf::new(CHUNK.min(len) as usize);
-    buf.fill(0);
+    let mut buf = IoBuf::zeroed(CHUNK.min(len) as usize);
     while offset < end {
         let n = (end - offset).min(CHUNK) as usize;
         buf.set_len(n);

@@ -124,12 +124,21 @@ unsafe impl Send for IoBuf {}
 unsafe impl Sync for IoBuf {}
 
 impl IoBuf {
-    /// A zeroed aligned buffer from the current shard's pool when it fits, else the heap.
+    /// An aligned buffer from the current shard's pool when it fits, else the
+    /// heap. Its contents are unspecified (a pool buffer holds what its last
+    /// user left): use `zeroed` when that matters.
     pub fn new(len: usize) -> IoBuf {
         if let Some(b) = crate::runtime::try_pool_buf(len) {
             return b;
         }
         IoBuf::heap(len)
+    }
+
+    /// An aligned buffer of zeroes.
+    pub fn zeroed(len: usize) -> IoBuf {
+        let mut b = IoBuf::new(len);
+        b.fill(0);
+        b
     }
 
     /// A zeroed aligned heap buffer (never from a pool).
