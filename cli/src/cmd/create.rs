@@ -28,7 +28,8 @@ pub struct CreateArgs {
     quiet: bool,
     #[arg(long = "object")]
     objects: Vec<String>,
-    filename: String,
+    /// Required unless -o help
+    filename: Option<String>,
     #[arg(value_parser = common::parse_size_arg)]
     size: Option<u64>,
 }
@@ -78,6 +79,7 @@ pub fn run(a: CreateArgs) -> i32 {
             print_help(&a.format)?;
             return Ok(0);
         }
+        let filename = a.filename.clone().ok_or_else(|| invalid("Expecting image file name"))?;
         if let Some(b) = &a.backing {
             opts.set("backing_file", b.clone());
         }
@@ -99,10 +101,10 @@ pub fn run(a: CreateArgs) -> i32 {
             return Err(invalid(format!("Backing file not supported for file format '{}'", a.format)));
         }
         if !a.quiet {
-            println!("{}", formatting_line(&a.format, &a.filename, &opts));
+            println!("{}", formatting_line(&a.format, &filename, &opts));
         }
         let rt = common::small_runtime()?;
-        let (fmt, filename) = (a.format.clone(), a.filename.clone());
+        let fmt = a.format.clone();
         rt.block_on(move || async move { create_image(&fmt, &filename, opts).await })?;
         Ok(0)
     })();

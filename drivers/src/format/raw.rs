@@ -142,13 +142,6 @@ impl BlockNode for RawNode {
 
 pub struct RawDriver;
 
-const RAW_CREATE_OPTS: &[CreateOpt] = &[
-    CreateOpt { name: "size", ty: "size", help: "Virtual disk size" },
-    CreateOpt { name: "preallocation", ty: "str", help: "Preallocation mode (allowed values: off, falloc, full)" },
-    CreateOpt { name: "nocow", ty: "bool", help: "Turn off copy-on-write (valid only on btrfs)" },
-    CreateOpt { name: "extent_size_hint", ty: "size", help: "Extent size hint for the image file, 0 to disable" },
-];
-
 impl Driver for RawDriver {
     fn name(&self) -> &'static str {
         "raw"
@@ -196,7 +189,8 @@ impl Driver for RawDriver {
     }
 
     fn create_opts(&self) -> &'static [CreateOpt] {
-        RAW_CREATE_OPTS
+        // raw adds nothing of its own: the protocol creates the file.
+        crate::protocol::file::FILE_CREATE_OPTS
     }
 
     fn create<'a>(&'a self, ctx: &'a OpenCtx, filename: &'a str, opts: OptionTree) -> BoxFuture<'a, Result<()>> {

@@ -29,6 +29,15 @@ enum Kind {
     HostDevice,
 }
 
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::File => "file",
+            Kind::HostDevice => "host_device",
+        }
+    }
+}
+
 pub struct FileNode {
     file: AioFile,
     kind: Kind,
@@ -223,10 +232,7 @@ fn is_unsupported(e: &std::io::Error) -> bool {
 
 impl BlockNode for FileNode {
     fn driver(&self) -> &'static str {
-        match self.kind {
-            Kind::File => "file",
-            Kind::HostDevice => "host_device",
-        }
+        self.kind.name()
     }
     fn filename(&self) -> String {
         self.filename.clone()
@@ -523,7 +529,8 @@ impl FileDriver {
     }
 }
 
-const FILE_CREATE_OPTS: &[CreateOpt] = &[
+/// Create options of the file protocol; raw passes its own through to these.
+pub const FILE_CREATE_OPTS: &[CreateOpt] = &[
     CreateOpt { name: "size", ty: "size", help: "Virtual disk size" },
     CreateOpt { name: "preallocation", ty: "str", help: "Preallocation mode (allowed values: off, falloc, full)" },
     CreateOpt { name: "nocow", ty: "bool", help: "Turn off copy-on-write (valid only on btrfs)" },
@@ -532,10 +539,7 @@ const FILE_CREATE_OPTS: &[CreateOpt] = &[
 
 impl Driver for FileDriver {
     fn name(&self) -> &'static str {
-        match self.kind {
-            Kind::File => "file",
-            Kind::HostDevice => "host_device",
-        }
+        self.kind.name()
     }
     fn kind(&self) -> DriverKind {
         DriverKind::Protocol
