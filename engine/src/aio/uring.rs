@@ -13,10 +13,10 @@ use crate::runtime::IoBuf;
 
 fn target(shard: &Shard, f: &AioFile) -> Result<types::Fixed, types::Fd> {
     match shard.file_slot(f.uid, f.fd()) {
-        Some(slot) => {
-            // Remember the shard so closing the file drops the ring's reference.
-            let mut reg = f.registered_on.lock().unwrap_or_else(|e| e.into_inner());
-            if !reg.iter().any(|w| w.upgrade().is_some_and(|s| s.uid == shard.shared.uid)) {
+        Some((slot, new)) => {
+            if new {
+                // Remember the shard so closing the file drops the ring's reference.
+                let mut reg = f.registered_on.lock().unwrap_or_else(|e| e.into_inner());
                 reg.push(std::sync::Arc::downgrade(&shard.shared));
             }
             Ok(types::Fixed(slot))

@@ -261,10 +261,11 @@ impl Shard {
         self.ready.borrow_mut().push_back(key);
     }
 
-    /// Slot of a registered file, registering it on first use on this ring.
-    pub(crate) fn file_slot(&self, uid: u64, fd: RawFd) -> Option<u32> {
+    /// Slot of a registered file, registering it on first use on this ring;
+    /// the flag says it was registered just now.
+    pub(crate) fn file_slot(&self, uid: u64, fd: RawFd) -> Option<(u32, bool)> {
         if let Some(&(_, slot)) = self.files.borrow().iter().find(|(u, _)| *u == uid) {
-            return Some(slot);
+            return Some((slot, false));
         }
         let slot = self.free_file_slots.borrow_mut().pop()?;
         let ok = self.ring.borrow().submitter().register_files_update(slot, &[fd]).is_ok();
@@ -273,7 +274,7 @@ impl Shard {
             return None;
         }
         self.files.borrow_mut().push((uid, slot));
-        Some(slot)
+        Some((slot, true))
     }
 
     /// Drop the ring's reference to a file (so its locks go with the last close).
