@@ -53,8 +53,9 @@ pub struct ConvertArgs {
     progress: bool,
     #[arg(short = 'q')]
     quiet: bool,
-    /// Target cache mode (default writeback, flushed once at the end)
-    #[arg(short = 't', default_value = "writeback")]
+    /// Target cache mode. The default is qemu-img's: `unsafe`, no flush at the
+    /// end; use -t writeback to have the output on stable storage on success
+    #[arg(short = 't', default_value = "unsafe")]
     cache: String,
     /// Source cache mode
     #[arg(short = 'T', default_value = "writeback")]
