@@ -423,3 +423,17 @@ fn errors_name_the_file_and_exit_nonzero() {
     let o = rb(&["create", "-f", "raw", s(&img), "12Q"]);
     assert!(!o.status.success());
 }
+
+#[test]
+fn locks_are_gone_when_the_process_exits() {
+    // Each convert creates its target, which needs nobody else writing it; the
+    // previous run's io_uring-registered file must not keep its lock alive
+    // after that process has exited.
+    let d = tempfile::tempdir().unwrap();
+    let (src, dst) = (d.path().join("s.raw"), d.path().join("d.raw"));
+    mixed_image(&src, 1 << 20, 3);
+    for i in 0..40 {
+        let o = rb(&["convert", "-f", "raw", "-O", "raw", s(&src), s(&dst)]);
+        assert!(o.status.success(), "run {i}: {}", String::from_utf8_lossy(&o.stderr));
+    }
+}

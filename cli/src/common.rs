@@ -70,9 +70,10 @@ pub fn small_runtime() -> Result<Runtime> {
     Runtime::new(RuntimeConfig { shards: 1, pin: false, buffers: 16, ..Default::default() })
 }
 
-/// A runtime with a shard per core, for copy and benchmark commands.
+/// A runtime with a shard per core, for copy commands (which use their own
+/// large buffers, so each shard's registered pool stays tiny).
 pub fn full_runtime() -> Result<Runtime> {
-    Runtime::new(RuntimeConfig::default())
+    Runtime::new(RuntimeConfig { buffers: 8, ..Default::default() })
 }
 
 /// Flags for opening an image per the shared arguments.

@@ -420,6 +420,13 @@ impl Shard {
             }
             self.reap();
         }
+        // Let go of registered files synchronously: a ring torn down at close
+        // releases its file references later, from a kernel worker, and until
+        // then the files' OFD image locks would outlive this process.
+        let ring = self.ring.borrow();
+        if ring.submitter().unregister_files().is_ok() {
+            self.files.borrow_mut().clear();
+        }
     }
 
     fn cancel_all(&self) {
