@@ -156,6 +156,9 @@ fn convert_output_matches_source_and_qemu_convert() {
     std::fs::write(&existing, vec![0x5au8; 24 << 20]).unwrap();
     ok(rb(&["convert", "-q", "-n", "-f", "raw", "-O", "raw", s(&src), s(&existing)]));
     assert!(qi(&["compare", "-f", "raw", "-F", "raw", s(&src), s(&existing)]).status.success());
+    // -p ends with qemu-img's progress figure.
+    let out = ok(rb(&["convert", "-p", "-f", "raw", "-O", "raw", s(&src), s(&d.path().join("p.raw"))]));
+    assert!(out.contains("(100.00/100%)"), "{out}");
     // Two sources are concatenated.
     let cat = d.path().join("cat.raw");
     ok(rb(&["convert", "-q", "-f", "raw", "-O", "raw", s(&src), s(&src), s(&cat)]));
@@ -255,8 +258,21 @@ fn dd_resize_measure_match_qemu_img() {
     assert_eq!(size(&img), 12 << 20, "a refused shrink must not change the image");
     ok(rb(&["resize", "-f", "raw", "--shrink", s(&img), "-11M"]));
     assert_eq!(size(&img), 1 << 20);
+    let actual = |p: &Path| {
+        serde_json::from_str::<serde_json::Value>(&ok(qi(&["info", "--output=json", s(p)]))).unwrap()["actual-size"]
+            .as_u64()
+            .unwrap()
+    };
+    let before = actual(&img);
     ok(rb(&["resize", "-f", "raw", "--preallocation=full", s(&img), "4M"]));
     assert_eq!(size(&img), 4 << 20);
+    assert!(actual(&img) >= before + (3 << 20), "full preallocation allocates the new 3 MiB");
+    let before = actual(&img);
+    ok(rb(&["resize", "-f", "raw", "--preallocation=falloc", s(&img), "8M"]));
+    assert_eq!(size(&img), 8 << 20);
+    assert!(actual(&img) >= before + (4 << 20), "falloc preallocation allocates the new 4 MiB");
+    let o = rb(&["resize", "-f", "raw", "--preallocation=metadata", s(&img), "9M"]);
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("metadata"));
     for args in [vec!["measure", "--output=json", "-O", "raw", "--size", "3G"], vec!["measure", "-O", "raw", "-f", "raw", s(&src)]] {
         assert_eq!(ok(rb(&args)), ok(qi(&args)));
     }
@@ -436,4 +452,74 @@ fn locks_are_gone_when_the_process_exits() {
         let o = rb(&["convert", "-f", "raw", "-O", "raw", s(&src), s(&dst)]);
         assert!(o.status.success(), "run {i}: {}", String::from_utf8_lossy(&o.stderr));
     }
+}
+
+#[test]
+fn raw_offset_and_size_window_matches_qemu() {
+    if !have("qemu-img") {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let src = d.path().join("w.raw");
+    mixed_image(&src, 8 << 20, 21);
+    let spec = format!("json:{{\"driver\":\"raw\",\"offset\":1048576,\"size\":2097152,\"file\":{{\"driver\":\"file\",\"filename\":\"{}\"}}}}", s(&src));
+    let info: serde_json::Value = serde_json::from_str(&ok(rb(&["info", "--output=json", &spec]))).unwrap();
+    assert_eq!(info["virtual-size"], 2 << 20);
+    let (a, b) = (d.path().join("a.raw"), d.path().join("b.raw"));
+    ok(rb(&["convert", "-O", "raw", &spec, s(&a)]));
+    ok(qi(&["convert", "-O", "raw", &spec, s(&b)]));
+    assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
+    assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&src).unwrap()[1 << 20..3 << 20].to_vec());
+    assert_eq!(ok(rb(&["map", "--output=json", &spec])), ok(qi(&["map", "--output=json", &spec])));
+    // The same window through --image-opts.
+    let opts = format!("driver=raw,offset=1M,size=2M,file.filename={}", s(&src));
+    let info: serde_json::Value = serde_json::from_str(&ok(rb(&["info", "--output=json", "--image-opts", &opts]))).unwrap();
+    assert_eq!(info["virtual-size"], 2 << 20);
+    // A window past the end of the file is refused, naming the file.
+    let bad = format!("driver=raw,offset=7M,size=2M,file.filename={}", s(&src));
+    let o = rb(&["info", "--image-opts", &bad]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains(s(&src)));
+    // A raw window cannot be resized.
+    let o = rb(&["resize", "--image-opts", &opts, "3M"]);
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("fixed-size"));
+}
+
+#[test]
+fn probed_raw_warns_on_write_and_cache_modes_work() {
+    let d = tempfile::tempdir().unwrap();
+    let img = d.path().join("p.raw");
+    ok(rb(&["create", "-q", "-f", "raw", s(&img), "4M"]));
+    let o = rb(&["bench", "-w", "-c", "10", s(&img)]);
+    assert!(o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("probing guessed raw"), "writing a probed raw image warns");
+    let o = rb(&["bench", "-w", "-c", "10", "-f", "raw", s(&img)]);
+    assert!(!String::from_utf8_lossy(&o.stderr).contains("probing"), "no warning when the format is named");
+    for cache in ["none", "writeback", "writethrough", "directsync", "unsafe"] {
+        let out = ok(rb(&["bench", "-w", "-f", "raw", "-t", cache, "-c", "64", "-d", "4", "--flush-interval=8", "--pattern=7", "--output=json", s(&img)]));
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(v[0]["cache"], cache);
+        assert!(std::fs::read(&img).unwrap()[..64 * 4096].iter().all(|&b| b == 7), "cache={cache} wrote the data");
+    }
+    assert!(!rb(&["bench", "-f", "raw", "-t", "sometimes", s(&img)]).status.success());
+}
+
+#[test]
+fn locking_off_skips_the_lock() {
+    if !have("qemu-nbd") || !have("qemu-img") {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    // Fully preallocated, so a write at 8M lands in guest data, not metadata.
+    let q = d.path().join("l.qcow2");
+    ok(qi(&["create", "-q", "-f", "qcow2", "-o", "preallocation=full", s(&q), "16M"]));
+    let sock = d.path().join("l.sock");
+    let _nbd = Kill(Command::new("qemu-nbd").args(["-f", "qcow2", "--socket", s(&sock), s(&q)]).spawn().unwrap());
+    wait_for_locks(&q);
+    let on = format!("driver=raw,file.filename={},file.locking=on", s(&q));
+    let off = format!("driver=raw,file.filename={},file.locking=off", s(&q));
+    let o = rb(&["bench", "-w", "-c", "1", "-o", "8M", "--image-opts", &off]);
+    assert!(o.status.success(), "locking=off must not check locks: {}", String::from_utf8_lossy(&o.stderr));
+    let o = rb(&["bench", "-w", "-c", "1", "-o", "8M", "--image-opts", &on]);
+    assert!(!o.status.success(), "locking=on must see qemu-nbd's lock");
 }
