@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use engine::block::{
-    check_request, check_writable, BlockNode, BoxFuture, Child, CreateOpt, Driver, DriverKind, Extent, Limits, OpenCtx,
+    check_request, check_write, BlockNode, BoxFuture, Child, CreateOpt, Driver, DriverKind, Extent, Limits, OpenCtx,
     Prealloc, Registry, WriteFlags, ZeroFlags,
 };
 use engine::error::{invalid, Error, ErrorKind, Result};
@@ -83,7 +83,7 @@ impl BlockNode for RawNode {
 
     fn write(&self, offset: u64, buf: IoBuf, flags: WriteFlags) -> BoxFuture<'_, (Result<()>, IoBuf)> {
         Box::pin(async move {
-            if let Err(e) = check_writable(self).and_then(|()| check_request(self, offset, buf.len() as u64)) {
+            if let Err(e) = check_write(self, offset, buf.len() as u64) {
                 return (Err(e), buf);
             }
             if let Err(e) = self.check_sector0(offset, &buf).await {
@@ -95,16 +95,14 @@ impl BlockNode for RawNode {
 
     fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> BoxFuture<'_, Result<()>> {
         Box::pin(async move {
-            check_writable(self)?;
-            check_request(self, offset, len)?;
+            check_write(self, offset, len)?;
             self.file.write_zeroes(offset + self.offset, len, flags).await
         })
     }
 
     fn discard(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<()>> {
         Box::pin(async move {
-            check_writable(self)?;
-            check_request(self, offset, len)?;
+            check_write(self, offset, len)?;
             self.file.discard(offset + self.offset, len).await
         })
     }

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use engine::aio::{AioFile, Backend};
 use engine::block::{
-    check_request, check_writable, write_zero_buffers, BlockNode, BoxFuture, CreateOpt, Driver, DriverKind, Extent,
+    check_request, check_write, check_writable, write_zero_buffers, BlockNode, BoxFuture, CreateOpt, Driver, DriverKind, Extent,
     ImageLock, Limits, OpenCtx, Perm, Prealloc, RangeTracker, Tracked, WriteFlags, ZeroFlags,
 };
 use engine::error::{invalid, unsupported, Error, ErrorKind, Result};
@@ -262,7 +262,7 @@ impl BlockNode for FileNode {
 
     fn write(&self, offset: u64, buf: IoBuf, flags: WriteFlags) -> BoxFuture<'_, (Result<()>, IoBuf)> {
         Box::pin(async move {
-            if let Err(e) = check_writable(self).and_then(|()| check_request(self, offset, buf.len() as u64)) {
+            if let Err(e) = check_write(self, offset, buf.len() as u64) {
                 return (Err(e), buf);
             }
             let fua = flags.fua && !self.no_flush;
@@ -277,8 +277,7 @@ impl BlockNode for FileNode {
 
     fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> BoxFuture<'_, Result<()>> {
         Box::pin(async move {
-            check_writable(self)?;
-            check_request(self, offset, len)?;
+            check_write(self, offset, len)?;
             if len == 0 {
                 return Ok(());
             }
@@ -289,8 +288,7 @@ impl BlockNode for FileNode {
 
     fn discard(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<()>> {
         Box::pin(async move {
-            check_writable(self)?;
-            check_request(self, offset, len)?;
+            check_write(self, offset, len)?;
             if len == 0 {
                 return Ok(());
             }

@@ -199,6 +199,12 @@ pub fn check_writable(node: &dyn BlockNode) -> Result<()> {
     Ok(())
 }
 
+/// Check a modifying request: the node is writable and the range inside it.
+pub fn check_write(node: &dyn BlockNode, offset: u64, len: u64) -> Result<()> {
+    check_writable(node)?;
+    check_request(node, offset, len)
+}
+
 /// Write zeroes by writing zero buffers in chunks: the fallback every node may use.
 pub async fn write_zero_buffers(node: &dyn BlockNode, mut offset: u64, len: u64, fua: bool) -> Result<()> {
     const CHUNK: u64 = 1 << 20;

@@ -382,7 +382,9 @@ impl Shard {
         self.unsubmitted.set(0);
         match r {
             Ok(_) => {}
-            Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+            // Interrupted, or the kernel is short of memory for this batch:
+            // the entries stay queued and the next turn tries again.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EAGAIN) | Some(libc::ENOMEM)) => {}
             // EBUSY: the CQ overflowed; reaping (next step of the loop) makes room.
             Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {}
             Err(e) => panic!("io_uring_enter failed: {e}"),
