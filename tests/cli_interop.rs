@@ -523,3 +523,49 @@ fn locking_off_skips_the_lock() {
     let o = rb(&["bench", "-w", "-c", "1", "-o", "8M", "--image-opts", &on]);
     assert!(!o.status.success(), "locking=on must see qemu-nbd's lock");
 }
+
+#[test]
+fn injected_errors_give_documented_exit_codes_and_salvage_recovers() {
+    let d = tempfile::tempdir().unwrap();
+    let src = d.path().join("e.raw");
+    // All data, so every sector is read (no holes to skip).
+    let mut rng = Rng::new(77);
+    std::fs::write(&src, rng.bytes(1 << 20)).unwrap();
+    let copy = d.path().join("copy.raw");
+    std::fs::copy(&src, &copy).unwrap();
+    let bad = |iotype: &str| format!("driver=blkdebug,image.driver=raw,image.file.filename={},inject-error.0.iotype={iotype},inject-error.0.sector=8,inject-error.0.errno=5", s(&src));
+
+    // compare: 4 for a read error, 3 for a block status error; the message names the file.
+    for (iotype, code) in [("read", 4), ("block-status", 3)] {
+        let o = rb(&["compare", "--image-opts", &bad(iotype), &format!("driver=raw,file.filename={}", s(&copy))]);
+        assert_eq!(o.status.code(), Some(code), "compare with a failing {iotype}");
+        assert!(String::from_utf8_lossy(&o.stderr).contains(s(&src)));
+    }
+
+    // convert stops at the failing read and says where.
+    let out = d.path().join("out.raw");
+    let o = rb(&["convert", "--image-opts", "-O", "raw", &bad("read"), s(&out)]);
+    assert_eq!(o.status.code(), Some(1));
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("error while reading") && e.contains(s(&src)), "{e}");
+
+    // --salvage copies everything readable and zeroes the failing sector.
+    let o = rb(&["convert", "--salvage", "--image-opts", "-O", "raw", &bad("read"), s(&out)]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let mut want = std::fs::read(&src).unwrap();
+    want[8 * 512..9 * 512].fill(0);
+    assert_eq!(std::fs::read(&out).unwrap(), want);
+
+    // A failing write on the target stops convert and names the target.
+    let tgt = d.path().join("t.raw");
+    std::fs::File::create(&tgt).unwrap().set_len(1 << 20).unwrap();
+    let wbad = format!("driver=blkdebug,image.driver=raw,image.file.filename={},inject-error.0.iotype=write,inject-error.0.errno=28", s(&tgt));
+    let o = rb(&["convert", "-n", "-f", "raw", "--target-image-opts", s(&src), &wbad]);
+    assert_eq!(o.status.code(), Some(1));
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains(s(&tgt)) && e.contains("No space left"), "{e}");
+
+    // A hostile option set is refused, not trusted.
+    let o = rb(&["info", "--image-opts", &format!("driver=blkdebug,image.filename={},inject-error.0.errno=-1", s(&src))]);
+    assert!(!o.status.success());
+}

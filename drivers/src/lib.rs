@@ -1,5 +1,6 @@
 //! ringblk drivers: every format, filter and protocol driver, registered by name.
 
+pub mod filter;
 pub mod format;
 pub mod protocol;
 
@@ -13,5 +14,6 @@ pub fn registry() -> Arc<Registry> {
     r.register(Box::new(protocol::file::FileDriver::file()));
     r.register(Box::new(protocol::file::FileDriver::host_device()));
     r.register(Box::new(format::raw::RawDriver));
+    r.register(Box::new(filter::blkdebug::BlkdebugDriver));
     Arc::new(r)
 }

@@ -149,9 +149,14 @@ pub async fn open_image(ctx: &OpenCtx, mut opts: OptionTree) -> Result<Arc<dyn B
         None => None,
     };
     if let Some(d) = driver {
-        if d.kind() == DriverKind::Protocol {
-            opts.set("driver", d.name());
-            return ctx.open_protocol(opts).await;
+        match d.kind() {
+            DriverKind::Protocol => {
+                opts.set("driver", d.name());
+                return ctx.open_protocol(opts).await;
+            }
+            // Filters open their own children (any image) with open_image.
+            DriverKind::Filter => return d.open_filter(ctx, opts).await,
+            DriverKind::Format => {}
         }
     }
     let mut file_opts = opts.take_subtree("file");

@@ -12,6 +12,8 @@ use crate::options::OptionTree;
 pub enum DriverKind {
     Format,
     Protocol,
+    /// Sits on top of a whole image (blkdebug, preallocate, ...).
+    Filter,
 }
 
 /// One option `create -o` accepts.
@@ -53,6 +55,11 @@ pub trait Driver: Send + Sync + 'static {
         _probed: bool,
     ) -> BoxFuture<'a, Result<Arc<dyn BlockNode>>> {
         Box::pin(async move { Err(crate::error::unsupported(format!("'{}' is not a format driver", self.name()))) })
+    }
+
+    /// Open a filter node; it opens its children itself.
+    fn open_filter<'a>(&'a self, _ctx: &'a OpenCtx, _opts: OptionTree) -> BoxFuture<'a, Result<Arc<dyn BlockNode>>> {
+        Box::pin(async move { Err(crate::error::unsupported(format!("'{}' is not a filter driver", self.name()))) })
     }
 
     fn create_opts(&self) -> &'static [CreateOpt] {
