@@ -569,3 +569,39 @@ fn injected_errors_give_documented_exit_codes_and_salvage_recovers() {
     let o = rb(&["info", "--image-opts", &format!("driver=blkdebug,image.filename={},inject-error.0.errno=-1", s(&src))]);
     assert!(!o.status.success());
 }
+
+#[test]
+fn sigusr1_prints_progress() {
+    let d = tempfile::tempdir().unwrap();
+    let src = d.path().join("big.raw");
+    let mut rng = Rng::new(5);
+    let chunk = rng.bytes(1 << 20);
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&src).unwrap();
+        for _ in 0..256 {
+            f.write_all(&chunk).unwrap();
+        }
+    }
+    let out = d.path().join("slow.raw");
+    // One worker and synchronous writes keep the copy running for a while.
+    let mut child = Command::new(ringblk())
+        .args(["convert", "-m", "1", "-t", "directsync", "-f", "raw", "-O", "raw", s(&src), s(&out)])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id() as libc::pid_t;
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    let mut sent = 0;
+    while child.try_wait().unwrap().is_none() && sent < 500 {
+        // SAFETY: kill with a pid we spawned and have not reaped yet.
+        unsafe { libc::kill(pid, libc::SIGUSR1) };
+        sent += 1;
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "convert must survive SIGUSR1");
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(sent > 0, "convert finished before any signal could be sent");
+    assert!(stdout.contains("/100%)"), "no progress report after {sent} SIGUSR1s: {stdout:?}");
+}

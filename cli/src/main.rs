@@ -54,6 +54,7 @@ enum Cmd {
 }
 
 fn main() {
+    progress::catch_usr1();
     let cli = Cli::parse();
     let code = match cli.cmd {
         Cmd::Bench(a) => cmd::bench::run(a),

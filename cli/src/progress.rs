@@ -2,16 +2,27 @@
 //! on SIGUSR1 otherwise, as qemu-img does.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+/// Set by SIGUSR1; a progress report is printed at the next update.
+fn usr1_flag() -> &'static Arc<AtomicBool> {
+    static FLAG: OnceLock<Arc<AtomicBool>> = OnceLock::new();
+    FLAG.get_or_init(|| Arc::new(AtomicBool::new(false)))
+}
+
+/// Catch SIGUSR1 for the whole run (done first thing in main, so a signal sent
+/// early never takes the default action of killing the process).
+pub fn catch_usr1() {
+    let _ = signal_hook::flag::register(signal_hook::consts::SIGUSR1, usr1_flag().clone());
+}
 
 /// Shared progress counter; cheap to update from any shard.
 pub struct Progress {
     total: u64,
     done: AtomicU64,
     bar: Option<ProgressBar>,
-    usr1: Arc<AtomicBool>,
     quiet: bool,
     /// Print plain percentage updates (stdout is not a terminal).
     plain: bool,
@@ -38,9 +49,7 @@ impl Progress {
             );
             b
         });
-        let usr1 = Arc::new(AtomicBool::new(false));
-        let _ = signal_hook::flag::register(signal_hook::consts::SIGUSR1, usr1.clone());
-        let p = Arc::new(Progress { total, done: AtomicU64::new(0), bar, usr1, quiet: false, plain, shown: AtomicU64::new(u64::MAX) });
+        let p = Arc::new(Progress { total, done: AtomicU64::new(0), bar, quiet: false, plain, shown: AtomicU64::new(u64::MAX) });
         p.print_plain(0);
         p
     }
@@ -66,7 +75,7 @@ impl Progress {
             b.set_position(done);
         }
         self.print_plain(done);
-        if self.usr1.swap(false, Ordering::Relaxed) {
+        if usr1_flag().swap(false, Ordering::Relaxed) {
             let pct = if self.total == 0 { 100.0 } else { done as f64 * 100.0 / self.total as f64 };
             println!("    ({pct:.2}/100%)");
         }
