@@ -605,3 +605,21 @@ fn sigusr1_prints_progress() {
     assert!(sent > 0, "convert finished before any signal could be sent");
     assert!(stdout.contains("/100%)"), "no progress report after {sent} SIGUSR1s: {stdout:?}");
 }
+
+#[test]
+fn host_device_info_and_map_match_qemu_img() {
+    if !have("qemu-img") || !ringblk_tests::root_or_skip("a loop device") {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let backing = d.path().join("lo.img");
+    mixed_image(&backing, 16 << 20, 13);
+    let dev = ringblk_tests::LoopDev::attach(&backing);
+    for args in [vec!["info", dev.path()], vec!["info", "--output=json", dev.path()], vec!["map", "--output=json", dev.path()]] {
+        assert_eq!(ok(rb(&args)), ok(qi(&args)), "{args:?}");
+    }
+    // Converting from the device gives the backing file's contents.
+    let out = d.path().join("from-dev.raw");
+    ok(rb(&["convert", "-O", "raw", dev.path(), s(&out)]));
+    assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&backing).unwrap());
+}
