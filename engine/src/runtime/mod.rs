@@ -202,7 +202,8 @@ pub fn current_shard() -> Option<usize> {
     shard::current().map(|s| s.shared.index)
 }
 
-/// Is the current shard's ring in polling mode with registered buffers?
+/// Did the current shard's ring accept its buffer pool as fixed buffers (so
+/// pool buffers go out as READ_FIXED/WRITE_FIXED)?
 pub fn pool_registered() -> bool {
     shard::current().is_some_and(|s| s.pool_registered)
 }

@@ -277,6 +277,12 @@ impl Shard {
         Some((slot, true))
     }
 
+    /// Files this ring holds registered.
+    #[cfg(test)]
+    pub(crate) fn registered_files(&self) -> usize {
+        self.files.borrow().len()
+    }
+
     /// Drop the ring's reference to a file (so its locks go with the last close).
     pub(crate) fn unregister_file(&self, uid: u64) {
         let mut files = self.files.borrow_mut();

@@ -144,3 +144,22 @@ fn sqpoll_mode_runs_io() {
     });
     assert_eq!(n, 0);
 }
+
+#[test]
+fn pool_is_registered_and_files_get_fixed_slots() {
+    let rt = Runtime::single().unwrap();
+    rt.block_on(|| async {
+        assert!(pool_registered(), "the ring must take the pool as fixed buffers");
+        // A read through the io_uring backend registers the file with the ring.
+        let f = tempfile::tempfile().unwrap();
+        std::io::Write::write_all(&mut &f, &[7u8; 4096]).unwrap();
+        let file = AioFile::new(OwnedFd::from(f), Backend::IoUring);
+        let (r, buf) = file.read(IoBuf::new(4096), 0, 4096, 0).await;
+        assert_eq!(r.unwrap(), 4096);
+        assert!(buf.iter().all(|&b| b == 7));
+        let shard = super::shard::expect_current();
+        assert_eq!(shard.registered_files(), 1);
+        drop(file);
+        assert_eq!(shard.registered_files(), 0, "closing on the shard drops the slot at once");
+    });
+}
