@@ -123,13 +123,18 @@ pub(super) async fn rw(fd: Arc<OwnedFd>, buf: IoBuf, at: usize, len: usize, off:
         let flags = if fua { libc::RWF_DSYNC } else { 0 };
         let fd = fd.as_raw_fd();
         // SAFETY: iov describes memory owned by this job; the job holds the fd open.
-        let r = unsafe {
+        let io = |off: libc::off_t| unsafe {
             if write {
-                libc::pwritev2(fd, &iov, 1, off as libc::off_t, flags)
+                libc::pwritev2(fd, &iov, 1, off, flags)
             } else {
-                libc::preadv2(fd, &iov, 1, off as libc::off_t, 0)
+                libc::preadv2(fd, &iov, 1, off, 0)
             }
         };
+        let mut r = io(off as libc::off_t);
+        if r < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESPIPE) {
+            // Not seekable (a pipe): use the stream position, as io_uring does.
+            r = io(-1);
+        }
         (cvt(r), sb)
     })
     .await;
