@@ -228,6 +228,9 @@ fn make_default_image() -> Result<tempfile::TempPath> {
         f.write_all(&block).map_err(|e| Error::os("writing temporary image", e))?;
     }
     f.flush().map_err(|e| Error::os("writing temporary image", e))?;
+    // Write it back now, so the kernel's writeback of our setup does not land
+    // in the middle of one backend's run and skew the comparison.
+    f.as_file().sync_all().map_err(|e| Error::os("syncing temporary image", e))?;
     Ok(f.into_temp_path())
 }
 

@@ -68,11 +68,24 @@ pub struct AioFile {
     backend: Backend,
     /// Shards whose ring registered this file; they drop it when we close.
     registered_on: Mutex<Vec<Weak<ShardShared>>>,
+    /// For buffered writes to a regular file in the thread pool: one at a time.
+    /// The kernel serialises them on the inode lock anyway, and dozens of
+    /// workers spinning on that lock collapsed throughput (160k to 17k IOPS);
+    /// io_uring's io-wq makes the same choice for the same reason.
+    serial_writes: Option<Arc<threads::SerialQueue>>,
 }
 
 impl AioFile {
     pub fn new(fd: OwnedFd, backend: Backend) -> AioFile {
+        let raw = fd.as_raw_fd();
+        // SAFETY: fcntl and fstat on an fd we own; st is plain data.
+        let buffered_regular = unsafe {
+            let fl = libc::fcntl(raw, libc::F_GETFL);
+            let mut st: libc::stat = std::mem::zeroed();
+            fl >= 0 && fl & libc::O_DIRECT == 0 && libc::fstat(raw, &mut st) == 0 && st.st_mode & libc::S_IFMT == libc::S_IFREG
+        };
         AioFile {
+            serial_writes: buffered_regular.then(|| Arc::new(threads::SerialQueue::default())),
             fd: Arc::new(fd),
             uid: NEXT_FILE_UID.fetch_add(1, Ordering::Relaxed),
             backend,
@@ -95,7 +108,7 @@ impl AioFile {
         match self.backend {
             Backend::IoUring => uring::rw(self, buf, at, len, off, false, false).await,
             Backend::Native => native::rw(self, buf, at, len, off, false, false).await,
-            Backend::Threads => threads::rw(self.fd.clone(), buf, at, len, off, false, false).await,
+            Backend::Threads => threads::rw(self.fd.clone(), None, buf, at, len, off, false, false).await,
         }
     }
 
@@ -105,7 +118,7 @@ impl AioFile {
         match self.backend {
             Backend::IoUring => uring::rw(self, buf, at, len, off, true, fua).await,
             Backend::Native => native::rw(self, buf, at, len, off, true, fua).await,
-            Backend::Threads => threads::rw(self.fd.clone(), buf, at, len, off, true, fua).await,
+            Backend::Threads => threads::rw(self.fd.clone(), self.serial_writes.as_ref(), buf, at, len, off, true, fua).await,
         }
     }
 

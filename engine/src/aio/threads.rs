@@ -9,6 +9,7 @@ use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll, Waker};
 
@@ -84,11 +85,51 @@ impl<T> Future for PoolFuture<T> {
     }
 }
 
+/// Jobs that must run one at a time, in order (buffered writes to one file).
+/// Like io-wq's hashed work: one worker drains the queue while others stay
+/// free, instead of many workers queueing on the inode lock.
+#[derive(Default)]
+pub(crate) struct SerialQueue {
+    /// (a worker is draining the queue, jobs waiting)
+    inner: Mutex<(bool, VecDeque<Job>)>,
+}
+
+fn submit_serial(q: &Arc<SerialQueue>, job: Job) {
+    {
+        let mut g = q.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if g.0 {
+            g.1.push_back(job);
+            return;
+        }
+        g.0 = true;
+    }
+    let q = q.clone();
+    submit(Box::new(move || {
+        let mut job = job;
+        loop {
+            job();
+            let mut g = q.inner.lock().unwrap_or_else(|e| e.into_inner());
+            match g.1.pop_front() {
+                Some(next) => job = next,
+                None => {
+                    g.0 = false;
+                    return;
+                }
+            }
+        }
+    }));
+}
+
 /// Run `f` on a worker and await its result.
 pub(super) fn run<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> impl Future<Output = T> {
+    run_on(None, f)
+}
+
+/// Run `f` on a worker, through `serial` when given, and await its result.
+fn run_on<T: Send + 'static>(serial: Option<&Arc<SerialQueue>>, f: impl FnOnce() -> T + Send + 'static) -> impl Future<Output = T> {
     let shared = Arc::new(Mutex::new(Shared { value: None, waker: None }));
     let s2 = shared.clone();
-    submit(Box::new(move || {
+    let job: Job = Box::new(move || {
         let v = f();
         let w = {
             let mut s = s2.lock().unwrap_or_else(|e| e.into_inner());
@@ -98,7 +139,11 @@ pub(super) fn run<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
         if let Some(w) = w {
             w.wake();
         }
-    }));
+    });
+    match serial {
+        Some(q) => submit_serial(q, job),
+        None => submit(job),
+    }
     PoolFuture { shared }
 }
 
@@ -112,9 +157,19 @@ fn cvt(r: isize) -> io::Result<usize> {
 
 struct SendBuf(IoBuf);
 
-pub(super) async fn rw(fd: Arc<OwnedFd>, buf: IoBuf, at: usize, len: usize, off: u64, write: bool, fua: bool) -> (io::Result<usize>, IoBuf) {
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn rw(
+    fd: Arc<OwnedFd>,
+    serial: Option<&Arc<SerialQueue>>,
+    buf: IoBuf,
+    at: usize,
+    len: usize,
+    off: u64,
+    write: bool,
+    fua: bool,
+) -> (io::Result<usize>, IoBuf) {
     let sb = SendBuf(buf);
-    let (r, sb) = run(move || {
+    let (r, sb) = run_on(serial, move || {
         let mut sb = sb;
         // SAFETY: at + len <= buf.len() (asserted by the caller); the buffer is owned
         // by this job for the duration of the call.
