@@ -57,6 +57,17 @@ impl std::fmt::Display for Backend {
     }
 }
 
+/// One read or write: `len` bytes between `buf[at..]` and file offset `off`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Rw {
+    pub at: usize,
+    pub len: usize,
+    pub off: u64,
+    pub write: bool,
+    /// Durable before completion (RWF_DSYNC).
+    pub fua: bool,
+}
+
 static NEXT_FILE_UID: AtomicU64 = AtomicU64::new(1);
 
 /// An open file and the backend that does its I/O. Methods must run on a shard.
@@ -104,21 +115,23 @@ impl AioFile {
     /// Read up to `len` bytes at file offset `off` into `buf[at..at+len]`.
     /// Returns the byte count (short at EOF) and the buffer.
     pub async fn read(&self, buf: IoBuf, at: usize, len: usize, off: u64) -> (io::Result<usize>, IoBuf) {
-        assert!(at + len <= buf.len(), "read range {at}+{len} outside buffer of {}", buf.len());
-        match self.backend {
-            Backend::IoUring => uring::rw(self, buf, at, len, off, false, false).await,
-            Backend::Native => native::rw(self, buf, at, len, off, false, false).await,
-            Backend::Threads => threads::rw(self.fd.clone(), None, buf, at, len, off, false, false).await,
-        }
+        self.rw(buf, Rw { at, len, off, write: false, fua: false }).await
     }
 
     /// Write `buf[at..at+len]` at `off`; `fua` makes it durable before completion.
     pub async fn write(&self, buf: IoBuf, at: usize, len: usize, off: u64, fua: bool) -> (io::Result<usize>, IoBuf) {
-        assert!(at + len <= buf.len(), "write range {at}+{len} outside buffer of {}", buf.len());
+        self.rw(buf, Rw { at, len, off, write: true, fua }).await
+    }
+
+    async fn rw(&self, buf: IoBuf, rw: Rw) -> (io::Result<usize>, IoBuf) {
+        assert!(rw.at + rw.len <= buf.len(), "I/O range {}+{} outside buffer of {}", rw.at, rw.len, buf.len());
         match self.backend {
-            Backend::IoUring => uring::rw(self, buf, at, len, off, true, fua).await,
-            Backend::Native => native::rw(self, buf, at, len, off, true, fua).await,
-            Backend::Threads => threads::rw(self.fd.clone(), self.serial_writes.as_ref(), buf, at, len, off, true, fua).await,
+            Backend::IoUring => uring::rw(self, buf, rw).await,
+            Backend::Native => native::rw(self, buf, rw).await,
+            Backend::Threads => {
+                let serial = if rw.write { self.serial_writes.as_ref() } else { None };
+                threads::rw(self.fd.clone(), serial, buf, rw).await
+            }
         }
     }
 

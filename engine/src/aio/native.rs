@@ -7,7 +7,7 @@
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
-use super::{errno_result, AioFile};
+use super::{errno_result, AioFile, Rw};
 use crate::runtime::op::Op;
 use crate::runtime::shard::{expect_current, Shard};
 use crate::runtime::IoBuf;
@@ -96,15 +96,8 @@ impl NativeCtx {
     }
 }
 
-pub(super) async fn rw(
-    f: &AioFile,
-    mut buf: IoBuf,
-    at: usize,
-    len: usize,
-    off: u64,
-    write: bool,
-    fua: bool,
-) -> (io::Result<usize>, IoBuf) {
+pub(super) async fn rw(f: &AioFile, mut buf: IoBuf, rw: Rw) -> (io::Result<usize>, IoBuf) {
+    let Rw { at, len, off, write, fua } = rw;
     let shard = expect_current();
     if let Err(e) = ensure_ctx(&shard) {
         return (Err(e), buf);

@@ -15,6 +15,7 @@ use std::task::{Context, Poll, Waker};
 
 use crossbeam_channel::{unbounded, Receiver, Sender};
 
+use super::Rw;
 use crate::runtime::IoBuf;
 
 /// The most worker threads the pool grows to (QEMU's pool uses the same bound).
@@ -157,17 +158,8 @@ fn cvt(r: isize) -> io::Result<usize> {
 
 struct SendBuf(IoBuf);
 
-#[allow(clippy::too_many_arguments)]
-pub(super) async fn rw(
-    fd: Arc<OwnedFd>,
-    serial: Option<&Arc<SerialQueue>>,
-    buf: IoBuf,
-    at: usize,
-    len: usize,
-    off: u64,
-    write: bool,
-    fua: bool,
-) -> (io::Result<usize>, IoBuf) {
+pub(super) async fn rw(fd: Arc<OwnedFd>, serial: Option<&Arc<SerialQueue>>, buf: IoBuf, rw: Rw) -> (io::Result<usize>, IoBuf) {
+    let Rw { at, len, off, write, fua } = rw;
     let sb = SendBuf(buf);
     let (r, sb) = run_on(serial, move || {
         let mut sb = sb;

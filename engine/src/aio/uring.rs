@@ -6,7 +6,7 @@ use std::io;
 
 use io_uring::{opcode, squeue, types};
 
-use super::{errno_result, AioFile};
+use super::{errno_result, AioFile, Rw};
 use crate::runtime::op::Op;
 use crate::runtime::shard::{expect_current, Shard};
 use crate::runtime::IoBuf;
@@ -34,15 +34,8 @@ macro_rules! with_target {
     };
 }
 
-pub(super) async fn rw(
-    f: &AioFile,
-    mut buf: IoBuf,
-    at: usize,
-    len: usize,
-    off: u64,
-    write: bool,
-    fua: bool,
-) -> (io::Result<usize>, IoBuf) {
+pub(super) async fn rw(f: &AioFile, mut buf: IoBuf, rw: Rw) -> (io::Result<usize>, IoBuf) {
+    let Rw { at, len, off, write, fua } = rw;
     let shard = expect_current();
     let len32 = u32::try_from(len).expect("single I/O is below 4 GiB (block layer splits)");
     // SAFETY: at + len <= buf.len() was asserted by the caller.
