@@ -52,27 +52,31 @@ fn first_diff(a: &[u8], b: &[u8]) -> Option<usize> {
     a.iter().zip(b).position(|(x, y)| x != y)
 }
 
-async fn read(node: &dyn BlockNode, off: u64, len: u64, buf: IoBuf) -> std::result::Result<IoBuf, (Error, IoBuf)> {
-    let mut buf = buf;
+/// Read [off, off+len) of `node` into the buffer kept in `slot` (taken for the
+/// read and always put back), naming the file and offset on error.
+async fn read_into<'b>(node: &dyn BlockNode, off: u64, len: u64, slot: &'b mut Option<IoBuf>) -> Result<&'b IoBuf> {
+    let mut buf = slot.take().expect("compare buffers are always put back");
     buf.set_len(len as usize);
     let (r, buf) = node.read(off, buf).await;
-    match r {
-        Ok(()) => Ok(buf),
-        Err(e) => Err((Error::new(e.kind(), format!("error while reading offset {off}: {}", e.detail())).with_file(node.filename()), buf)),
-    }
+    let buf = slot.insert(buf);
+    r.map_err(|e| Error::new(e.kind(), format!("error while reading offset {off}: {}", e.detail())).with_file(node.filename()))?;
+    Ok(buf)
+}
+
+fn chunk_buf() -> Option<IoBuf> {
+    Some(IoBuf::heap(CHUNK as usize))
 }
 
 /// Check that [off, end) of `node` reads as zeroes; returns the first non-zero offset.
 async fn check_zero(node: &dyn BlockNode, mut off: u64, end: u64, p: &Progress) -> std::result::Result<Option<u64>, (i32, Error)> {
-    let mut buf = IoBuf::heap(CHUNK as usize);
+    let mut buf = chunk_buf();
     while off < end {
         let e = node.block_status(off, (end - off).min(CHUNK)).await.map_err(|e| (3, e))?;
         if !e.is_zero_hole() {
-            let b = read(node, off, e.len, buf).await.map_err(|(e, _)| (4, e))?;
+            let b = read_into(node, off, e.len, &mut buf).await.map_err(|e| (4, e))?;
             if let Some(i) = b.iter().position(|&x| x != 0) {
                 return Ok(Some(off + (i as u64 / 512 * 512)));
             }
-            buf = b;
         }
         p.add(e.len);
         off += e.len;
@@ -89,7 +93,7 @@ async fn compare(n1: Arc<dyn BlockNode>, n2: Arc<dyn BlockNode>, strict: bool, p
         println!("Warning: Image size mismatch!");
     }
     let common = s1.min(s2);
-    let (mut b1, mut b2) = (IoBuf::heap(CHUNK as usize), IoBuf::heap(CHUNK as usize));
+    let (mut b1, mut b2) = (chunk_buf(), chunk_buf());
     let mut off = 0;
     while off < common {
         // Strict mode compares whole extents, as qemu-img does: the status and
@@ -110,31 +114,22 @@ async fn compare(n1: Arc<dyn BlockNode>, n2: Arc<dyn BlockNode>, strict: bool, p
         let (z1, z2) = (e1.is_zero_hole(), e2.is_zero_hole());
         if !(z1 && z2) {
             let mismatch = if z1 || z2 {
+                // One side is a known hole: the other must read as zeroes.
                 let (node, buf) = if z1 { (&n2, &mut b2) } else { (&n1, &mut b1) };
-                let b = std::mem::replace(buf, IoBuf::heap(0));
-                match read(&**node, off, n, b).await {
-                    Ok(b) => {
-                        let r = b.iter().position(|&x| x != 0);
-                        *buf = b;
-                        r
-                    }
-                    Err((e, _)) => return Outcome::Fail(4, e),
+                match read_into(&**node, off, n, buf).await {
+                    Ok(b) => b.iter().position(|&x| x != 0),
+                    Err(e) => return Outcome::Fail(4, e),
                 }
             } else {
-                let x = std::mem::replace(&mut b1, IoBuf::heap(0));
-                let y = std::mem::replace(&mut b2, IoBuf::heap(0));
-                let x = match read(&*n1, off, n, x).await {
+                let x = match read_into(&*n1, off, n, &mut b1).await {
                     Ok(b) => b,
-                    Err((e, _)) => return Outcome::Fail(4, e),
+                    Err(e) => return Outcome::Fail(4, e),
                 };
-                let y = match read(&*n2, off, n, y).await {
+                let y = match read_into(&*n2, off, n, &mut b2).await {
                     Ok(b) => b,
-                    Err((e, _)) => return Outcome::Fail(4, e),
+                    Err(e) => return Outcome::Fail(4, e),
                 };
-                let r = first_diff(&x, &y);
-                b1 = x;
-                b2 = y;
-                r
+                first_diff(x, y)
             };
             if let Some(i) = mismatch {
                 return Outcome::Differ(format!("Content mismatch at offset {}!", off + (i as u64 / 512 * 512)));

@@ -199,17 +199,17 @@ impl FileNode {
         if size < cur && prealloc != Prealloc::Off {
             return Err(invalid("Cannot use preallocation for shrinking files").with_file(&self.filename));
         }
-        let fd = self.file.fd();
-        let r = self.file.blocking(move |fd2| {
-            debug_assert_eq!(fd, fd2);
-            // SAFETY: plain syscall on our fd.
-            if unsafe { libc::ftruncate(fd2, size as libc::off_t) } < 0 {
-                Err(std::io::Error::last_os_error())
-            } else {
-                Ok(())
-            }
-        });
-        r.await.map_err(|e| self.err(e, "truncate", size))?;
+        self.file
+            .blocking(move |fd| {
+                // SAFETY: plain syscall on an fd the pool job holds open.
+                if unsafe { libc::ftruncate(fd, size as libc::off_t) } < 0 {
+                    Err(std::io::Error::last_os_error())
+                } else {
+                    Ok(())
+                }
+            })
+            .await
+            .map_err(|e| self.err(e, "truncate", size))?;
         self.size.store(size, Ordering::Release);
         if size > cur {
             match prealloc {
