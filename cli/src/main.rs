@@ -35,6 +35,8 @@ pub struct OpenArgs {
 enum Cmd {
     /// Run a simple I/O benchmark (and compare I/O backends)
     Bench(cmd::bench::BenchArgs),
+    /// Check an image for consistency (and repair it with -r)
+    Check(cmd::check::CheckArgs),
     /// Compare the contents of two images
     Compare(cmd::compare::CompareArgs),
     /// Convert an image to another format (or copy it)
@@ -58,6 +60,7 @@ fn main() {
     let cli = Cli::parse();
     let code = match cli.cmd {
         Cmd::Bench(a) => cmd::bench::run(a),
+        Cmd::Check(a) => cmd::check::run(a),
         Cmd::Compare(a) => cmd::compare::run(a),
         Cmd::Convert(a) => cmd::convert::run(a),
         Cmd::Create(a) => cmd::create::run(a),

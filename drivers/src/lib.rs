@@ -14,6 +14,7 @@ pub fn registry() -> Arc<Registry> {
     r.register(Box::new(protocol::file::FileDriver::file()));
     r.register(Box::new(protocol::file::FileDriver::host_device()));
     r.register(Box::new(format::raw::RawDriver));
+    r.register(Box::new(format::qcow2::Qcow2Driver));
     r.register(Box::new(filter::blkdebug::BlkdebugDriver));
     Arc::new(r)
 }

@@ -27,14 +27,24 @@ pub struct InfoArgs {
 /// QAPI ImageInfo of a node and its children.
 pub async fn image_info(node: &Arc<dyn BlockNode>) -> Result<Value> {
     let mut children = Vec::new();
-    for c in node.children() {
+    // The backing image is shown as backing-filename, not as a child; qemu-img
+    // does not list an external data file either.
+    for c in node.children().into_iter().filter(|c| c.role == "file") {
         let info = Box::pin(image_info(&c.node)).await?;
         children.push(json!({ "name": c.role, "info": info }));
     }
+    // Keys in qemu-img's order.
     let mut m = Map::new();
     m.insert("children".into(), Value::Array(children));
+    let backing = node.backing_name();
+    if let Some((_, Some(fmt))) = &backing {
+        m.insert("backing-filename-format".into(), json!(fmt));
+    }
     m.insert("virtual-size".into(), json!(node.size()));
     m.insert("filename".into(), json!(node.filename()));
+    if let Some(cs) = node.cluster_size() {
+        m.insert("cluster-size".into(), json!(cs));
+    }
     m.insert("format".into(), json!(node.driver()));
     if let Some(a) = node.allocated_size().await? {
         m.insert("actual-size".into(), json!(a));
@@ -42,8 +52,23 @@ pub async fn image_info(node: &Arc<dyn BlockNode>) -> Result<Value> {
     if let Some(fs) = node.format_specific() {
         m.insert("format-specific".into(), fs);
     }
-    m.insert("dirty-flag".into(), json!(false));
+    if let Some((name, _)) = &backing {
+        m.insert("full-backing-filename".into(), json!(full_backing_name(&node.filename(), name)));
+        m.insert("backing-filename".into(), json!(name));
+    }
+    m.insert("dirty-flag".into(), json!(node.dirty()));
     Ok(Value::Object(m))
+}
+
+/// A backing name as the image's directory resolves it.
+fn full_backing_name(image: &str, name: &str) -> String {
+    if name.starts_with('/') || name.contains("://") || name.starts_with("json:") {
+        return name.to_string();
+    }
+    match std::path::Path::new(image).parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.join(name).to_string_lossy().into_owned(),
+        _ => name.to_string(),
+    }
 }
 
 fn print_human(info: &Value, out: &mut String) {
@@ -52,6 +77,35 @@ fn print_human(info: &Value, out: &mut String) {
     out.push_str(&format!("file format: {}\n", info["format"].as_str().unwrap_or("")));
     out.push_str(&format!("virtual size: {} ({size} bytes)\n", human_size(size)));
     out.push_str(&format!("disk size: {}\n", disk_size(info)));
+    if let Some(cs) = info.get("cluster-size").and_then(Value::as_u64) {
+        out.push_str(&format!("cluster_size: {cs}\n"));
+    }
+    if let Some(b) = info.get("backing-filename").and_then(Value::as_str) {
+        let full = info.get("full-backing-filename").and_then(Value::as_str).unwrap_or(b);
+        if full != b {
+            out.push_str(&format!("backing file: {b} (actual path: {full})\n"));
+        } else {
+            out.push_str(&format!("backing file: {b}\n"));
+        }
+        if let Some(f) = info.get("backing-filename-format").and_then(Value::as_str) {
+            out.push_str(&format!("backing file format: {f}\n"));
+        }
+    }
+    if info.get("dirty-flag").and_then(Value::as_bool) == Some(true) {
+        out.push_str("cleanly shut down: no\n");
+    }
+    if let Some(data) = info.pointer("/format-specific/data").and_then(Value::as_object) {
+        if !data.is_empty() && info["format"] != "file" && info["format"] != "host_device" {
+            out.push_str("Format specific information:\n");
+            for (k, v) in data {
+                let v = match v {
+                    Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                };
+                out.push_str(&format!("    {}: {v}\n", k.replace('-', " ")));
+            }
+        }
+    }
     print_children(info, "", 0, out);
 }
 

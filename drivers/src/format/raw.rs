@@ -3,6 +3,7 @@
 //! that would make sector 0 look like another format is refused, as QEMU does, so a
 //! guest cannot turn its disk into, say, a qcow2 image pointing at host files.
 
+use std::ops::Range;
 use std::sync::Arc;
 
 use engine::block::{
@@ -90,6 +91,27 @@ impl BlockNode for RawNode {
                 return (Err(e), buf);
             }
             self.file.write(offset + self.offset, buf, flags).await
+        })
+    }
+
+    fn read_part(&self, offset: u64, buf: IoBuf, range: Range<usize>) -> BoxFuture<'_, (Result<()>, IoBuf)> {
+        Box::pin(async move {
+            if let Err(e) = check_request(self, offset, range.len() as u64) {
+                return (Err(e), buf);
+            }
+            self.file.read_part(offset + self.offset, buf, range).await
+        })
+    }
+
+    fn write_part(&self, offset: u64, buf: IoBuf, range: Range<usize>, flags: WriteFlags) -> BoxFuture<'_, (Result<()>, IoBuf)> {
+        Box::pin(async move {
+            if let Err(e) = check_write(self, offset, range.len() as u64) {
+                return (Err(e), buf);
+            }
+            if let Err(e) = self.check_sector0(offset, &buf[range.clone()]).await {
+                return (Err(e), buf);
+            }
+            self.file.write_part(offset + self.offset, buf, range, flags).await
         })
     }
 

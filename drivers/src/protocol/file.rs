@@ -5,6 +5,7 @@
 //! status, truncate with preallocation and the image lock. It knows nothing of
 //! image formats.
 
+use std::ops::Range;
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -60,6 +61,23 @@ impl FileNode {
         Error::os(op, e).with_file(&self.filename).at(off)
     }
 
+    /// Bounds of a read or write. A regular file may be read past its end
+    /// (zeroes) and written past it (it grows), as formats that append clusters
+    /// need; a block device has a fixed size.
+    fn check_io(&self, off: u64, len: u64, write: bool) -> Result<()> {
+        if write {
+            check_writable(self)?;
+        }
+        if self.kind == Kind::HostDevice {
+            return check_request(self, off, len);
+        }
+        if off.checked_add(len).is_none_or(|end| end > i64::MAX as u64) {
+            return Err(Error::new(ErrorKind::OutOfBounds, format!("request of {len} bytes at offset {off} overflows"))
+                .with_file(&self.filename));
+        }
+        Ok(())
+    }
+
     fn aligned(&self, off: u64, len: usize, ptr: *const u8) -> bool {
         let a = self.align as u64;
         off.is_multiple_of(a) && (len as u64).is_multiple_of(a) && (ptr as usize).is_multiple_of(self.mem_align as usize)
@@ -103,27 +121,27 @@ impl FileNode {
     }
 
     /// Misaligned O_DIRECT read: read the aligned cover into a bounce buffer.
-    async fn read_bounce(&self, off: u64, mut buf: IoBuf) -> (Result<()>, IoBuf) {
+    async fn read_bounce(&self, off: u64, mut buf: IoBuf, range: Range<usize>) -> (Result<()>, IoBuf) {
         let a = self.align as u64;
         let start = off / a * a;
-        let end = (off + buf.len() as u64).next_multiple_of(a);
+        let end = (off + range.len() as u64).next_multiple_of(a);
         let bounce = IoBuf::new((end - start) as usize);
         let blen = bounce.len();
         let (r, bounce) = self.read_exact(bounce, 0, blen, start).await;
         if r.is_ok() {
             let s = (off - start) as usize;
-            let n = buf.len();
-            buf.copy_from_slice(&bounce[s..s + n]);
+            let n = range.len();
+            buf[range].copy_from_slice(&bounce[s..s + n]);
         }
         (r, buf)
     }
 
     /// Misaligned O_DIRECT write: read-modify-write of the aligned cover, with
     /// overlapping writes held off so no update is lost.
-    async fn write_rmw(&self, off: u64, buf: IoBuf, fua: bool) -> (Result<()>, IoBuf) {
+    async fn write_rmw(&self, off: u64, buf: IoBuf, range: Range<usize>, fua: bool) -> (Result<()>, IoBuf) {
         let a = self.align as u64;
         let start = off / a * a;
-        let end = (off + buf.len() as u64).next_multiple_of(a);
+        let end = (off + range.len() as u64).next_multiple_of(a);
         let _t = self.track(start, end, true).await;
         let bounce = IoBuf::new((end - start) as usize);
         let blen = bounce.len();
@@ -131,7 +149,7 @@ impl FileNode {
         let result = match r {
             Ok(()) => {
                 let s = (off - start) as usize;
-                bounce[s..s + buf.len()].copy_from_slice(&buf);
+                bounce[s..s + range.len()].copy_from_slice(&buf[range]);
                 self.write_all(bounce, 0, blen, start, fua).await.0
             }
             Err(e) => Err(e),
@@ -248,30 +266,46 @@ impl BlockNode for FileNode {
     }
 
     fn read(&self, offset: u64, buf: IoBuf) -> BoxFuture<'_, (Result<()>, IoBuf)> {
-        Box::pin(async move {
-            if let Err(e) = check_request(self, offset, buf.len() as u64) {
-                return (Err(e), buf);
-            }
-            if !self.aligned(offset, buf.len(), buf.as_ptr()) {
-                return self.read_bounce(offset, buf).await;
-            }
-            let n = buf.len();
-            self.read_exact(buf, 0, n, offset).await
-        })
+        let n = buf.len();
+        self.read_part(offset, buf, 0..n)
     }
 
     fn write(&self, offset: u64, buf: IoBuf, flags: WriteFlags) -> BoxFuture<'_, (Result<()>, IoBuf)> {
+        let n = buf.len();
+        self.write_part(offset, buf, 0..n, flags)
+    }
+
+    fn read_part(&self, offset: u64, buf: IoBuf, range: Range<usize>) -> BoxFuture<'_, (Result<()>, IoBuf)> {
         Box::pin(async move {
-            if let Err(e) = check_write(self, offset, buf.len() as u64) {
+            let len = range.len();
+            if let Err(e) = self.check_io(offset, len as u64, false) {
+                return (Err(e), buf);
+            }
+            if !self.aligned(offset, len, buf.as_ptr().wrapping_add(range.start)) {
+                return self.read_bounce(offset, buf, range).await;
+            }
+            self.read_exact(buf, range.start, len, offset).await
+        })
+    }
+
+    fn write_part(&self, offset: u64, buf: IoBuf, range: Range<usize>, flags: WriteFlags) -> BoxFuture<'_, (Result<()>, IoBuf)> {
+        Box::pin(async move {
+            let len = range.len();
+            if let Err(e) = self.check_io(offset, len as u64, true) {
                 return (Err(e), buf);
             }
             let fua = flags.fua && !self.no_flush;
-            if !self.aligned(offset, buf.len(), buf.as_ptr()) {
-                return self.write_rmw(offset, buf, fua).await;
+            let r = if !self.aligned(offset, len, buf.as_ptr().wrapping_add(range.start)) {
+                self.write_rmw(offset, buf, range, fua).await
+            } else {
+                let _t = self.track(offset, offset + len as u64, false).await;
+                self.write_all(buf, range.start, len, offset, fua).await
+            };
+            if r.0.is_ok() {
+                // Writes past EOF grow a regular file (formats append clusters).
+                self.size.fetch_max(offset + len as u64, Ordering::AcqRel);
             }
-            let n = buf.len();
-            let _t = self.track(offset, offset + n as u64, false).await;
-            self.write_all(buf, 0, n, offset, fua).await
+            r
         })
     }
 

@@ -3,17 +3,20 @@
 //! options lives in `open.rs`, the driver registry in `registry.rs`, image locks
 //! in `lock.rs`.
 
+mod check;
 mod lock;
 mod open;
 mod registry;
 mod tracker;
 
 use std::future::Future;
+use std::ops::Range;
 use std::pin::Pin;
 use std::sync::Arc;
 
+pub use check::{CheckFix, CheckReport};
 pub use lock::{ImageLock, Perm};
-pub use open::{open_image, CacheMode, OpenCtx, OpenFlags};
+pub use open::{open_image, CacheMode, OpenCtx, OpenFlags, MAX_CHAIN_DEPTH};
 pub use registry::{CreateOpt, Driver, DriverKind, Registry};
 pub use tracker::{RangeTracker, Tracked};
 
@@ -143,6 +146,67 @@ pub trait BlockNode: Send + Sync {
     /// Fill `buf` from `offset`. Returns the buffer in every case.
     fn read(&self, offset: u64, buf: IoBuf) -> BoxFuture<'_, (Result<()>, IoBuf)>;
     fn write(&self, offset: u64, buf: IoBuf, flags: WriteFlags) -> BoxFuture<'_, (Result<()>, IoBuf)>;
+
+    /// Fill only `buf[range]` from `offset` (formats scatter one guest request
+    /// over several host extents this way). The default bounces through a
+    /// temporary buffer; nodes that can read in place override it.
+    fn read_part(&self, offset: u64, buf: IoBuf, range: Range<usize>) -> BoxFuture<'_, (Result<()>, IoBuf)> {
+        Box::pin(async move {
+            let mut buf = buf;
+            if range.is_empty() {
+                return (Ok(()), buf);
+            }
+            let (r, tmp) = self.read(offset, IoBuf::new(range.len())).await;
+            if r.is_ok() {
+                buf[range].copy_from_slice(&tmp);
+            }
+            (r, buf)
+        })
+    }
+
+    /// Write only `buf[range]` at `offset`. The default bounces like `read_part`.
+    fn write_part(
+        &self,
+        offset: u64,
+        buf: IoBuf,
+        range: Range<usize>,
+        flags: WriteFlags,
+    ) -> BoxFuture<'_, (Result<()>, IoBuf)> {
+        Box::pin(async move {
+            if range.is_empty() {
+                return (Ok(()), buf);
+            }
+            let tmp = IoBuf::from_slice(&buf[range]);
+            let (r, _) = self.write(offset, tmp, flags).await;
+            (r, buf)
+        })
+    }
+
+    /// Write a whole cluster compressed (convert -c). Formats without
+    /// compression say Unsupported.
+    fn write_compressed(&self, _offset: u64, buf: IoBuf) -> BoxFuture<'_, (Result<()>, IoBuf)> {
+        Box::pin(async move {
+            (Err(Error::new(ErrorKind::Unsupported, format!("'{}' does not support compression", self.driver()))), buf)
+        })
+    }
+
+    /// Allocation unit of a format with clusters (`cluster-size` in info).
+    fn cluster_size(&self) -> Option<u64> {
+        None
+    }
+
+    /// Write back everything the node caches (tables, dirty bits) so the
+    /// image is complete on its file even when flushes are ignored
+    /// (cache=unsafe), then close the children. Call it once, when done; the
+    /// node stays usable for reads.
+    fn close(&self) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async move {
+            for c in self.children() {
+                c.node.close().await?;
+            }
+            Ok(())
+        })
+    }
     fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> BoxFuture<'_, Result<()>>;
     /// A hint: the range's contents may be dropped. May do nothing.
     fn discard(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<()>>;
@@ -168,6 +232,24 @@ pub trait BlockNode: Send + Sync {
     /// The host fd and offset where this node's bytes lie linearly, for copy
     /// offload (copy_file_range). Only protocol nodes and pass-through formats.
     fn passthrough_fd(&self) -> Option<(std::os::fd::RawFd, u64)> {
+        None
+    }
+
+    /// Check the image's metadata and repair what `fix` allows. Formats
+    /// without metadata to check say Unsupported (qemu-img's exit code 63).
+    fn check(&self, _fix: CheckFix) -> BoxFuture<'_, Result<CheckReport>> {
+        Box::pin(async move {
+            Err(Error::new(ErrorKind::Unsupported, format!("This image format ({}) does not support checks", self.driver())))
+        })
+    }
+
+    /// Whether the image says it was not closed cleanly (`dirty-flag`).
+    fn dirty(&self) -> bool {
+        false
+    }
+
+    /// The backing file name the image records, and its format.
+    fn backing_name(&self) -> Option<(String, Option<String>)> {
         None
     }
 

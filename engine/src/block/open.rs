@@ -66,7 +66,19 @@ pub struct OpenFlags {
     pub cache: CacheMode,
     /// Backend when the options name none.
     pub aio: Backend,
+    /// Open the backing file an image names in its own header. An image from
+    /// an untrusted source can name any host file there; with this off such an
+    /// image fails to open unless the options say what the backing is (or
+    /// `backing=null`).
+    pub follow_backing: bool,
+    /// How deep in a backing chain this open is (bounded by MAX_CHAIN_DEPTH).
+    pub depth: u32,
+    /// Opened to check or repair: a format lets a corrupt image open writable.
+    pub repair: bool,
 }
+
+/// Longest backing chain we open: longer ones are almost surely a loop.
+pub const MAX_CHAIN_DEPTH: u32 = 64;
 
 impl Default for OpenFlags {
     fn default() -> Self {
@@ -78,6 +90,9 @@ impl Default for OpenFlags {
             no_io: false,
             cache: CacheMode::default(),
             aio: Backend::IoUring,
+            follow_backing: true,
+            depth: 0,
+            repair: false,
         }
     }
 }

@@ -103,6 +103,8 @@ impl Drop for BufPool {
 }
 
 enum Origin {
+    /// `IoBuf::empty()`: no memory.
+    Empty,
     Heap,
     Pool { pool: Arc<BufPool>, index: u32 },
 }
@@ -149,6 +151,12 @@ impl IoBuf {
         let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
         let ptr = NonNull::new(ptr).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
         IoBuf { ptr, cap, len, origin: Origin::Heap }
+    }
+
+    /// A buffer of no bytes that owns no memory: a placeholder to swap in
+    /// while the real buffer is lent to an operation.
+    pub fn empty() -> IoBuf {
+        IoBuf { ptr: NonNull::<u64>::dangling().cast(), cap: 0, len: 0, origin: Origin::Empty }
     }
 
     pub fn from_slice(data: &[u8]) -> IoBuf {
@@ -203,6 +211,7 @@ impl DerefMut for IoBuf {
 impl Drop for IoBuf {
     fn drop(&mut self) {
         match &self.origin {
+            Origin::Empty => {}
             Origin::Heap => {
                 let layout = Layout::from_size_align(self.cap, BUF_ALIGN).expect("same layout as alloc");
                 // SAFETY: allocated in heap() with this layout, owned only by us.

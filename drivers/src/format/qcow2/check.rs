@@ -1,0 +1,501 @@
+//! `check` for qcow2: count every reference the image's metadata makes to
+//! each host cluster (header, L1 and L2 tables, data and compressed
+//! clusters, snapshots, refcount structures, extension areas), compare with
+//! the stored refcounts and the COPIED flags, and repair what it is asked to:
+//! leaks, wrong refcounts, flags, and, when refcount blocks themselves are
+//! missing or broken, a new refcount structure written past the end of the
+//! file. Messages follow qemu-img's wording; the report is QAPI ImageCheck.
+//!
+//! Reads come straight from the file (after a writeback), not through the
+//! caches, so a check sees what a crash would leave.
+
+use engine::block::{BlockNode, WriteFlags};
+use engine::error::{Error, ErrorKind, Result};
+use engine::runtime::IoBuf;
+
+use super::header;
+use super::layout::{self, get_refcount, set_refcount, OFLAG_COMPRESSED, OFLAG_COPIED, REFT_OFFSET_MASK};
+use super::Qcow2;
+
+pub use engine::block::{CheckFix as Fix, CheckReport};
+
+/// Counts gathered while walking; turned into a CheckReport at the end.
+#[derive(Default)]
+pub struct Report {
+    pub corruptions: u64,
+    pub leaks: u64,
+    pub check_errors: u64,
+    pub corruptions_fixed: u64,
+    pub leaks_fixed: u64,
+    pub image_end_offset: u64,
+    pub total_clusters: u64,
+    pub allocated_clusters: u64,
+    pub fragmented_clusters: u64,
+    pub compressed_clusters: u64,
+    pub messages: Vec<String>,
+}
+
+impl Report {
+    pub fn corruptions_left(&self) -> u64 {
+        self.corruptions
+    }
+
+    pub fn into_check_report(self) -> CheckReport {
+        CheckReport {
+            corruptions: self.corruptions,
+            leaks: self.leaks,
+            check_errors: self.check_errors,
+            corruptions_fixed: self.corruptions_fixed,
+            leaks_fixed: self.leaks_fixed,
+            image_end_offset: Some(self.image_end_offset),
+            total_clusters: Some(self.total_clusters),
+            allocated_clusters: Some(self.allocated_clusters),
+            fragmented_clusters: Some(self.fragmented_clusters),
+            compressed_clusters: Some(self.compressed_clusters),
+            messages: self.messages,
+        }
+    }
+}
+
+struct Counter {
+    cluster_bits: u32,
+    nb: u64,
+    refs: Vec<u32>,
+}
+
+impl Counter {
+    /// Count a reference to each cluster of [off, off+len).
+    fn inc(&mut self, r: &mut Report, off: u64, len: u64) {
+        if len == 0 {
+            return;
+        }
+        let first = off >> self.cluster_bits;
+        let last = (off + len - 1) >> self.cluster_bits;
+        if last >= self.nb {
+            r.messages.push(format!(
+                "ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset {:#x} size {:#x}",
+                off, len
+            ));
+            r.corruptions += 1;
+        }
+        for c in first..=last.min(self.nb.saturating_sub(1)) {
+            if c < self.nb {
+                let v = &mut self.refs[c as usize];
+                *v = v.saturating_add(1);
+            }
+        }
+    }
+}
+
+async fn read_u64s(file: &dyn BlockNode, off: u64, n: usize) -> Result<Vec<u64>> {
+    let (r, b) = file.read(off, IoBuf::new(n * 8)).await;
+    r?;
+    Ok(b.chunks_exact(8).map(|c| u64::from_be_bytes(c.try_into().expect("8 bytes"))).collect())
+}
+
+/// A snapshot table entry's L1 table (offset, entries).
+async fn snapshot_l1s(q: &Qcow2, r: &mut Report, counter: &mut Counter) -> Result<Vec<(u64, u32)>> {
+    let (n, off) = {
+        let h = q.header();
+        (h.nb_snapshots, h.snapshots_offset)
+    };
+    if n == 0 {
+        return Ok(Vec::new());
+    }
+    let file = &*q.file;
+    let mut out = Vec::new();
+    let mut pos = off;
+    for _ in 0..n.min(65536) {
+        let (res, b) = file.read(pos, IoBuf::new(40)).await;
+        res?;
+        let l1_off = u64::from_be_bytes(b[0..8].try_into().expect("8"));
+        let l1_size = u32::from_be_bytes(b[8..12].try_into().expect("4"));
+        let id_len = u64::from(u16::from_be_bytes([b[12], b[13]]));
+        let name_len = u64::from(u16::from_be_bytes([b[14], b[15]]));
+        let extra = u64::from(u32::from_be_bytes(b[36..40].try_into().expect("4")));
+        out.push((l1_off, l1_size));
+        pos += (40 + extra + id_len + name_len).next_multiple_of(8);
+    }
+    counter.inc(r, off, pos - off);
+    Ok(out)
+}
+
+/// Count the references of one L1 table and its L2 tables. `active` also
+/// checks COPIED flags against the stored refcounts and gathers statistics.
+#[allow(clippy::too_many_arguments)]
+async fn walk_l1(
+    q: &Qcow2,
+    r: &mut Report,
+    counter: &mut Counter,
+    l1_off: u64,
+    l1_size: u32,
+    active: bool,
+    copied_fixes: &mut Vec<CopiedFix>,
+    _stored: &StoredRefs,
+) -> Result<()> {
+    let geo = q.geo;
+    let cs = geo.cluster_size();
+    let file = &*q.file;
+    let df = q.has_data_file();
+    counter.inc(r, l1_off, u64::from(l1_size) * 8);
+    let l1 = read_u64s(file, l1_off, l1_size as usize).await?;
+    let mut next_contiguous = 0u64;
+    for (i, &e) in l1.iter().enumerate() {
+        let l2 = e & layout::L1E_OFFSET_MASK;
+        if l2 == 0 {
+            continue;
+        }
+        if !l2.is_multiple_of(cs) {
+            r.messages.push(format!("ERROR l2_offset={l2:x}: Table is not cluster aligned; L1 entry corrupted"));
+            r.corruptions += 1;
+            continue;
+        }
+        if active {
+            copied_fixes.push(CopiedFix::L1 { index: i, entry: e, host: l2 });
+        }
+        counter.inc(r, l2, cs);
+        if l2 >> geo.cluster_bits >= counter.nb {
+            continue;
+        }
+        let words = if geo.extended_l2 { 2 } else { 1 };
+        let table = read_u64s(file, l2, (cs / 8) as usize).await?;
+        for j in 0..geo.l2_entries() as usize {
+            let e2 = table[j * words];
+            let bm = if geo.extended_l2 { table[j * words + 1] } else { 0 };
+            if e2 & OFLAG_COMPRESSED != 0 {
+                if df {
+                    r.messages.push(format!("ERROR compressed cluster {j} with data file: entry=0x{e2:x}"));
+                    r.corruptions += 1;
+                    continue;
+                }
+                if active {
+                    r.allocated_clusters += 1;
+                    r.compressed_clusters += 1;
+                }
+                let cr = layout::compressed_clusters(&geo, e2);
+                counter.inc(r, cr.start * cs, (cr.end - cr.start) * cs);
+                continue;
+            }
+            let host = e2 & layout::L2E_OFFSET_MASK;
+            let allocated = host != 0 || (df && e2 & OFLAG_COPIED != 0);
+            if geo.extended_l2 && (bm as u32) & ((bm >> 32) as u32) != 0 {
+                r.messages.push(format!("ERROR invalid subcluster allocation bitmap in L2 table {l2:#x} entry {j}: {bm:#018x}"));
+                r.corruptions += 1;
+            }
+            if !allocated {
+                continue;
+            }
+            if !host.is_multiple_of(cs) {
+                r.messages.push(format!("ERROR offset={host:x}: Cluster is not properly aligned; L2 entry corrupted"));
+                r.corruptions += 1;
+                continue;
+            }
+            if active {
+                r.allocated_clusters += 1;
+                if next_contiguous != 0 && host != next_contiguous {
+                    r.fragmented_clusters += 1;
+                }
+                next_contiguous = host + cs;
+            }
+            if df {
+                continue;
+            }
+            if active {
+                copied_fixes.push(CopiedFix::L2 { table: l2, word: j * words, entry: e2, host });
+            }
+            counter.inc(r, host, cs);
+        }
+    }
+    Ok(())
+}
+
+/// An entry whose COPIED flag must agree with its cluster's refcount.
+enum CopiedFix {
+    L1 { index: usize, entry: u64, host: u64 },
+    L2 { table: u64, word: usize, entry: u64, host: u64 },
+}
+
+/// The refcounts as stored on disk.
+struct StoredRefs {
+    order: u32,
+    rb_bits: u32,
+    blocks: Vec<Option<Vec<u8>>>,
+}
+
+impl StoredRefs {
+    fn get(&self, c: u64) -> u64 {
+        let rti = (c >> self.rb_bits) as usize;
+        match self.blocks.get(rti) {
+            Some(Some(b)) => get_refcount(self.order, b, (c & ((1 << self.rb_bits) - 1)) as usize),
+            _ => 0,
+        }
+    }
+}
+
+/// Check `q` and repair what `fix` allows. The node must have been opened
+/// writable for repairs.
+pub async fn check(q: &Qcow2, fix: Fix) -> Result<Report> {
+    let mut r = Report::default();
+    let repairing = fix.leaks || fix.errors;
+    if repairing && q.read_only {
+        return Err(Error::new(ErrorKind::ReadOnly, "cannot repair an image opened read-only"));
+    }
+    if !q.read_only {
+        q.writeback(false).await?;
+    }
+    let geo = q.geo;
+    let cs = geo.cluster_size();
+    let file = &*q.file;
+    let fsize = file.size();
+    let nb = fsize.div_ceil(cs);
+    r.total_clusters = q.size().div_ceil(cs);
+    let (l1_off, l1_size, rt_off, rt_clusters) = {
+        let h = q.header();
+        (h.l1_table_offset, h.l1_size, h.refcount_table_offset, h.refcount_table_clusters)
+    };
+
+    // The stored refcounts, and whether their structure is sound.
+    let rt = read_u64s(file, rt_off, (u64::from(rt_clusters) * cs / 8) as usize).await?;
+    let mut stored = StoredRefs { order: geo.refcount_order, rb_bits: geo.rb_bits, blocks: Vec::with_capacity(rt.len()) };
+    let mut counter = Counter { cluster_bits: geo.cluster_bits, nb, refs: vec![0; nb as usize] };
+    let mut structure_broken = false;
+    // Header and refcount table.
+    counter.inc(&mut r, 0, cs);
+    counter.inc(&mut r, rt_off, u64::from(rt_clusters) * cs);
+    for (i, &e) in rt.iter().enumerate() {
+        let off = e & REFT_OFFSET_MASK;
+        if off == 0 {
+            stored.blocks.push(None);
+            continue;
+        }
+        if !off.is_multiple_of(cs) || e & 0x1ff != 0 {
+            r.messages.push(format!("ERROR refcount block {i} is not cluster aligned; refcount table entry corrupted"));
+            r.corruptions += 1;
+            structure_broken = true;
+            stored.blocks.push(None);
+            continue;
+        }
+        if off >> geo.cluster_bits >= nb {
+            r.messages.push(format!("ERROR refcount block {i} is outside image"));
+            r.corruptions += 1;
+            structure_broken = true;
+            stored.blocks.push(None);
+            continue;
+        }
+        let (res, b) = file.read(off, IoBuf::new(cs as usize)).await;
+        res?;
+        stored.blocks.push(Some(b.to_vec()));
+        counter.inc(&mut r, off, cs);
+    }
+
+    let mut copied_fixes = Vec::new();
+    walk_l1(q, &mut r, &mut counter, l1_off, l1_size, true, &mut copied_fixes, &stored).await?;
+    for (off, size) in snapshot_l1s(q, &mut r, &mut counter).await? {
+        walk_l1(q, &mut r, &mut counter, off, size, false, &mut Vec::new(), &stored).await?;
+    }
+    // Extension areas: bitmap directory, crypto header.
+    let exts: Vec<header::Extension> = q.header().other_extensions.clone();
+    for e in exts {
+        if e.ty == header::EXT_CRYPTO && e.data.len() >= 16 {
+            let off = u64::from_be_bytes(e.data[0..8].try_into().expect("8"));
+            let len = u64::from_be_bytes(e.data[8..16].try_into().expect("8"));
+            counter.inc(&mut r, off, len);
+        }
+        if e.ty == header::EXT_BITMAPS && e.data.len() >= 24 {
+            let size = u64::from_be_bytes(e.data[8..16].try_into().expect("8"));
+            let off = u64::from_be_bytes(e.data[16..24].try_into().expect("8"));
+            counter.inc(&mut r, off, size.min(64 << 20));
+            // TODO(bitmaps issue): count bitmap tables and their clusters.
+        }
+    }
+
+    // Compare.
+    let mut set: Vec<(u64, u64)> = Vec::new();
+    let mut highest = 0u64;
+    for c in 0..nb {
+        let stored_rc = stored.get(c);
+        let computed = u64::from(counter.refs[c as usize]);
+        if computed > 0 || stored_rc > 0 {
+            highest = c;
+        }
+        if stored_rc == computed {
+            continue;
+        }
+        let leak = stored_rc > computed;
+        let will_fix = (leak && fix.leaks) || (!leak && fix.errors);
+        r.messages.push(format!(
+            "{} cluster {c} refcount={stored_rc} reference={computed}",
+            if will_fix { "Repairing" } else if leak { "Leaked" } else { "ERROR" }
+        ));
+        if will_fix {
+            set.push((c, computed));
+            if leak {
+                r.leaks_fixed += 1;
+            } else {
+                r.corruptions_fixed += 1;
+            }
+        } else if leak {
+            r.leaks += 1;
+        } else {
+            r.corruptions += 1;
+        }
+        // A referenced cluster without a refcount block needs a new structure.
+        if computed > 0 && stored.blocks.get((c >> geo.rb_bits) as usize).is_none_or(|b| b.is_none()) {
+            structure_broken = true;
+        }
+    }
+    r.image_end_offset = (highest + 1) * cs;
+
+    // COPIED flags, against the refcounts as they are after the repairs above.
+    let fixed: std::collections::HashMap<u64, u64> = set.iter().copied().collect();
+    let final_rc = |c: u64| fixed.get(&c).copied().unwrap_or_else(|| stored.get(c));
+    let mut flag_fixes = Vec::new();
+    for f in &copied_fixes {
+        let (entry, host, what) = match *f {
+            CopiedFix::L1 { index, entry, host } => (entry, host, format!("L2 cluster: l1_index={index} l1_entry={entry:x}")),
+            CopiedFix::L2 { entry, host, .. } => (entry, host, format!("data cluster: l2_entry={entry:x}")),
+        };
+        let rc = final_rc(host >> geo.cluster_bits);
+        if (rc == 1) == (entry & OFLAG_COPIED != 0) {
+            continue;
+        }
+        let v = if rc == 1 { entry | OFLAG_COPIED } else { entry & !OFLAG_COPIED };
+        if fix.errors {
+            r.messages.push(format!("Repairing OFLAG_COPIED {what} refcount={rc}"));
+            r.corruptions_fixed += 1;
+            flag_fixes.push((f, v));
+        } else {
+            r.messages.push(format!("ERROR OFLAG_COPIED {what} refcount={rc}"));
+            r.corruptions += 1;
+        }
+    }
+
+    if !repairing {
+        return Ok(r);
+    }
+    for (f, v) in flag_fixes {
+        apply_copied_fix(q, f, v).await?;
+    }
+    if structure_broken && fix.errors {
+        rebuild(q, &mut r, &counter).await?;
+    } else if !set.is_empty() {
+        write_refcounts(q, &stored, &set).await?;
+    }
+    q.reload_refcounts().await?;
+    Ok(r)
+}
+
+async fn apply_copied_fix(q: &Qcow2, f: &CopiedFix, v: u64) -> Result<()> {
+    let off = match *f {
+        CopiedFix::L1 { index, .. } => {
+            let l1 = q.cache.l1.load();
+            if index < l1.len() {
+                l1.entries[index].store(v, std::sync::atomic::Ordering::Release);
+            }
+            q.header().l1_table_offset + index as u64 * 8
+        }
+        CopiedFix::L2 { table, word, .. } => table + word as u64 * 8,
+    };
+    let (r, _) = q.file.write(off, IoBuf::from_slice(&v.to_be_bytes()), WriteFlags::default()).await;
+    r?;
+    if let CopiedFix::L2 { .. } = f {
+        // Cached slices may hold the old word: drop them all.
+        for i in 0..q.cache.l1.load().len() {
+            q.cache.forget_table(i);
+        }
+    }
+    Ok(())
+}
+
+/// Set individual refcounts in the existing blocks.
+async fn write_refcounts(q: &Qcow2, stored: &StoredRefs, set: &[(u64, u64)]) -> Result<()> {
+    let geo = q.geo;
+    let rt = q.refs.lock().table.clone();
+    let mut touched: std::collections::BTreeMap<usize, Vec<u8>> = Default::default();
+    for &(c, v) in set {
+        let rti = (c >> geo.rb_bits) as usize;
+        let Some(Some(b)) = stored.blocks.get(rti) else { continue };
+        let blk = touched.entry(rti).or_insert_with(|| b.clone());
+        set_refcount(geo.refcount_order, blk, (c & (geo.refblock_entries() - 1)) as usize, v.min(geo.refcount_max()));
+    }
+    for (rti, data) in touched {
+        let off = rt[rti] & REFT_OFFSET_MASK;
+        let (r, _) = q.file.write(off, IoBuf::from_slice(&data), WriteFlags::default()).await;
+        r?;
+    }
+    q.file.flush().await
+}
+
+/// Write a whole new refcount structure past the end of the file, from the
+/// computed references, and point the header at it.
+async fn rebuild(q: &Qcow2, r: &mut Report, counter: &Counter) -> Result<()> {
+    r.messages.push("Rebuilding refcount structure".into());
+    let geo = q.geo;
+    let cs = geo.cluster_size();
+    let per_block = geo.refblock_entries();
+    // Computed references, without the old refcount structure (it is dropped).
+    let mut refs: Vec<u64> = counter.refs.iter().map(|&v| u64::from(v)).collect();
+    {
+        let h = q.header();
+        let first = h.refcount_table_offset / cs;
+        for c in first..first + u64::from(h.refcount_table_clusters) {
+            if let Some(v) = refs.get_mut(c as usize) {
+                *v = v.saturating_sub(1);
+            }
+        }
+    }
+    for e in q.refs.lock().table.iter() {
+        let off = e & REFT_OFFSET_MASK;
+        if off != 0 && off.is_multiple_of(cs) {
+            if let Some(v) = refs.get_mut((off / cs) as usize) {
+                *v = v.saturating_sub(1);
+            }
+        }
+    }
+    let start = refs.len() as u64; // new structure goes here
+    let (blocks, table_clusters) = {
+        let mut t = 1u64;
+        loop {
+            let total = start + t;
+            let nblocks = total.div_ceil(per_block);
+            let total = start + nblocks + t;
+            let nblocks = total.div_ceil(per_block);
+            let need_t = (nblocks * 8).div_ceil(cs);
+            if need_t <= t {
+                break (nblocks, t);
+            }
+            t = need_t;
+        }
+    };
+    let table_off = start * cs;
+    let blocks_off = table_off + table_clusters * cs;
+    refs.resize((start + table_clusters + blocks) as usize, 1);
+    let mut table = vec![0u8; (table_clusters * cs) as usize];
+    for b in 0..blocks {
+        let mut data = vec![0u8; cs as usize];
+        let base = b * per_block;
+        for i in 0..per_block {
+            let c = base + i;
+            if let Some(&v) = refs.get(c as usize) {
+                set_refcount(geo.refcount_order, &mut data, i as usize, v.min(geo.refcount_max()));
+            }
+        }
+        let off = blocks_off + b * cs;
+        let (res, _) = q.file.write(off, IoBuf::from_slice(&data), WriteFlags::default()).await;
+        res?;
+        table[(b * 8) as usize..(b * 8 + 8) as usize].copy_from_slice(&off.to_be_bytes());
+    }
+    let (res, _) = q.file.write(table_off, IoBuf::from_slice(&table), WriteFlags::default()).await;
+    res?;
+    q.file.flush().await?;
+    {
+        let mut h = q.header();
+        h.refcount_table_offset = table_off;
+        h.refcount_table_clusters = table_clusters as u32;
+        h.incompatible &= !header::INCOMPAT_CORRUPT;
+    }
+    q.write_header().await?;
+    q.file.flush().await?;
+    r.image_end_offset = blocks_off + blocks * cs;
+    Ok(())
+}
