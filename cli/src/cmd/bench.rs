@@ -214,7 +214,10 @@ fn run_one(spec: &engine::options::OptionTree, flags: OpenFlags, w: &Workload, s
         r?;
     }
     if w.write {
-        rt.block_on(move || async move { node.flush().await })?;
+        rt.block_on(move || async move {
+            node.flush().await?;
+            node.close().await
+        })?;
     }
     Ok(secs)
 }

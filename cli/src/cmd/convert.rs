@@ -400,7 +400,7 @@ fn convert(a: ConvertArgs) -> Result<()> {
             }
             let mut o = create_opts;
             o.set("size", total.to_string());
-            super::create::create_image(&fmt, &out_name, o).await?;
+            super::create::create_image(&fmt, &out_name, o, true).await?;
         }
         let dst = common::open(dst_spec, dst_flags).await?;
         if no_create && dst.size() < total {
@@ -459,7 +459,11 @@ fn convert(a: ConvertArgs) -> Result<()> {
         return Err(e);
     }
     let j = job.clone();
-    rt.block_on(move || async move { j.dst.flush().await })
+    rt.block_on(move || async move {
+        j.dst.flush().await?;
+        // Formats write back their tables here whatever the cache mode.
+        j.dst.close().await
+    })
 }
 
 #[cfg(test)]

@@ -46,16 +46,55 @@ pub fn print_help(fmt: &str) -> Result<()> {
 }
 
 /// Create `filename` as `fmt` with options `opts` (size included).
-pub async fn create_image(fmt: &str, filename: &str, opts: OptionTree) -> Result<()> {
+/// `open_backing` false is `-u`: the backing file is not opened to check it.
+pub async fn create_image(fmt: &str, filename: &str, opts: OptionTree, open_backing: bool) -> Result<()> {
     let reg = drivers::registry();
     let d = reg.get(fmt).ok_or_else(|| invalid(format!("Unknown file format '{fmt}'")))?;
-    let ctx = OpenCtx::new(reg.clone(), OpenFlags { write: true, ..Default::default() });
+    let ctx = OpenCtx::new(reg.clone(), OpenFlags { write: true, follow_backing: open_backing, ..Default::default() });
     d.create(&ctx, filename, opts).await
 }
 
 /// "Formatting 'x', fmt=raw size=N ..." line.
 pub fn formatting_line(fmt: &str, filename: &str, opts: &OptionTree) -> String {
     let mut s = format!("Formatting '{filename}', fmt={fmt}");
+    if fmt == "qcow2" {
+        // qemu-img's order, with the defaults it always shows.
+        const ORDER: &[(&str, Option<&str>)] = &[
+            ("cluster_size", Some("65536")),
+            ("extended_l2", Some("off")),
+            ("preallocation", None),
+            ("compression_type", Some("zlib")),
+            ("size", None),
+            ("compat", None),
+            ("backing_file", None),
+            ("backing_fmt", None),
+            ("data_file", None),
+            ("data_file_raw", None),
+            ("lazy_refcounts", Some("off")),
+            ("refcount_bits", Some("16")),
+            ("nocow", None),
+            ("extent_size_hint", None),
+        ];
+        for (k, def) in ORDER {
+            let v = match (*k, opts.get(k)) {
+                ("cluster_size" | "extent_size_hint", Some(v)) => {
+                    engine::size::parse_size(v).map_or_else(|_| v.to_string(), |n| n.to_string())
+                }
+                (_, Some(v)) => match engine::options::parse_bool(v) {
+                    Some(b) if ["extended_l2", "lazy_refcounts", "data_file_raw", "nocow"].contains(k) => {
+                        (if b { "on" } else { "off" }).to_string()
+                    }
+                    _ => v.to_string(),
+                },
+                (_, None) => match def {
+                    Some(d) => d.to_string(),
+                    None => continue,
+                },
+            };
+            s.push_str(&format!(" {k}={v}"));
+        }
+        return s;
+    }
     if let Some(size) = opts.get("size") {
         s.push_str(&format!(" size={size}"));
     }
@@ -86,15 +125,15 @@ pub fn run(a: CreateArgs) -> i32 {
         if let Some(f) = &a.backing_fmt {
             opts.set("backing_fmt", f.clone());
         }
-        // TODO(qcow2 issue): -u will skip opening the backing file to check it;
-        // no format here takes a backing file yet, so there is nothing to skip.
-        let _unchecked_backing = a.unsafe_backing;
         match a.size {
             Some(s) => opts.set("size", s.to_string()),
             None if opts.contains("size") => {
                 let s = opts.take_size("size")?.expect("present");
                 opts.set("size", s.to_string());
             }
+            // Without a size, a format with a backing file takes the backing
+            // file's (unless -u forbids opening it).
+            None if opts.contains("backing_file") && !a.unsafe_backing => {}
             None => return Err(invalid("Image creation needs a size parameter")),
         }
         let reg = drivers::registry();
@@ -107,7 +146,8 @@ pub fn run(a: CreateArgs) -> i32 {
         }
         let rt = common::small_runtime()?;
         let fmt = a.format.clone();
-        rt.block_on(move || async move { create_image(&fmt, &filename, opts).await })?;
+        let follow = !a.unsafe_backing;
+        rt.block_on(move || async move { create_image(&fmt, &filename, opts, follow).await })?;
         Ok(0)
     })();
     r.unwrap_or_else(common::fail)

@@ -77,7 +77,7 @@ pub fn run(a: DdArgs) -> i32 {
             let len = end.saturating_sub(start);
             let mut o = OptionTree::new();
             o.set("size", len.to_string());
-            super::create::create_image(&fmt, &ops.output, o).await?;
+            super::create::create_image(&fmt, &ops.output, o, true).await?;
             let dst = common::open(common::image_spec(&ops.output, Some(&fmt), false)?, OpenFlags { write: true, ..Default::default() }).await?;
             let step = (1u64 << 20).div_ceil(ops.bs) * ops.bs;
             let mut buf = IoBuf::heap(step as usize);
@@ -92,7 +92,8 @@ pub fn run(a: DdArgs) -> i32 {
                 buf = b;
                 done += n;
             }
-            dst.flush().await
+            dst.flush().await?;
+            dst.close().await
         })
     })();
     r.map_or_else(common::fail, |()| 0)

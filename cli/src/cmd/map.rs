@@ -65,23 +65,65 @@ impl Run {
     }
 }
 
+/// Where the data of a node lives: its data file or file child.
+fn data_name(node: &Arc<dyn BlockNode>) -> String {
+    let children = node.children();
+    children
+        .iter()
+        .find(|c| c.role == "data-file")
+        .or_else(|| children.iter().find(|c| c.role == "file"))
+        .map_or_else(|| node.filename(), |c| c.node.filename())
+}
+
+/// Status at `off` looked up through the backing chain: the extent, the depth
+/// it was found at and the file holding it. Unallocated ranges at the bottom
+/// of the chain (or past a backing file's end) read as zeroes.
+async fn chain_status(node: &Arc<dyn BlockNode>, off: u64, len: u64) -> Result<(engine::block::Extent, u32, String)> {
+    let mut cur = node.clone();
+    let mut depth = 0;
+    let mut len = len;
+    loop {
+        let mut e = cur.block_status(off, len).await?;
+        let backing = cur.children().into_iter().find(|c| c.role == "backing").map(|c| c.node);
+        if e.allocated {
+            return Ok((e, depth, data_name(&cur)));
+        }
+        match backing {
+            Some(b) if off < b.size() => {
+                len = e.len.min(b.size() - off);
+                cur = b;
+                depth += 1;
+            }
+            Some(_) => {
+                // Past the backing file's end: zeroes, reported at the next depth.
+                e.zero = true;
+                return Ok((e, depth + 1, data_name(&cur)));
+                // (allocated stays false: not present in any layer)
+            }
+            None => {
+                e.zero = true;
+                return Ok((e, depth, data_name(&cur)));
+            }
+        }
+    }
+}
+
 /// Collect the merged runs of [start, end).
 pub async fn runs(node: &Arc<dyn BlockNode>, start: u64, end: u64) -> Result<Vec<Run>> {
-    let file_name = node.children().first().map_or_else(|| node.filename(), |c| c.node.filename());
     let mut out: Vec<Run> = Vec::new();
     let mut off = start;
     while off < end {
-        let e = node.block_status(off, end - off).await?;
+        let (e, depth, file_name) = chain_status(node, off, end - off).await?;
         let run = Run {
             start: off,
             length: e.len,
-            depth: 0,
-            present: e.allocated || e.data || e.zero,
+            depth,
+            present: e.allocated || e.data,
             zero: e.zero,
             data: e.data,
             compressed: e.compressed,
             offset: e.offset,
-            filename: file_name.clone(),
+            filename: file_name,
         };
         match out.last_mut() {
             Some(last) if last.extends(&run) => last.length += run.length,

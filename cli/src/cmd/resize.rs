@@ -58,7 +58,8 @@ pub fn run(a: ResizeArgs) -> i32 {
                 ));
             }
             node.truncate(new, true, prealloc).await?;
-            node.flush().await
+            node.flush().await?;
+            node.close().await
         })
     })();
     match r {

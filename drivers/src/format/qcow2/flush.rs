@@ -94,7 +94,9 @@ impl Qcow2 {
             return Ok(());
         }
         let _f = self.flush_lock.lock().await;
-        let rounds = if closing { 3 } else { 1 };
+        // Applying frees dirties refcount blocks again: closing repeats until
+        // nothing is left.
+        let rounds = if closing { 8 } else { 1 };
         for _ in 0..rounds {
             let with_refcounts = !self.opts.lazy_refcounts || closing;
             let snap = self.take_snapshot(with_refcounts);
@@ -319,7 +321,7 @@ impl Qcow2 {
         let cs = self.geo.cluster_size();
         let batch = self.refs.max_batch();
         let mut from = 0u64;
-        loop {
+        for _ in 0..1024 {
             let first = self.refs.alloc_from(&*self.file, from, n.min(batch)).await?;
             let mut got = n.min(batch);
             let mut ok = true;
@@ -337,6 +339,7 @@ impl Qcow2 {
             self.refs.free_now(&*self.file, first, got * cs).await?;
             from = (first >> self.geo.cluster_bits) + got + 1;
         }
+        Err(engine::error::Error::new(ErrorKind::NoSpace, format!("found no {n} contiguous free clusters")))
     }
 
     /// Shrink: drop the clusters past the new end, then the file's tail.

@@ -107,27 +107,41 @@ impl State {
     /// dirty) if the table has none for it. Ok(true) if something was created,
     /// which may have used clusters the caller had picked.
     fn ensure_block(&mut self, geo: &Geometry, c: u64) -> std::result::Result<bool, Need> {
+        self.ensure_block_avoiding(geo, c, 0..0).map(|r| r.is_some_and(|placed| placed))
+    }
+
+    /// `ensure_block`, placing a new block outside `avoid` (the run being
+    /// taken). Ok(None): the block cannot be placed outside it.
+    fn ensure_block_avoiding(&mut self, geo: &Geometry, c: u64, avoid: std::ops::Range<u64>) -> std::result::Result<Option<bool>, Need> {
         let rti = (c >> geo.rb_bits) as usize;
         if rti >= self.table.len() {
             self.grow_table(geo, rti);
-            return Ok(true);
+            return Ok(Some(true));
         }
         let off = self.table[rti] & REFT_OFFSET_MASK;
         if off != 0 {
             if !self.blocks.contains_key(&rti) {
                 return Err(Need::Block(rti));
             }
-            return Ok(false);
+            return Ok(Some(false));
         }
-        // The whole range is free: the block goes in its own first cluster.
-        let first = (rti as u64) << geo.rb_bits;
+        // The whole range is free: the block goes in its own first cluster,
+        // or right after the run being taken.
+        let range_start = (rti as u64) << geo.rb_bits;
+        let mut first = range_start;
+        if avoid.contains(&first) {
+            first = avoid.end;
+            if first >= range_start + geo.refblock_entries() {
+                return Ok(None);
+            }
+        }
         let cs = self.cluster_size(geo) as usize;
         let mut data = vec![0u8; cs].into_boxed_slice();
-        set_refcount(geo.refcount_order, &mut data, 0, 1);
+        set_refcount(geo.refcount_order, &mut data, (first - range_start) as usize, 1);
         self.blocks.insert(rti, RefBlock { data, mods: 1, written: 0, last_use: self.tick });
         self.table[rti] = first << geo.cluster_bits;
         self.table_mods += 1;
-        Ok(true)
+        Ok(Some(true))
     }
 
     /// Rebuild the table bigger, past the end of what the old one covers,
@@ -214,8 +228,8 @@ impl State {
             }
         }
         for x in c..c + n {
-            if self.ensure_block(geo, x)? && self.get(geo, x)? != 0 {
-                return Ok(false); // a new refcount block took this cluster
+            if self.ensure_block_avoiding(geo, x, c..c + n)?.is_none() {
+                return Ok(false);
             }
         }
         for x in c..c + n {
@@ -327,9 +341,10 @@ impl Refcounts {
         }
     }
 
-    /// Largest `n` for `alloc`.
+    /// Largest `n` for `alloc`: half a refcount block's range, so a run
+    /// always fits beside a block placed at the start of its range.
     pub fn max_batch(&self) -> u64 {
-        self.geo.refblock_entries()
+        self.geo.refblock_entries() / 2
     }
 
     /// Allocate `n` (at most `max_batch`) contiguous clusters; returns the host
