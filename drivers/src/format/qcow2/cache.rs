@@ -215,7 +215,8 @@ impl L2Cache {
             slice_words: slice_bytes / 8,
             slice_bytes,
             slices_per_table: table_bytes / slice_bytes,
-            capacity: AtomicUsize::new(capacity_slices.max(2)),
+            // A few slices whatever the option says: requests in flight pin some.
+            capacity: AtomicUsize::new(capacity_slices.max(16)),
             count: AtomicUsize::new(0),
             l1: ArcSwap::from_pointee(l1),
             guard: RwLock::new(()),
@@ -348,7 +349,9 @@ impl L2Cache {
                 self.count.fetch_sub(1, Ordering::AcqRel);
                 continue;
             }
-            if s.referenced.swap(false, Ordering::Relaxed) || s.is_dirty() {
+            // In use (a request holds it beyond the clock's and the slot's
+            // references), recently used, or dirty: keep it.
+            if Arc::strong_count(&s) > 2 || s.referenced.swap(false, Ordering::Relaxed) || s.is_dirty() {
                 clock.push_back(s);
                 continue;
             }

@@ -241,7 +241,8 @@ pub async fn check(q: &Qcow2, fix: Fix) -> Result<Report> {
         return Err(Error::new(ErrorKind::ReadOnly, "cannot repair an image opened read-only"));
     }
     if !q.read_only {
-        q.writeback(false).await?;
+        // Everything, queued frees included, so the disk is what we check.
+        q.writeback(true).await?;
     }
     let geo = q.geo;
     let cs = geo.cluster_size();

@@ -271,6 +271,16 @@ impl Qcow2 {
         self.size.store(size, Ordering::Release);
         self.write_header().await?;
         self.file.flush().await?;
+        // The new area reads as zeroes: a longer backing file must not show
+        // through (QEMU zeroes it too), nor what a shrink left in the last
+        // partial cluster.
+        let mut zero_end = cur.next_multiple_of(self.geo.cluster_size()).min(size);
+        if let Some(b) = &self.backing {
+            zero_end = zero_end.max(b.size().min(size));
+        }
+        if zero_end > cur {
+            self.do_write_zeroes(cur, zero_end - cur, engine::block::ZeroFlags::default()).await?;
+        }
         if prealloc != Prealloc::Off {
             self.preallocate(cur, size, prealloc).await?;
         }

@@ -353,8 +353,13 @@ impl Header {
         self.other_extensions.iter().any(|e| e.ty == ty)
     }
 
-    /// The whole header cluster as we would write it.
+    /// The header cluster's contents as we would write them. The feature
+    /// name table is optional: like QEMU, we leave it out when it does not fit.
     pub fn serialize(&self) -> Result<Vec<u8>> {
+        self.serialize_with(true).or_else(|_| self.serialize_with(false))
+    }
+
+    fn serialize_with(&self, feature_table: bool) -> Result<Vec<u8>> {
         let cs = self.cluster_size() as usize;
         let mut b = vec![0u8; self.header_length as usize];
         b[0..4].copy_from_slice(&MAGIC);
@@ -398,7 +403,7 @@ impl Header {
         for e in self.other_extensions.iter().filter(|e| e.ty == EXT_CRYPTO) {
             push_ext(&mut b, e.ty, &e.data);
         }
-        if self.version >= 3 {
+        if self.version >= 3 && feature_table {
             let mut t = Vec::with_capacity(FEATURE_NAMES.len() * 48);
             for (ty, bit, name) in FEATURE_NAMES {
                 let mut e = [0u8; 48];

@@ -763,10 +763,14 @@ impl Qcow2 {
             let stop = b.min((c0 / span + 1) * span).min(c0 + MAX_ALLOC_BATCH.max(cs));
             let _lock = self.cluster_locks.begin(c0, stop.next_multiple_of(cs), true).await;
             let l1i = geo.l1_index(layout::Guest(c0));
-            let (l2off, _) = self.l2_table(l1i)?;
+            let (mut l2off, _) = self.l2_table(l1i)?;
             if l2off == 0 {
-                pos = stop;
-                continue;
+                if !has_backing {
+                    pos = stop; // nothing allocated, nothing behind: reads zero already
+                    continue;
+                }
+                // The backing file's data must stop showing through.
+                l2off = self.ensure_l2(l1i).await?;
             }
             let mut c = c0;
             while c < stop {
