@@ -381,6 +381,20 @@ impl L2Cache {
         }
     }
 
+    /// Forget every cached slice (their tables were rewritten on disk).
+    pub fn forget_all(&self) {
+        let _g = self.guard.write().unwrap_or_else(|e| e.into_inner());
+        for s in self.clock.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            let l1 = self.l1.load();
+            if let Some(slots) = l1.slots.get(s.l1_index).and_then(|o| o.get()) {
+                if slots[s.slice_index].load().as_ref().is_some_and(|c| Arc::ptr_eq(c, s)) {
+                    slots[s.slice_index].store(None);
+                }
+            }
+            s.forget();
+        }
+    }
+
     pub fn mark_l1_dirty(&self, i: usize) {
         self.l1_dirty.lock().unwrap_or_else(|e| e.into_inner()).insert(i);
     }

@@ -137,6 +137,11 @@ async fn walk_l1(
     let cs = geo.cluster_size();
     let file = &*q.file;
     let df = q.has_data_file();
+    if u64::from(l1_size) * 8 > header::MAX_L1_BYTES || l1_off % cs != 0 {
+        r.messages.push(format!("ERROR L1 table at {l1_off:#x} with {l1_size} entries is invalid"));
+        r.corruptions += 1;
+        return Ok(());
+    }
     counter.inc(r, l1_off, u64::from(l1_size) * 8);
     let l1 = read_u64s(file, l1_off, l1_size as usize).await?;
     let mut next_contiguous = 0u64;
@@ -374,8 +379,13 @@ pub async fn check(q: &Qcow2, fix: Fix) -> Result<Report> {
     if !repairing {
         return Ok(r);
     }
+    let any_l2 = flag_fixes.iter().any(|(f, _)| matches!(f, CopiedFix::L2 { .. }));
     for (f, v) in flag_fixes {
         apply_copied_fix(q, f, v).await?;
+    }
+    if any_l2 {
+        // Cached slices may hold the old words.
+        q.cache.forget_all();
     }
     if structure_broken && fix.errors {
         rebuild(q, &mut r, &counter).await?;
@@ -399,12 +409,6 @@ async fn apply_copied_fix(q: &Qcow2, f: &CopiedFix, v: u64) -> Result<()> {
     };
     let (r, _) = q.file.write(off, IoBuf::from_slice(&v.to_be_bytes()), WriteFlags::default()).await;
     r?;
-    if let CopiedFix::L2 { .. } = f {
-        // Cached slices may hold the old word: drop them all.
-        for i in 0..q.cache.l1.load().len() {
-            q.cache.forget_table(i);
-        }
-    }
     Ok(())
 }
 
