@@ -295,3 +295,48 @@ fn check_finds_what_qemu_finds_and_repairs_it() {
     std::fs::write(&raw, vec![0u8; 4096]).unwrap();
     assert_eq!(rb(&["check", "-f", "raw", s(&raw)]).status.code(), Some(63));
 }
+
+#[test]
+fn convert_compressed_and_with_backing() {
+    if !tools() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let raw = d.path().join("text.raw");
+    // Compressible data with holes and random stretches.
+    let mut rng = Rng::new(21);
+    let mut data = Vec::with_capacity(6 << 20);
+    while data.len() < 6 << 20 {
+        match rng.below(8) {
+            0 => data.extend(rng.bytes(70_000)),
+            1 => data.extend(std::iter::repeat_n(0u8, 200_000)),
+            _ => data.extend(format!("block {} of many words ", rng.below(1000)).bytes()),
+        }
+    }
+    data.truncate(6 << 20);
+    std::fs::write(&raw, &data).unwrap();
+    for ct in ["zlib", "zstd"] {
+        let ours = d.path().join(format!("ours-{ct}.qcow2"));
+        let theirs = d.path().join(format!("theirs-{ct}.qcow2"));
+        ok(rb(&["convert", "-c", "-O", "qcow2", "-o", &format!("compression_type={ct}"), s(&raw), s(&ours)]), ct);
+        ok(qi(&["convert", "-c", "-O", "qcow2", "-o", &format!("compression_type={ct}"), s(&raw), s(&theirs)]), ct);
+        ok(qi(&["check", s(&ours)]), "qemu-img check of our compressed image");
+        ok(qi(&["compare", s(&raw), s(&ours)]), "compare");
+        let (a, b) = (std::fs::metadata(&ours).unwrap().len(), std::fs::metadata(&theirs).unwrap().len());
+        assert!(a * 100 <= b * 105, "{ct}: ours {a} bytes is more than 5% larger than qemu-img's {b}");
+        let info = ok(qi(&["check", "--output=json", s(&ours)]), "check json");
+        assert!(info.contains("compressed-clusters"), "{ct}: clusters were compressed: {info}");
+    }
+    // -B: only what the source's top image allocates is copied; the rest
+    // comes from the shared backing file.
+    let base = d.path().join("base.qcow2");
+    let top = d.path().join("top.qcow2");
+    let out_img = d.path().join("out.qcow2");
+    ok(qi(&["convert", "-O", "qcow2", s(&raw), s(&base)]), "base");
+    ok(qi(&["create", "-q", "-f", "qcow2", "-b", s(&base), "-F", "qcow2", s(&top)]), "top");
+    ok(out(Command::new("qemu-io").args(["-f", "qcow2", "-c", "write -P 0x5a 1M 300k", "-c", "write -z 3M 128k", s(&top)])), "top writes");
+    ok(rb(&["convert", "-O", "qcow2", "-B", s(&base), "-F", "qcow2", s(&top), s(&out_img)]), "convert -B");
+    ok(qi(&["compare", s(&top), s(&out_img)]), "compare -B output");
+    let a = std::fs::metadata(&out_img).unwrap().len();
+    assert!(a < 2 << 20, "-B output holds only the top layer's data ({a} bytes)");
+}

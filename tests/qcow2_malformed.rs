@@ -112,7 +112,8 @@ fn tables_pointing_outside_the_file_are_corruption_not_crashes() {
     let l1_off = u64::from_be_bytes(base[40..48].try_into().unwrap()) as usize;
     let rt_off = u64::from_be_bytes(base[48..56].try_into().unwrap()) as usize;
     let l2_off = (u64::from_be_bytes(base[l1_off..l1_off + 8].try_into().unwrap()) & 0x00ff_ffff_ffff_fe00) as usize;
-    let cases: Vec<(&str, Vec<(usize, Vec<u8>)>)> = vec![
+    type Pokes = Vec<(usize, Vec<u8>)>;
+    let cases: Vec<(&str, Pokes)> = vec![
         ("L2 table past EOF", vec![(l1_off, ((1u64 << 50) | (1 << 63)).to_be_bytes().to_vec())]),
         ("L2 table misaligned", vec![(l1_off, (0x1200u64 | (1 << 63)).to_be_bytes().to_vec())]),
         ("data cluster past EOF", vec![(l2_off + 8 * 20, ((1u64 << 48) | (1 << 63)).to_be_bytes().to_vec())]),

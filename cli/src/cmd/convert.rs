@@ -105,6 +105,11 @@ struct Job {
     target_zero: bool,
     salvage: bool,
     offload: Option<(i32, u64, i32, u64)>,
+    /// -c: write whole clusters of this size compressed.
+    compress: Option<u64>,
+    /// -B: the target has a backing file (the source's): copy only what the
+    /// source's top image allocates, and write zeroes explicitly.
+    target_backing: bool,
     progress: Arc<Progress>,
     failed: AtomicBool,
     error: Mutex<Option<Error>>,
@@ -237,6 +242,9 @@ impl Job {
         if let Err(e) = r {
             return (Err(Error::new(e.kind(), format!("error while reading at byte {src_off}: {}", e.detail())).with_file(src.filename())), buf);
         }
+        if let Some(cs) = self.compress {
+            return self.write_compressed(dst_off, cs, buf).await;
+        }
         let runs = if self.sparse > 0 { zero_runs(&buf, self.sparse) } else { vec![(0, buf.len(), false)] };
         if runs.len() == 1 && !runs[0].2 {
             let (r, buf) = self.dst.write(dst_off, buf, WriteFlags::default()).await;
@@ -252,6 +260,28 @@ impl Job {
             if let Err(e) = r {
                 return (Err(e), buf);
             }
+        }
+        (Ok(()), buf)
+    }
+
+    /// -c: each cluster of `buf` (at `dst_off`, cluster aligned) compressed;
+    /// all-zero clusters are left out when the target already reads zero.
+    async fn write_compressed(&self, dst_off: u64, cs: u64, buf: IoBuf) -> (Result<()>, IoBuf) {
+        let mut o = 0usize;
+        while o < buf.len() {
+            let n = (cs as usize).min(buf.len() - o);
+            let piece = &buf[o..o + n];
+            let r = if is_zero(piece) && self.target_zero {
+                Ok(())
+            } else if is_zero(piece) {
+                self.dst.write_zeroes(dst_off + o as u64, n as u64, ZeroFlags::default()).await
+            } else {
+                self.dst.write_compressed(dst_off + o as u64, IoBuf::from_slice(piece)).await.0
+            };
+            if let Err(e) = r {
+                return (Err(e), buf);
+            }
+            o += n;
         }
         (Ok(()), buf)
     }
@@ -273,7 +303,9 @@ impl Job {
         }
         self.wait_turn(idx).await;
         for (o, e) in plan {
-            let r = if e.is_zero_hole() {
+            let r = if self.target_backing && !e.allocated {
+                Ok(()) // comes from the backing file the target shares
+            } else if e.is_zero_hole() {
                 self.zero(seg.dst_off + o, e.len).await
             } else {
                 let (r, b) = self.copy_data(src, seg.src_off + o, seg.dst_off + o, e.len, buf).await;
@@ -385,6 +417,11 @@ fn convert(a: ConvertArgs) -> Result<()> {
     let prealloc_off = create_opts.get("preallocation").is_none_or(|p| p == "off");
     let (sparse, in_order, salvage, offload, target_is_zero, m) =
         (a.sparse, !a.out_of_order, a.salvage, a.copy_offload, a.target_is_zero, a.coroutines);
+    let compress_flag = a.compress;
+    // Compression is the slow part: keeping writes in order would run it on
+    // one core at a time. Compressed clusters are packed wherever they land,
+    // so order buys nothing there.
+    let in_order = in_order && !compress_flag;
 
     let (srcs, dst) = rt.block_on(move || async move {
         let mut nodes = Vec::new();
@@ -421,6 +458,16 @@ fn convert(a: ConvertArgs) -> Result<()> {
             dst_off += len;
         }
     }
+    let compress = if compress_flag {
+        let cs = dst.cluster_size().ok_or_else(|| invalid("Compression not supported for this file format"))?;
+        // Chunks must hold whole clusters.
+        if CHUNK % cs != 0 {
+            return Err(invalid(format!("cluster size {cs} does not divide the copy chunk")));
+        }
+        Some(cs)
+    } else {
+        None
+    };
     let offload = if offload {
         match (srcs.as_slice(), dst.passthrough_fd()) {
             ([s], Some((dfd, dbase))) => s.passthrough_fd().map(|(sfd, sbase)| (sfd, sbase, dfd, dbase)),
@@ -438,7 +485,9 @@ fn convert(a: ConvertArgs) -> Result<()> {
         waiters: Mutex::new(HashMap::new()),
         in_order,
         sparse,
-        target_zero: (!no_create && prealloc_off) || target_is_zero,
+        target_zero: ((!no_create && prealloc_off) || target_is_zero) && !has_backing,
+        compress,
+        target_backing: has_backing,
         salvage,
         offload,
         progress: Progress::new(total, progress && !quiet),

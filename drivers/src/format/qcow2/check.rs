@@ -137,7 +137,7 @@ async fn walk_l1(
     let cs = geo.cluster_size();
     let file = &*q.file;
     let df = q.has_data_file();
-    if u64::from(l1_size) * 8 > header::MAX_L1_BYTES || l1_off % cs != 0 {
+    if u64::from(l1_size) * 8 > header::MAX_L1_BYTES || !l1_off.is_multiple_of(cs) {
         r.messages.push(format!("ERROR L1 table at {l1_off:#x} with {l1_size} entries is invalid"));
         r.corruptions += 1;
         return Ok(());
