@@ -461,7 +461,7 @@ fn convert(a: ConvertArgs) -> Result<()> {
     let compress = if compress_flag {
         let cs = dst.cluster_size().ok_or_else(|| invalid("Compression not supported for this file format"))?;
         // Chunks must hold whole clusters.
-        if CHUNK % cs != 0 {
+        if !CHUNK.is_multiple_of(cs) {
             return Err(invalid(format!("cluster size {cs} does not divide the copy chunk")));
         }
         Some(cs)
