@@ -79,11 +79,65 @@ impl Qcow2 {
         Ok(Some(read(&s, w)))
     }
 
+    /// Decode the entries of one slice from `l2i` on into one run starting at
+    /// guest offset `g` (at most `max` bytes).
+    fn walk(&self, s: &super::cache::L2Slice, w: usize, g: u64, l2i: usize, max: u64) -> Result<(Mapping, u64)> {
+        let geo = &self.geo;
+        let cs = geo.cluster_size();
+        let ew = self.entry_words();
+        let ext = geo.extended_l2;
+        let df = self.has_data_file();
+        let per_slice = self.cache.slice_words / ew;
+        let mut word = w;
+        let in_c = geo.in_cluster(g);
+        let (m, n) = decode(geo, s.word(word), if ext { s.word(word + 1) } else { 0 }, in_c, df)?;
+        let mut run = n;
+        let mut idx = l2i % per_slice;
+        if n == cs - in_c {
+            while run < max && idx + 1 < per_slice {
+                idx += 1;
+                word += ew;
+                let (m2, n2) = decode(geo, s.word(word), if ext { s.word(word + 1) } else { 0 }, 0, df)?;
+                let same = match (m, m2) {
+                    (Mapping::Unallocated, Mapping::Unallocated) => true,
+                    (Mapping::Zero { host: None }, Mapping::Zero { host: None }) => true,
+                    (Mapping::Zero { host: Some(a) }, Mapping::Zero { host: Some(b) }) => b == a + in_c + run,
+                    (Mapping::Data { host: a, copied: ca }, Mapping::Data { host: b, copied: cb }) => ca == cb && b == a + run,
+                    _ => false,
+                };
+                if !same {
+                    break;
+                }
+                run += n2;
+                if n2 < cs {
+                    break;
+                }
+            }
+        }
+        Ok((m, run.min(max)))
+    }
+
+    /// `map` from the cache alone, without waiting: None when a slice must be
+    /// loaded first (or anything needs reporting; `map` then does it).
+    pub(super) fn map_cached(&self, g: u64, max: u64) -> Option<(Mapping, u64)> {
+        let geo = &self.geo;
+        let l1i = geo.l1_index(layout::Guest(g));
+        let l1 = self.cache.l1.load();
+        if l1i >= l1.len() {
+            return None;
+        }
+        let l2off = layout::l1_l2_offset(geo, l1.get(l1i), l1i).ok()?;
+        if l2off == 0 {
+            return None;
+        }
+        let l2i = geo.l2_index(layout::Guest(g));
+        self.cache.peek(&l1, l1i, l2off, l2i, self.entry_words(), |s, w| self.walk(s, w, g, l2i, max)).and_then(|r| r.ok())
+    }
+
     /// What guest offset `g` maps to, and how many bytes (at most `max`) from
     /// there map the same way (contiguous on the host for data).
     pub(super) async fn map(&self, g: u64, max: u64) -> Result<(Mapping, u64)> {
         let geo = &self.geo;
-        let cs = geo.cluster_size();
         let l1i = geo.l1_index(layout::Guest(g));
         let (l2off, _) = self.l2_table(l1i)?;
         if l2off == 0 {
@@ -92,55 +146,29 @@ impl Qcow2 {
         }
         let l2i = geo.l2_index(layout::Guest(g));
         let ew = self.entry_words();
-        let ext = geo.extended_l2;
-        let df = self.has_data_file();
-        let per_slice = self.cache.slice_words / ew;
-        // Entries from l2i to the end of its slice, decoded into one run.
-        let walk = |s: &super::cache::L2Slice, w: usize| -> Result<(Mapping, u64)> {
-            let mut word = w;
-            let in_c = geo.in_cluster(g);
-            let (m, n) = decode(geo, s.word(word), if ext { s.word(word + 1) } else { 0 }, in_c, df)?;
-            let mut run = n;
-            let mut idx = l2i % per_slice;
-            if n == cs - in_c {
-                while run < max && idx + 1 < per_slice {
-                    idx += 1;
-                    word += ew;
-                    let (m2, n2) = decode(geo, s.word(word), if ext { s.word(word + 1) } else { 0 }, 0, df)?;
-                    let same = match (m, m2) {
-                        (Mapping::Unallocated, Mapping::Unallocated) => true,
-                        (Mapping::Zero { host: None }, Mapping::Zero { host: None }) => true,
-                        (Mapping::Zero { host: Some(a) }, Mapping::Zero { host: Some(b) }) => b == a + in_c + run,
-                        (Mapping::Data { host: a, copied: ca }, Mapping::Data { host: b, copied: cb }) => ca == cb && b == a + run,
-                        _ => false,
-                    };
-                    if !same {
-                        break;
-                    }
-                    run += n2;
-                    if n2 < cs {
-                        break;
-                    }
-                }
-            }
-            Ok((m, run.min(max)))
-        };
         let l1 = self.cache.l1.load();
-        if let Some(r) = self.cache.peek(&l1, l1i, l2off, l2i, ew, walk) {
+        if let Some(r) = self.cache.peek(&l1, l1i, l2off, l2i, ew, |s, w| self.walk(s, w, g, l2i, max)) {
             return r;
         }
         drop(l1);
         let (s, w) = self.cache.get(&*self.file, l1i, l2off, l2i, ew).await?;
-        walk(&s, w)
+        self.walk(&s, w, g, l2i, max)
     }
 
     // ---- reads ----
 
     pub(super) async fn do_read(&self, offset: u64, mut buf: IoBuf, range: Range<usize>) -> (Result<()>, IoBuf) {
-        let r = match check_request(self, offset, range.len() as u64) {
-            Ok(()) => self.read_inner(offset, &mut buf, range).await,
-            Err(e) => Err(e),
-        };
+        if let Err(e) = check_request(self, offset, range.len() as u64) {
+            return (Err(self.err(e)), buf);
+        }
+        // Hot path: one cached run of data covers the request. The general
+        // path is boxed so this future stays small.
+        if let Some((Mapping::Data { host, .. }, n)) = self.map_cached(offset, range.len() as u64) {
+            if n == range.len() as u64 {
+                return self.data().read_part(host, buf, range).await;
+            }
+        }
+        let r = Box::pin(self.read_inner(offset, &mut buf, range)).await;
         (r.map_err(|e| self.err(e)), buf)
     }
 
@@ -214,7 +242,15 @@ impl Qcow2 {
     // ---- writes ----
 
     pub(super) async fn do_write(&self, offset: u64, mut buf: IoBuf, range: Range<usize>, flags: WriteFlags) -> (Result<()>, IoBuf) {
-        let r = self.write_inner(offset, &mut buf, range, flags).await;
+        // Hot path: an in-place write into one cached run of our own clusters.
+        if !self.read_only && !self.corrupt.load(std::sync::atomic::Ordering::Relaxed) && check_request(self, offset, range.len() as u64).is_ok() {
+            if let Some((Mapping::Data { host, copied: true }, n)) = self.map_cached(offset, range.len() as u64) {
+                if n == range.len() as u64 {
+                    return self.data().write_part(host, buf, range, flags).await;
+                }
+            }
+        }
+        let r = Box::pin(self.write_inner(offset, &mut buf, range, flags)).await;
         let r = match r {
             Err(e) if e.kind() == ErrorKind::Corrupt => Err(self.mark_corrupt(e).await),
             r => r.map_err(|e| self.err(e)),
