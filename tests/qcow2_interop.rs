@@ -340,3 +340,32 @@ fn convert_compressed_and_with_backing() {
     let a = std::fs::metadata(&out_img).unwrap().len();
     assert!(a < 2 << 20, "-B output holds only the top layer's data ({a} bytes)");
 }
+
+#[test]
+fn measure_matches_qemu_img() {
+    if !tools() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let raw = d.path().join("m.raw");
+    let mut data = vec![0u8; 5 << 20];
+    data[100_000..700_000].fill(1);
+    data[3 << 20..(3 << 20) + 5000].fill(2);
+    std::fs::write(&raw, &data).unwrap();
+    let q = d.path().join("m.qcow2");
+    ok(qi(&["convert", "-O", "qcow2", s(&raw), s(&q)]), "convert");
+    for src in [s(&raw), s(&q)] {
+        for o in ["cluster_size=65536", "cluster_size=512,refcount_bits=64", "cluster_size=2M,refcount_bits=1", "cluster_size=16k,extended_l2=on", "preallocation=falloc"] {
+            for fmt in ["human", "json"] {
+                let a = ok(rb(&["measure", "--output", fmt, "-O", "qcow2", "-o", o, src]), "ringblk measure");
+                let b = ok(qi(&["measure", "--output", fmt, "-O", "qcow2", "-o", o, src]), "qemu-img measure");
+                assert_eq!(a, b, "measure -o {o} of {src} ({fmt})");
+            }
+        }
+    }
+    for size in ["1G", "1234567", "100T"] {
+        let a = ok(rb(&["measure", "-O", "qcow2", "--size", size]), "ringblk measure");
+        let b = ok(qi(&["measure", "-O", "qcow2", "--size", size]), "qemu-img measure");
+        assert_eq!(a, b, "--size {size}");
+    }
+}

@@ -132,6 +132,10 @@ fn is_zero(b: &[u8]) -> bool {
 fn zero_runs(buf: &[u8], min: u64) -> Vec<(usize, usize, bool)> {
     const UNIT: usize = 512;
     let min = (min as usize / UNIT * UNIT).max(UNIT);
+    // Whole zero chunks are common (written zeroes): one vectorised pass.
+    if buf.len() >= min && buf.len().is_multiple_of(UNIT) && is_zero(buf) {
+        return vec![(0, buf.len(), true)];
+    }
     let mut runs: Vec<(usize, usize, bool)> = Vec::new();
     let mut i = 0;
     while i < buf.len() {

@@ -108,6 +108,25 @@ async fn chain_status(node: &Arc<dyn BlockNode>, off: u64, len: u64) -> Result<(
     }
 }
 
+/// Bytes of guest data (not zero) anywhere in the chain, counted in whole
+/// clusters of `cluster` bytes as qemu-img's measure counts them.
+pub async fn allocated_data(node: &Arc<dyn BlockNode>, cluster: u64) -> Result<u64> {
+    let size = node.size();
+    let mut off = 0;
+    let mut total = 0;
+    while off < size {
+        let (e, _, _) = chain_status(node, off, size - off).await?;
+        let mut n = e.len;
+        if !e.zero && e.data {
+            // Extend to the end of the cluster; count from the cluster's start.
+            n = (off + n).next_multiple_of(cluster) - off;
+            total += off % cluster + n;
+        }
+        off += n;
+    }
+    Ok(total)
+}
+
 /// Collect the merged runs of [start, end).
 pub async fn runs(node: &Arc<dyn BlockNode>, start: u64, end: u64) -> Result<Vec<Run>> {
     let mut out: Vec<Run> = Vec::new();

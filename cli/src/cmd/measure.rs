@@ -28,9 +28,11 @@ pub struct MeasureArgs {
     filename: Option<String>,
 }
 
-/// (required, fully allocated) for `fmt` holding `size` bytes.
-fn measure(fmt: &str, opts: &mut OptionTree, size: u64) -> Result<(u64, u64)> {
+/// (required, fully allocated) for `fmt` holding `size` bytes, of which
+/// `data` bytes (whole clusters of the target) are allocated.
+fn measure(fmt: &str, opts: &mut OptionTree, size: u64, data: u64) -> Result<(u64, u64)> {
     match fmt {
+        "qcow2" => drivers::format::qcow2::measure::measure(opts, size, data),
         "raw" => {
             // Preallocation does not change a raw file's size, only its allocation.
             let _ = opts.take_parsed::<engine::block::Prealloc>("preallocation")?;
@@ -44,6 +46,7 @@ fn measure(fmt: &str, opts: &mut OptionTree, size: u64) -> Result<(u64, u64)> {
 }
 
 pub fn run(a: MeasureArgs) -> i32 {
+    let mut bitmaps = false;
     let r = (|| -> Result<(u64, u64)> {
         let mut opts = match common::join_opts(&a.options) {
             Some(s) => OptionTree::parse(&s, None)?,
@@ -55,24 +58,37 @@ pub fn run(a: MeasureArgs) -> i32 {
         if a.snapshot.is_some() {
             return Err(invalid("snapshots are not supported by this image's format"));
         }
-        let size = match (a.size, &a.filename) {
+        let cluster = opts.get("cluster_size").map(engine::size::parse_size).transpose()?.unwrap_or(65536).max(512);
+        let (size, data) = match (a.size, &a.filename) {
             (Some(_), Some(_)) => return Err(invalid("--size N cannot be used together with a filename")),
-            (Some(s), None) => s,
+            (Some(s), None) => (s, 0),
             (None, None) => return Err(invalid("Either --size N or one filename must be specified")),
             (None, Some(f)) => {
                 let spec = common::image_spec(f, a.open.format.as_deref(), a.open.image_opts)?;
-                let mut flags = common::flags(&a.open, false);
-                flags.no_io = true;
+                let flags = common::flags(&a.open, false);
                 let rt = common::small_runtime()?;
-                rt.block_on(move || async move { common::open(spec, flags).await.map(|n| n.size()) })?
+                let (size, data, fmt) = rt.block_on(move || async move {
+                    let n = common::open(spec, flags).await?;
+                    let size = n.size();
+                    let data = super::map::allocated_data(&n, cluster).await?;
+                    Ok::<_, engine::Error>((size, data, n.driver()))
+                })?;
+                bitmaps = fmt == "qcow2";
+                (size, data)
             }
         };
-        measure(&a.out_format, &mut opts, size)
+        measure(&a.out_format, &mut opts, size, data)
     })();
     match r {
         Ok((req, full)) => {
             match a.output {
+                // qemu-img adds the size of persistent bitmaps for qcow2 sources.
+                OutputFormat::Human if bitmaps => println!("required size: {req}\nfully allocated size: {full}\nbitmaps size: 0"),
                 OutputFormat::Human => println!("required size: {req}\nfully allocated size: {full}"),
+                OutputFormat::Json if bitmaps => println!(
+                    "{}",
+                    super::info::to_qemu_json(&json!({ "bitmaps": 0, "required": req, "fully-allocated": full }))
+                ),
                 OutputFormat::Json => {
                     println!("{}", super::info::to_qemu_json(&json!({ "required": req, "fully-allocated": full })))
                 }

@@ -19,6 +19,7 @@ mod flush;
 pub mod header;
 mod io;
 pub mod layout;
+pub mod measure;
 mod refcount;
 
 use std::ops::Range;
