@@ -37,6 +37,8 @@ enum Cmd {
     Bench(cmd::bench::BenchArgs),
     /// Check an image for consistency (and repair it with -r)
     Check(cmd::check::CheckArgs),
+    /// Write an image's data into its backing file
+    Commit(cmd::commit::CommitArgs),
     /// Compare the contents of two images
     Compare(cmd::compare::CompareArgs),
     /// Convert an image to another format (or copy it)
@@ -51,6 +53,8 @@ enum Cmd {
     Map(cmd::map::MapArgs),
     /// Compute the size a new image would need
     Measure(cmd::measure::MeasureArgs),
+    /// Change an image's backing file
+    Rebase(cmd::rebase::RebaseArgs),
     /// Change the virtual size of an image
     Resize(cmd::resize::ResizeArgs),
 }
@@ -61,6 +65,7 @@ fn main() {
     let code = match cli.cmd {
         Cmd::Bench(a) => cmd::bench::run(a),
         Cmd::Check(a) => cmd::check::run(a),
+        Cmd::Commit(a) => cmd::commit::run(a),
         Cmd::Compare(a) => cmd::compare::run(a),
         Cmd::Convert(a) => cmd::convert::run(a),
         Cmd::Create(a) => cmd::create::run(a),
@@ -68,6 +73,7 @@ fn main() {
         Cmd::Info(a) => cmd::info::run(a),
         Cmd::Map(a) => cmd::map::run(a),
         Cmd::Measure(a) => cmd::measure::run(a),
+        Cmd::Rebase(a) => cmd::rebase::run(a),
         Cmd::Resize(a) => cmd::resize::run(a),
     };
     std::process::exit(code);

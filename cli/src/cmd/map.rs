@@ -78,7 +78,7 @@ fn data_name(node: &Arc<dyn BlockNode>) -> String {
 /// Status at `off` looked up through the backing chain: the extent, the depth
 /// it was found at and the file holding it. Unallocated ranges at the bottom
 /// of the chain (or past a backing file's end) read as zeroes.
-async fn chain_status(node: &Arc<dyn BlockNode>, off: u64, len: u64) -> Result<(engine::block::Extent, u32, String)> {
+pub async fn chain_status(node: &Arc<dyn BlockNode>, off: u64, len: u64) -> Result<(engine::block::Extent, u32, String)> {
     let mut cur = node.clone();
     let mut depth = 0;
     let mut len = len;

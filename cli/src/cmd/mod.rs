@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod check;
+pub mod commit;
 pub mod compare;
 pub mod convert;
 pub mod create;
@@ -9,4 +10,5 @@ pub mod dd;
 pub mod info;
 pub mod map;
 pub mod measure;
+pub mod rebase;
 pub mod resize;

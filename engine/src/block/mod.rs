@@ -248,6 +248,22 @@ pub trait BlockNode: Send + Sync {
         false
     }
 
+    /// Record a new backing file (name, format) in the image, or none. Only
+    /// the image's metadata changes (rebase decides what data to copy).
+    fn set_backing(&self, _backing: Option<(String, Option<String>)>) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async move {
+            Err(Error::new(ErrorKind::Unsupported, format!("'{}' images have no backing file", self.driver())))
+        })
+    }
+
+    /// Drop everything this image holds, so it reads through to its backing
+    /// file (commit empties the committed image this way).
+    fn make_empty(&self) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async move {
+            Err(Error::new(ErrorKind::Unsupported, format!("'{}' images cannot be emptied", self.driver())))
+        })
+    }
+
     /// The backing file name the image records, and its format.
     fn backing_name(&self) -> Option<(String, Option<String>)> {
         None

@@ -411,6 +411,42 @@ impl Qcow2 {
         Ok(())
     }
 
+    /// Unmap every cluster and free every L2 table: the image reads through
+    /// to its backing file (or as zeroes).
+    pub(super) async fn empty_all(&self) -> Result<()> {
+        engine::block::check_writable(self)?;
+        self.check_not_corrupt()?;
+        let geo = self.geo;
+        let cs = geo.cluster_size();
+        let l1len = self.cache.l1.load().len();
+        let size = self.size();
+        for i in 0..l1len {
+            let (l2off, _) = self.l2_table(i)?;
+            if l2off == 0 {
+                continue;
+            }
+            let start = i as u64 * geo.l2_span();
+            let stop = (start + geo.l2_span()).min(size.next_multiple_of(cs));
+            let mut c = start;
+            while c < stop {
+                let (e, bm) = self.entry(c).await?.unwrap_or((0, 0));
+                if e != 0 || bm != 0 {
+                    let (old, _) = self.set_entry(i, l2off, c, |_, _| (0, 0)).await?;
+                    self.release(old, false);
+                }
+                c += cs;
+            }
+            {
+                let _g = self.cache.guard.read().unwrap_or_else(|e| e.into_inner());
+                self.cache.l1.load().entries[i].store(0, Ordering::Release);
+                self.cache.mark_l1_dirty(i);
+            }
+            self.cache.forget_table(i);
+            self.refs.free_later(l2off, cs, false);
+        }
+        self.writeback(true).await
+    }
+
     /// Allocate every cluster of guest [from, to) (metadata), and with
     /// falloc/full the host space of the data too.
     pub(super) async fn preallocate(&self, from: u64, to: u64, mode: Prealloc) -> Result<()> {

@@ -311,6 +311,32 @@ impl BlockNode for Qcow2 {
             Ok(r.into_check_report())
         })
     }
+    fn set_backing(&self, backing: Option<(String, Option<String>)>) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async move {
+            engine::block::check_writable(self)?;
+            if backing.is_some() && self.data_file_raw() {
+                return Err(invalid("data-file-raw requires that the image has no backing file").with_file(self.filename()));
+            }
+            {
+                let mut h = self.header();
+                match backing {
+                    Some((name, fmt)) => {
+                        h.backing_file = Some(name);
+                        h.backing_format = fmt;
+                    }
+                    None => {
+                        h.backing_file = None;
+                        h.backing_format = None;
+                    }
+                }
+            }
+            self.write_header().await.map_err(|e| self.err(e))?;
+            self.file.flush().await
+        })
+    }
+    fn make_empty(&self) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async move { self.empty_all().await.map_err(|e| self.err(e)) })
+    }
     fn dirty(&self) -> bool {
         self.dirty_on_disk.load(Ordering::Acquire)
     }
