@@ -485,3 +485,33 @@ fn concurrent_allocating_writes_never_double_allocate() {
         assert!(c.status.success(), "{o}: {}{}", String::from_utf8_lossy(&c.stdout), String::from_utf8_lossy(&c.stderr));
     }
 }
+
+#[test]
+fn amend_changes_what_qemu_allows_and_keeps_the_data() {
+    if !tools() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let (_base, img) = chain(d.path(), "amend");
+    let view = d.path().join("view.raw");
+    ok(qi(&["convert", "-O", "raw", s(&img), s(&view)]), "view");
+    // Includes zero clusters over a backing file: the downgrade must turn
+    // them into real zeroes.
+    for o in ["refcount_bits=1", "refcount_bits=64", "lazy_refcounts=on", "lazy_refcounts=off", "refcount_bits=16,compat=0.10", "compat=1.1", "refcount_bits=8"] {
+        ok(rb(&["amend", "-o", o, s(&img)]), o);
+        ok(qi(&["check", s(&img)]), &format!("{o}: qemu-img check"));
+        ok(qi(&["compare", s(&view), s(&img)]), &format!("{o}: same data"));
+        let info = ok(qi(&["info", "--output=json", s(&img)]), "info");
+        for kv in o.split(',') {
+            let (k, v) = kv.split_once('=').unwrap();
+            let want = match k {
+                "refcount_bits" => format!("\"refcount-bits\": {v}"),
+                "lazy_refcounts" => format!("\"lazy-refcounts\": {}", v == "on"),
+                _ => format!("\"compat\": \"{v}\""),
+            };
+            assert!(info.contains(&want), "{o}: {info}");
+        }
+    }
+    let r = rb(&["amend", "-o", "cluster_size=4k", s(&img)]);
+    assert!(!r.status.success() && String::from_utf8_lossy(&r.stderr).contains("cluster size"));
+}

@@ -33,6 +33,8 @@ pub struct OpenArgs {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Change format options of an image
+    Amend(cmd::amend::AmendArgs),
     /// Run a simple I/O benchmark (and compare I/O backends)
     Bench(cmd::bench::BenchArgs),
     /// Check an image for consistency (and repair it with -r)
@@ -63,6 +65,7 @@ fn main() {
     progress::catch_usr1();
     let cli = Cli::parse();
     let code = match cli.cmd {
+        Cmd::Amend(a) => cmd::amend::run(a),
         Cmd::Bench(a) => cmd::bench::run(a),
         Cmd::Check(a) => cmd::check::run(a),
         Cmd::Commit(a) => cmd::commit::run(a),

@@ -264,6 +264,14 @@ pub trait BlockNode: Send + Sync {
         })
     }
 
+    /// Change format options of an existing image (`amend -o`); formats
+    /// refuse what they cannot change, naming the option.
+    fn amend(&self, _opts: crate::options::OptionTree) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async move {
+            Err(Error::new(ErrorKind::Unsupported, format!("Format driver '{}' does not support option amendment", self.driver())))
+        })
+    }
+
     /// The backing file name the image records, and its format.
     fn backing_name(&self) -> Option<(String, Option<String>)> {
         None

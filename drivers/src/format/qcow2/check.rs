@@ -240,6 +240,20 @@ impl StoredRefs {
 /// Check `q` and repair what `fix` allows. The node must have been opened
 /// writable for repairs.
 pub async fn check(q: &Qcow2, fix: Fix) -> Result<Report> {
+    check_with(q, fix, None).await
+}
+
+/// Rewrite the refcount structure with `order` (amend refcount_bits): the
+/// references are counted as check counts them, then written anew.
+pub async fn change_refcount_order(q: &Qcow2, order: u32) -> Result<()> {
+    let r = check_with(q, Fix::default(), Some(order)).await?;
+    if r.corruptions > 0 {
+        return Err(Error::new(ErrorKind::Corrupt, "the image has errors; repair it with 'check -r all' before changing refcount_bits"));
+    }
+    Ok(())
+}
+
+async fn check_with(q: &Qcow2, fix: Fix, new_order: Option<u32>) -> Result<Report> {
     let mut r = Report::default();
     let repairing = fix.leaks || fix.errors;
     if repairing && q.read_only {
@@ -376,6 +390,13 @@ pub async fn check(q: &Qcow2, fix: Fix) -> Result<Report> {
         }
     }
 
+    if let Some(order) = new_order {
+        if r.corruptions == 0 {
+            rebuild(q, &mut r, &counter, order).await?;
+            q.reload_refcounts().await?;
+        }
+        return Ok(r);
+    }
     if !repairing {
         return Ok(r);
     }
@@ -388,7 +409,7 @@ pub async fn check(q: &Qcow2, fix: Fix) -> Result<Report> {
         q.cache.forget_all();
     }
     if structure_broken && fix.errors {
-        rebuild(q, &mut r, &counter).await?;
+        rebuild(q, &mut r, &counter, geo.refcount_order).await?;
     } else if !set.is_empty() {
         write_refcounts(q, &stored, &set).await?;
     }
@@ -433,9 +454,9 @@ async fn write_refcounts(q: &Qcow2, stored: &StoredRefs, set: &[(u64, u64)]) -> 
 
 /// Write a whole new refcount structure past the end of the file, from the
 /// computed references, and point the header at it.
-async fn rebuild(q: &Qcow2, r: &mut Report, counter: &Counter) -> Result<()> {
+async fn rebuild(q: &Qcow2, r: &mut Report, counter: &Counter, order: u32) -> Result<()> {
     r.messages.push("Rebuilding refcount structure".into());
-    let geo = q.geo;
+    let geo = layout::Geometry::new(q.geo.cluster_bits, q.geo.extended_l2, order, q.header().version);
     let cs = geo.cluster_size();
     let per_block = geo.refblock_entries();
     // Computed references, without the old refcount structure (it is dropped).
@@ -456,6 +477,12 @@ async fn rebuild(q: &Qcow2, r: &mut Report, counter: &Counter) -> Result<()> {
                 *v = v.saturating_sub(1);
             }
         }
+    }
+    if let Some(c) = refs.iter().position(|&v| v > geo.refcount_max()) {
+        return Err(Error::new(
+            ErrorKind::InvalidArgument,
+            format!("cluster {c} has {} references, more than {}-bit refcounts can hold", refs[c], 1u32 << order),
+        ));
     }
     let start = refs.len() as u64; // new structure goes here
     let (blocks, table_clusters) = {
@@ -497,6 +524,7 @@ async fn rebuild(q: &Qcow2, r: &mut Report, counter: &Counter) -> Result<()> {
         let mut h = q.header();
         h.refcount_table_offset = table_off;
         h.refcount_table_clusters = table_clusters as u32;
+        h.refcount_order = order;
         h.incompatible &= !header::INCOMPAT_CORRUPT;
     }
     q.write_header().await?;

@@ -14,6 +14,7 @@
 mod cache;
 pub mod check;
 mod compress;
+mod amend;
 mod create;
 mod flush;
 pub mod header;
@@ -333,6 +334,9 @@ impl BlockNode for Qcow2 {
             self.write_header().await.map_err(|e| self.err(e))?;
             self.file.flush().await
         })
+    }
+    fn amend(&self, opts: OptionTree) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async move { self.do_amend(opts).await.map_err(|e| self.err(e)) })
     }
     fn make_empty(&self) -> BoxFuture<'_, Result<()>> {
         Box::pin(async move { self.empty_all().await.map_err(|e| self.err(e)) })
