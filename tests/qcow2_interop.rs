@@ -235,6 +235,11 @@ fn overlay_writes_copy_from_the_backing_file() {
         let ours = ok(rb(&["map", "--output=json", s(&top)]), "map");
         let theirs = ok(qi(&["map", "--output=json", s(&top)]), "qemu map");
         assert_eq!(ours, theirs, "{o}: map through the backing chain");
+        for fmt in ["human", "json"] {
+            let a = ok(rb(&["info", "--backing-chain", "--output", fmt, s(&top)]), "info chain");
+            let b = ok(qi(&["info", "--backing-chain", "--output", fmt, s(&top)]), "qemu info chain");
+            assert_eq!(a, b, "{o}: info --backing-chain ({fmt})");
+        }
     }
 }
 

@@ -147,21 +147,35 @@ pub fn run(a: InfoArgs) -> i32 {
     };
     let mut flags = common::flags(&a.open, false);
     flags.no_io = true;
+    let chain = a.backing_chain;
     let r = rt.block_on(move || async move {
         let node = common::open(spec, flags).await?;
-        image_info(&node).await
+        // With --backing-chain, every image down the chain, top first.
+        let mut out = vec![image_info(&node).await?];
+        let mut cur = node.children().into_iter().find(|c| c.role == "backing").map(|c| c.node);
+        while let (true, Some(n)) = (chain, cur) {
+            out.push(image_info(&n).await?);
+            cur = n.children().into_iter().find(|c| c.role == "backing").map(|c| c.node);
+        }
+        Ok::<_, engine::Error>(out)
     });
-    let info = match r {
+    let infos = match r {
         Ok(i) => i,
         Err(e) => return common::fail(e),
     };
     match (a.output, a.backing_chain) {
-        (OutputFormat::Json, false) => println!("{}", to_qemu_json(&info)),
-        (OutputFormat::Json, true) => println!("{}", to_qemu_json(&Value::Array(vec![info]))),
+        (OutputFormat::Json, false) => println!("{}", to_qemu_json(&infos[0])),
+        (OutputFormat::Json, true) => println!("{}", to_qemu_json(&Value::Array(infos))),
         (OutputFormat::Human, _) => {
-            let mut s = String::new();
-            print_human(&info, &mut s);
-            print!("{s}");
+            let parts: Vec<String> = infos
+                .iter()
+                .map(|i| {
+                    let mut s = String::new();
+                    print_human(i, &mut s);
+                    s
+                })
+                .collect();
+            print!("{}", parts.join("\n"));
         }
     }
     0
