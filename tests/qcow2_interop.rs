@@ -520,3 +520,33 @@ fn amend_changes_what_qemu_allows_and_keeps_the_data() {
     let r = rb(&["amend", "-o", "cluster_size=4k", s(&img)]);
     assert!(!r.status.success() && String::from_utf8_lossy(&r.stderr).contains("cluster size"));
 }
+
+#[test]
+fn external_data_files_both_ways() {
+    if !tools() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    // Data file names are relative to the working directory (as in QEMU):
+    // give absolute ones.
+    let df = d.path().join("df.raw");
+    let img = d.path().join("df.qcow2");
+    ok(qi(&["create", "-q", "-f", "qcow2", "-o", &format!("data_file={}", s(&df)), s(&img), "4M"]), "create");
+    ok(out(Command::new("qemu-io").args(["-f", "qcow2", "-c", "write -P 5 0 1M", "-c", "write -z 2M 64k", "-c", "write -P 6 3M 10k", s(&img)])), "qemu-io");
+    assert_reads_like_qemu(&img, d.path(), "data_file");
+    let model = d.path().join("model.raw");
+    ok(qi(&["convert", "-O", "raw", s(&img), s(&model)]), "model");
+    // We write (plain and raw data files), QEMU checks and reads; a raw data
+    // file is the disk itself.
+    for (name, extra) in [("dw", ""), ("dr", ",data_file_raw=on")] {
+        let ours = d.path().join(format!("{name}.qcow2"));
+        let o = &format!("data_file={}{extra}", s(&d.path().join(format!("{name}.raw"))));
+        ok(rb(&["create", "-q", "-f", "qcow2", "-o", o, s(&ours), "4M"]), o);
+        ok(rb(&["convert", "-n", "-O", "qcow2", s(&model), s(&ours)]), o);
+        ok(qi(&["check", s(&ours)]), o);
+        ok(qi(&["compare", s(&model), s(&ours)]), o);
+        let info = ok(qi(&["info", "--output=json", s(&ours)]), "info");
+        assert!(info.contains(&format!("{name}.raw\"")), "{info}");
+    }
+    assert_eq!(std::fs::read(d.path().join("dr.raw")).unwrap(), std::fs::read(&model).unwrap(), "raw data file is the disk");
+}

@@ -185,7 +185,9 @@ pub async fn create(ctx: &OpenCtx, filename: &str, mut opts: OptionTree) -> Resu
     proto.set("size", "0");
     proto_driver.create(ctx, filename, proto.clone()).await?;
     if let Some(df) = &spec.data_file {
-        let path = resolve_relative(filename, df);
+        // Like QEMU, a data file name is used as given (relative to the
+        // working directory, not to the image).
+        let path = df.clone();
         let mut p = OptionTree::new();
         p.set("size", "0");
         proto_driver.create(ctx, &path, p).await?;
@@ -241,7 +243,7 @@ pub async fn create(ctx: &OpenCtx, filename: &str, mut opts: OptionTree) -> Resu
         o.set("backing", "null");
     }
     if spec.data_file.is_some() {
-        o.set("data-file.filename", resolve_relative(filename, spec.data_file.as_deref().unwrap_or("")));
+        o.set("data-file.filename", spec.data_file.clone().unwrap_or_default());
     }
     let mut f = OptionTree::new();
     f.set("filename", filename);

@@ -611,7 +611,9 @@ async fn open_data_file(ctx: &OpenCtx, opts: &mut OptionTree, h: &Header, image:
             )
             .with_file(image));
         };
-        child_opts.set("filename", resolve_relative(image, name));
+        // QEMU opens the name as recorded: relative names are relative to
+        // the working directory (unlike backing file names).
+        child_opts.set("filename", name.clone());
     }
     let mut child_ctx = ctx.clone();
     child_ctx.flags.shared = Perm::ALL;
