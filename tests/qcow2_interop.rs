@@ -550,3 +550,39 @@ fn external_data_files_both_ways() {
     }
     assert_eq!(std::fs::read(d.path().join("dr.raw")).unwrap(), std::fs::read(&model).unwrap(), "raw data file is the disk");
 }
+
+#[test]
+fn preallocation_and_resize_match_qemu() {
+    if !tools() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    for p in ["metadata", "falloc", "full"] {
+        let ours = d.path().join(format!("ours-{p}.qcow2"));
+        let theirs = d.path().join(format!("theirs-{p}.qcow2"));
+        ok(rb(&["create", "-q", "-f", "qcow2", "-o", &format!("preallocation={p}"), s(&ours), "8M"]), p);
+        ok(qi(&["create", "-q", "-f", "qcow2", "-o", &format!("preallocation={p}"), s(&theirs), "8M"]), p);
+        ok(qi(&["check", s(&ours)]), p);
+        ok(qi(&["compare", s(&ours), s(&theirs)]), p);
+        use std::os::unix::fs::MetadataExt;
+        let (a, b) = (std::fs::metadata(&ours).unwrap(), std::fs::metadata(&theirs).unwrap());
+        assert_eq!(a.len(), b.len(), "{p}: file length");
+        assert_eq!(a.blocks(), b.blocks(), "{p}: allocated blocks");
+    }
+    // Shrink drops data and the file's tail; growing with preallocation reads zeroes.
+    let img = d.path().join("r.qcow2");
+    ok(qi(&["create", "-q", "-f", "qcow2", s(&img), "8M"]), "create");
+    ok(out(Command::new("qemu-io").args(["-f", "qcow2", "-c", "write -P 3 0 8M", s(&img)])), "fill");
+    let before = std::fs::metadata(&img).unwrap().len();
+    assert!(!rb(&["resize", s(&img), "3M"]).status.success(), "shrinking needs --shrink");
+    ok(rb(&["resize", "--shrink", s(&img), "3M"]), "shrink");
+    ok(qi(&["check", s(&img)]), "check after shrink");
+    assert!(std::fs::metadata(&img).unwrap().len() < before / 2, "the file shrank on the host");
+    ok(rb(&["resize", "--preallocation=falloc", s(&img), "+5M"]), "grow");
+    ok(qi(&["check", s(&img)]), "check after grow");
+    let model = d.path().join("m.raw");
+    let mut m = vec![3u8; 3 << 20];
+    m.resize(8 << 20, 0);
+    std::fs::write(&model, &m).unwrap();
+    ok(qi(&["compare", "-f", "raw", s(&model), s(&img)]), "contents after shrink and grow");
+}
