@@ -51,6 +51,13 @@ pub fn image_spec(filename: &str, format: Option<&str>, image_opts: bool) -> Res
     Ok(t)
 }
 
+/// The option tree for the image argument of a command with the shared
+/// open arguments (its `--object`s checked first).
+pub fn spec(args: &OpenArgs, filename: &str) -> Result<OptionTree> {
+    secrets(args)?;
+    image_spec(filename, args.format.as_deref(), args.image_opts)
+}
+
 pub fn secrets(args: &OpenArgs) -> Result<Secrets> {
     let mut s = Secrets::default();
     for o in &args.objects {

@@ -29,7 +29,7 @@ pub struct AmendArgs {
 
 pub fn run(a: AmendArgs) -> i32 {
     let r = (|| -> Result<()> {
-        common::secrets(&a.open)?;
+        let spec = common::spec(&a.open, &a.filename)?;
         let opts = OptionTree::parse(&common::join_opts(&a.options).unwrap_or_default(), None)?;
         if opts.contains("help") {
             return super::create::print_help(a.open.format.as_deref().unwrap_or("qcow2"));
@@ -37,7 +37,6 @@ pub fn run(a: AmendArgs) -> i32 {
         if a.open.force_share {
             return Err(invalid("force-share=on can only be used with read-only images"));
         }
-        let spec = common::image_spec(&a.filename, a.open.format.as_deref(), a.open.image_opts)?;
         let mut flags = common::flags(&a.open, true);
         flags.extra_perm = engine::block::Perm::RESIZE;
         if let Some(c) = &a.cache {

@@ -115,7 +115,7 @@ pub fn run(a: CheckArgs) -> i32 {
         }
     };
     let repairing = fix.leaks || fix.errors;
-    let spec = match common::secrets(&a.open).and_then(|_| common::image_spec(&a.filename, a.open.format.as_deref(), a.open.image_opts)) {
+    let spec = match common::spec(&a.open, &a.filename) {
         Ok(s) => s,
         Err(e) => return common::fail(e),
     };

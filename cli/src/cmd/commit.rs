@@ -3,7 +3,7 @@
 //! -d (or -b, which implies it: the layers in between no longer match).
 
 use clap::Args;
-use engine::block::{BlockNode, OpenFlags, WriteFlags, ZeroFlags};
+use engine::block::{backing_of, OpenFlags, WriteFlags, ZeroFlags};
 use engine::error::{invalid, Result};
 use engine::options::OptionTree;
 
@@ -33,15 +33,10 @@ pub struct CommitArgs {
     filename: String,
 }
 
-fn backing_of(n: &std::sync::Arc<dyn BlockNode>) -> Option<std::sync::Arc<dyn BlockNode>> {
-    n.children().into_iter().find(|c| c.role == "backing").map(|c| c.node)
-}
-
 pub fn run(a: CommitArgs) -> i32 {
     let quiet = a.quiet;
     let r = (|| -> Result<()> {
-        common::secrets(&a.open)?;
-        let spec = common::image_spec(&a.filename, a.open.format.as_deref(), a.open.image_opts)?;
+        let spec = common::spec(&a.open, &a.filename)?;
         // The chain is read with locks shared (the base is written through its
         // own node meanwhile); the top is reopened writable to empty it.
         let mut flags: OpenFlags = common::flags(&a.open, false);
@@ -57,9 +52,9 @@ pub fn run(a: CommitArgs) -> i32 {
             let top = common::open(spec, flags).await?;
             // The chain below the top, to find the base and its depth.
             let mut chain = Vec::new();
-            let mut cur = backing_of(&top);
+            let mut cur = backing_of(&*top);
             while let Some(n) = cur {
-                cur = backing_of(&n);
+                cur = backing_of(&*n);
                 chain.push(n);
             }
             if chain.is_empty() {

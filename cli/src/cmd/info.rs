@@ -53,22 +53,11 @@ pub async fn image_info(node: &Arc<dyn BlockNode>) -> Result<Value> {
         m.insert("format-specific".into(), fs);
     }
     if let Some((name, _)) = &backing {
-        m.insert("full-backing-filename".into(), json!(full_backing_name(&node.filename(), name)));
+        m.insert("full-backing-filename".into(), json!(engine::block::resolve_relative(&node.filename(), name)));
         m.insert("backing-filename".into(), json!(name));
     }
     m.insert("dirty-flag".into(), json!(node.dirty()));
     Ok(Value::Object(m))
-}
-
-/// A backing name as the image's directory resolves it.
-fn full_backing_name(image: &str, name: &str) -> String {
-    if name.starts_with('/') || name.contains("://") || name.starts_with("json:") {
-        return name.to_string();
-    }
-    match std::path::Path::new(image).parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.join(name).to_string_lossy().into_owned(),
-        _ => name.to_string(),
-    }
 }
 
 fn print_human(info: &Value, out: &mut String) {
@@ -137,7 +126,7 @@ fn print_children(info: &Value, path: &str, depth: usize, out: &mut String) {
 }
 
 pub fn run(a: InfoArgs) -> i32 {
-    let spec = match common::secrets(&a.open).and_then(|_| common::image_spec(&a.filename, a.open.format.as_deref(), a.open.image_opts)) {
+    let spec = match common::spec(&a.open, &a.filename) {
         Ok(s) => s,
         Err(e) => return common::fail(e),
     };
@@ -152,10 +141,10 @@ pub fn run(a: InfoArgs) -> i32 {
         let node = common::open(spec, flags).await?;
         // With --backing-chain, every image down the chain, top first.
         let mut out = vec![image_info(&node).await?];
-        let mut cur = node.children().into_iter().find(|c| c.role == "backing").map(|c| c.node);
+        let mut cur = engine::block::backing_of(&*node);
         while let (true, Some(n)) = (chain, cur) {
             out.push(image_info(&n).await?);
-            cur = n.children().into_iter().find(|c| c.role == "backing").map(|c| c.node);
+            cur = engine::block::backing_of(&*n);
         }
         Ok::<_, engine::Error>(out)
     });

@@ -84,7 +84,7 @@ pub async fn chain_status(node: &Arc<dyn BlockNode>, off: u64, len: u64) -> Resu
     let mut len = len;
     loop {
         let mut e = cur.block_status(off, len).await?;
-        let backing = cur.children().into_iter().find(|c| c.role == "backing").map(|c| c.node);
+        let backing = engine::block::backing_of(&*cur);
         if e.allocated {
             return Ok((e, depth, data_name(&cur)));
         }

@@ -76,8 +76,7 @@ async fn copy_differences(node: &dyn BlockNode, new: Option<&dyn BlockNode>) -> 
 
 pub fn run(a: RebaseArgs) -> i32 {
     let r = (|| -> Result<()> {
-        common::secrets(&a.open)?;
-        let spec = common::image_spec(&a.filename, a.open.format.as_deref(), a.open.image_opts)?;
+        let spec = common::spec(&a.open, &a.filename)?;
         if a.open.force_share {
             return Err(invalid("force-share=on can only be used with read-only images"));
         }
@@ -104,10 +103,7 @@ pub fn run(a: RebaseArgs) -> i32 {
                     None => None,
                     Some(name) => {
                         // Relative names are relative to the image, as in the header.
-                        let path = match std::path::Path::new(&node.filename()).parent() {
-                            Some(d) if !name.starts_with('/') && !d.as_os_str().is_empty() => d.join(name).to_string_lossy().into_owned(),
-                            _ => name.clone(),
-                        };
+                        let path = engine::block::resolve_relative(&node.filename(), name);
                         let mut o = engine::options::OptionTree::new();
                         o.set("file.filename", path);
                         if let Some(f) = &fmt {

@@ -27,8 +27,7 @@ pub struct ResizeArgs {
 
 pub fn run(a: ResizeArgs) -> i32 {
     let r = (|| -> Result<()> {
-        common::secrets(&a.open)?;
-        let spec = common::image_spec(&a.filename, a.open.format.as_deref(), a.open.image_opts)?;
+        let spec = common::spec(&a.open, &a.filename)?;
         let prealloc: Prealloc = a.preallocation.as_deref().map(str::parse).transpose()?.unwrap_or_default();
         let (rel, num) = match a.size.as_bytes().first() {
             Some(b'+') => (1i8, &a.size[1..]),

@@ -327,6 +327,24 @@ pub async fn write_zero_buffers(node: &dyn BlockNode, mut offset: u64, len: u64,
     Ok(())
 }
 
+/// The node's backing image, if it has one.
+pub fn backing_of(node: &dyn BlockNode) -> Option<Arc<dyn BlockNode>> {
+    node.children().into_iter().find(|c| c.role == "backing").map(|c| c.node)
+}
+
+/// A file name an image records (a backing file) resolved as QEMU resolves
+/// it: relative names against the image's directory; absolute names, URLs
+/// and `json:` specs as they are.
+pub fn resolve_relative(image: &str, name: &str) -> String {
+    if name.starts_with('/') || name.contains("://") || name.starts_with("json:") {
+        return name.to_string();
+    }
+    match std::path::Path::new(image).parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir.join(name).to_string_lossy().into_owned(),
+        _ => name.to_string(),
+    }
+}
+
 /// Read `len` bytes at `offset` into a new buffer.
 pub async fn read_vec(node: &dyn BlockNode, offset: u64, len: usize) -> Result<IoBuf> {
     let (r, b) = node.read(offset, IoBuf::new(len)).await;

@@ -140,19 +140,9 @@ impl Qcow2 {
     /// v2 has no zero flag: turn zero clusters into clusters of zeroes (or
     /// into nothing, when nothing shows through them).
     async fn expand_zero_clusters(&self) -> Result<()> {
-        let geo = self.geo;
-        let cs = geo.cluster_size();
-        let size = self.size();
-        let l1len = self.cache.l1.load().len();
-        for i in 0..l1len {
-            let (l2off, _) = self.l2_table(i)?;
-            if l2off == 0 {
-                continue;
-            }
-            let start = i as u64 * geo.l2_span();
-            let stop = (start + geo.l2_span()).min(size.next_multiple_of(cs));
-            let mut c = start;
-            while c < stop {
+        let cs = self.geo.cluster_size();
+        for (i, l2off, clusters) in self.mapped_tables()? {
+            for c in clusters.step_by(cs as usize) {
                 let (e, _) = self.entry(c).await?.unwrap_or((0, 0));
                 if e & layout::OFLAG_COMPRESSED == 0 && e & OFLAG_ZERO != 0 {
                     let host = layout::std_host_cluster(e);
@@ -176,7 +166,6 @@ impl Qcow2 {
                         self.release(old, false);
                     }
                 }
-                c += cs;
             }
         }
         self.writeback(true).await?;

@@ -3,14 +3,14 @@
 //! then the L1 table, backing and data file names and preallocation through
 //! the open node, so creation and later growth share one code path.
 
-use engine::block::{open_image, BlockNode, OpenCtx, Prealloc, WriteFlags};
+use engine::block::{open_image, resolve_relative, BlockNode, OpenCtx, Prealloc, WriteFlags};
 use engine::error::{invalid, Error, ErrorKind, Result};
 use engine::options::OptionTree;
 use engine::runtime::IoBuf;
 
 use super::header::{self, CompressionType, Header};
 use super::layout::{set_refcount, Geometry};
-use super::{resolve_relative, Qcow2Driver};
+use super::Qcow2Driver;
 
 /// What `create` was asked for.
 struct Spec {

@@ -385,13 +385,7 @@ impl Qcow2 {
         for i in need..l1len {
             let (l2off, _) = self.l2_table(i)?;
             if l2off != 0 {
-                {
-                    let _g = self.cache.guard.read().unwrap_or_else(|e| e.into_inner());
-                    self.cache.l1.load().entries[i].store(0, Ordering::Release);
-                    self.cache.mark_l1_dirty(i);
-                }
-                self.cache.forget_table(i);
-                self.refs.free_later(l2off, cs, true);
+                self.drop_table(i, l2off, true);
             }
         }
         {
@@ -411,40 +405,50 @@ impl Qcow2 {
         Ok(())
     }
 
+    /// Every L1 entry that has an L2 table: (L1 index, table offset, the guest
+    /// cluster offsets it maps up to the image's end).
+    pub(super) fn mapped_tables(&self) -> Result<Vec<(usize, u64, std::ops::Range<u64>)>> {
+        let geo = self.geo;
+        let end = self.size().next_multiple_of(geo.cluster_size());
+        let mut out = Vec::new();
+        for i in 0..self.cache.l1.load().len() {
+            let (l2off, _) = self.l2_table(i)?;
+            if l2off != 0 {
+                let start = i as u64 * geo.l2_span();
+                out.push((i, l2off, start..(start + geo.l2_span()).min(end)));
+            }
+        }
+        Ok(out)
+    }
+
     /// Unmap every cluster and free every L2 table: the image reads through
     /// to its backing file (or as zeroes).
     pub(super) async fn empty_all(&self) -> Result<()> {
         engine::block::check_writable(self)?;
         self.check_not_corrupt()?;
-        let geo = self.geo;
-        let cs = geo.cluster_size();
-        let l1len = self.cache.l1.load().len();
-        let size = self.size();
-        for i in 0..l1len {
-            let (l2off, _) = self.l2_table(i)?;
-            if l2off == 0 {
-                continue;
-            }
-            let start = i as u64 * geo.l2_span();
-            let stop = (start + geo.l2_span()).min(size.next_multiple_of(cs));
-            let mut c = start;
-            while c < stop {
+        let cs = self.geo.cluster_size();
+        for (i, l2off, clusters) in self.mapped_tables()? {
+            for c in clusters.step_by(cs as usize) {
                 let (e, bm) = self.entry(c).await?.unwrap_or((0, 0));
                 if e != 0 || bm != 0 {
                     let (old, _) = self.set_entry(i, l2off, c, |_, _| (0, 0)).await?;
                     self.release(old, false);
                 }
-                c += cs;
             }
-            {
-                let _g = self.cache.guard.read().unwrap_or_else(|e| e.into_inner());
-                self.cache.l1.load().entries[i].store(0, Ordering::Release);
-                self.cache.mark_l1_dirty(i);
-            }
-            self.cache.forget_table(i);
-            self.refs.free_later(l2off, cs, false);
+            self.drop_table(i, l2off, false);
         }
         self.writeback(true).await
+    }
+
+    /// Unhook L2 table `l2off` from L1 entry `i` and free it once that is on disk.
+    fn drop_table(&self, i: usize, l2off: u64, punch: bool) {
+        {
+            let _g = self.cache.guard.read().unwrap_or_else(|e| e.into_inner());
+            self.cache.l1.load().entries[i].store(0, Ordering::Release);
+            self.cache.mark_l1_dirty(i);
+        }
+        self.cache.forget_table(i);
+        self.refs.free_later(l2off, self.geo.cluster_size(), punch);
     }
 
     /// Allocate every cluster of guest [from, to) (metadata), and with

@@ -24,12 +24,11 @@ pub mod measure;
 mod refcount;
 
 use std::ops::Range;
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use engine::block::{
-    open_image, BlockNode, BoxFuture, Child, CreateOpt, Driver, DriverKind, Extent, Limits, OpenCtx, Perm, Prealloc,
+    open_image, resolve_relative, BlockNode, BoxFuture, Child, CreateOpt, Driver, DriverKind, Extent, Limits, OpenCtx, Perm, Prealloc,
     RangeTracker, WriteFlags, ZeroFlags, MAX_CHAIN_DEPTH,
 };
 use engine::error::{invalid, Error, ErrorKind, Result};
@@ -376,18 +375,6 @@ pub const CREATE_OPTS: &[CreateOpt] = &[
     CreateOpt { name: "refcount_bits", ty: "num", help: "Width of a reference count entry in bits" },
     CreateOpt { name: "size", ty: "size", help: "Virtual disk size" },
 ];
-
-/// Resolve a file name found in an image (backing or data file) against the
-/// image's directory, as QEMU does for relative names.
-fn resolve_relative(image: &str, name: &str) -> String {
-    if name.starts_with('/') || name.contains("://") || name.starts_with("json:") {
-        return name.to_string();
-    }
-    match Path::new(image).parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => dir.join(name).to_string_lossy().into_owned(),
-        _ => name.to_string(),
-    }
-}
 
 async fn read_header(file: &dyn BlockNode) -> Result<Header> {
     let fsize = file.size();
