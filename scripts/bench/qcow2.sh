@@ -8,7 +8,10 @@
 #      (same pattern) on the same qcow2 image, reads and writes.
 #   3. convert of a 4 GiB mixed raw image (random data, zero blocks, holes) to
 #      qcow2, and with -c (zlib), against qemu-img convert (hyperfine).
+#   4. the floor under 3: writing the same 1 GiB of data to a new file with dd
+#      (page-cache writes to one file run one at a time under its inode lock).
 # Usage: scripts/bench/qcow2.sh [workdir]   (release build, qemu-img, hyperfine)
+#   ONLY=convert runs 3 and 4 alone.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 W=${1:-$(mktemp -d /var/tmp/ringblk-bench.XXXX)}
@@ -31,6 +34,25 @@ qi_iops() { # [-w] count
   echo "$2 / $t" | bc
 }
 
+# Median wall time in ms of each command, runs interleaved, "$W/out.qcow2"
+# removed and the disk synced before each: timed NAME CMD [NAME CMD ...]
+timed() {
+  local -a names cmds; local i r s e
+  while [ $# -gt 0 ]; do names+=("$1"); cmds+=("$2"); shift 2; done
+  for i in "${!names[@]}"; do : >"$W/t.$i"; done
+  for r in $(seq "$RUNS"); do
+    for i in "${!names[@]}"; do
+      rm -f "$W/out.qcow2" "$W/floor.img"; sync
+      s=$(date +%s%N); eval "${cmds[$i]}" >/dev/null; e=$(date +%s%N)
+      echo $(( (e - s) / 1000000 )) >>"$W/t.$i"
+    done
+  done
+  for i in "${!names[@]}"; do
+    echo "${names[$i]}: median $(median <"$W/t.$i") ms, min $(sort -n "$W/t.$i" | head -1) ms"
+  done
+}
+
+if [ "${ONLY:-}" != convert ]; then
 echo "== 4k at depth 32, median of $RUNS interleaved runs =="
 for mode in "" "-w"; do
   n=2000000; [ -n "$mode" ] && n=500000
@@ -53,6 +75,8 @@ for mode in "" "-w"; do
   echo "qcow2 seq ${mode:--r}: qemu-img bench $a IOPS, ringblk bench $b IOPS, ratio $(echo "scale=2; $b/$a" | bc)"
 done
 
+fi
+
 echo "== convert 4 GiB mixed raw -> qcow2 =="
 MIX=$W/mixed.raw
 if [ ! -f "$MIX" ]; then
@@ -69,9 +93,11 @@ if [ ! -f "$MIX" ]; then
   done
 fi
 cat "$MIX" >/dev/null
-hyperfine -w 1 -r "$RUNS" -p "rm -f $W/out.qcow2; sync" \
-  "qemu-img convert -m 16 -W -f raw -O qcow2 $MIX $W/out.qcow2" \
-  "$R convert -m 16 -W -f raw -O qcow2 $MIX $W/out.qcow2" 2>&1 | grep -E "Benchmark|Time|faster|±"
+echo "-m 16 -W, median of $RUNS interleaved runs:"
+timed "qemu-img convert" "qemu-img convert -m 16 -W -f raw -O qcow2 $MIX $W/out.qcow2" \
+  "ringblk convert" "$R convert -m 16 -W -f raw -O qcow2 $MIX $W/out.qcow2" \
+  "floor: dd 1 GiB to a new file" "dd if=/dev/zero of=$W/floor.img bs=2M count=512 status=none"
+$R convert -m 16 -W -f raw -O qcow2 "$MIX" "$W/out.qcow2"
 qemu-img compare "$MIX" "$W/out.qcow2"
 hyperfine -w 1 -r "$RUNS" -p "rm -f $W/outc.qcow2; sync" \
   "qemu-img convert -c -f raw -O qcow2 $MIX $W/outc.qcow2" \

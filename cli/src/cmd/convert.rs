@@ -236,30 +236,39 @@ impl Job {
         }
     }
 
-    async fn copy_data(&self, src: &dyn BlockNode, src_off: u64, dst_off: u64, len: u64, mut buf: IoBuf) -> (Result<()>, IoBuf) {
+    async fn copy_data(&self, src: &dyn BlockNode, src_off: u64, dst_off: u64, len: u64, buf: IoBuf) -> (Result<()>, IoBuf) {
         if let Some((sfd, sbase, dfd, dbase)) = self.offload {
             let r = engine::aio::blocking(move || copy_file_range(sfd, sbase + src_off, dfd, dbase + dst_off, len)).await;
             return (r.map_err(|e| Error::os("copy offload", e).at(src_off)), buf);
         }
+        // A cached source is mapped rather than copied into our buffer: the
+        // write then copies straight from the source's page cache.
+        if let Some(mapped) = src.map_cached(src_off, len as usize) {
+            return (self.write_data(dst_off, mapped).await.0, buf);
+        }
+        let mut buf = buf;
         buf.set_len(len as usize);
         let (r, buf) = self.read(src, src_off, buf).await;
         if let Err(e) = r {
             return (Err(Error::new(e.kind(), format!("error while reading at byte {src_off}: {}", e.detail())).with_file(src.filename())), buf);
         }
+        self.write_data(dst_off, buf).await
+    }
+
+    /// Write what was read at `dst_off`: compressed with -c, else with its
+    /// zero runs (`-S`) written as zeroes.
+    async fn write_data(&self, dst_off: u64, mut buf: IoBuf) -> (Result<()>, IoBuf) {
         if let Some(cs) = self.compress {
             return self.write_compressed(dst_off, cs, buf).await;
         }
         let runs = if self.sparse > 0 { zero_runs(&buf, self.sparse) } else { vec![(0, buf.len(), false)] };
-        if runs.len() == 1 && !runs[0].2 {
-            let (r, buf) = self.dst.write(dst_off, buf, WriteFlags::default()).await;
-            return (r, buf);
-        }
         for (o, n, z) in runs {
             let r = if z {
                 self.zero(dst_off + o as u64, n as u64).await
             } else {
-                let piece = IoBuf::from_slice(&buf[o..o + n]);
-                self.dst.write(dst_off + o as u64, piece, WriteFlags::default()).await.0
+                let (r, b) = self.dst.write_part(dst_off + o as u64, buf, o..o + n, WriteFlags::default()).await;
+                buf = b;
+                r
             };
             if let Err(e) = r {
                 return (Err(e), buf);

@@ -149,6 +149,13 @@ impl BlockNode for RawNode {
         self.file.passthrough_fd().map(|(fd, base)| (fd, base + self.offset))
     }
 
+    fn map_cached(&self, offset: u64, len: usize) -> Option<IoBuf> {
+        if offset.checked_add(len as u64)? > self.size() {
+            return None;
+        }
+        self.file.map_cached(offset + self.offset, len)
+    }
+
     fn truncate(&self, size: u64, exact: bool, prealloc: Prealloc) -> BoxFuture<'_, Result<()>> {
         Box::pin(async move {
             if self.fixed_size.is_some() {

@@ -23,6 +23,8 @@ use super::sys;
 
 /// Largest single read or write handed to a backend.
 const MAX_IO: usize = 1 << 30;
+/// Smallest read `map_cached` maps.
+const MIN_MAPPED: usize = 256 << 10;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Kind {
@@ -53,6 +55,9 @@ pub struct FileNode {
     /// read-modify-write (misaligned write) never writes back stale bytes over
     /// an overlapping request, nor one over it.
     inflight: RangeTracker,
+    /// `map_cached` may map this file: buffered, read-only, regular, and
+    /// locked so that no cooperating process writes (or shrinks) it.
+    mappable: bool,
     _lock: Option<ImageLock>,
 }
 
@@ -398,6 +403,18 @@ impl BlockNode for FileNode {
         Some((self.file.fd(), 0))
     }
 
+    fn map_cached(&self, offset: u64, len: usize) -> Option<IoBuf> {
+        // Below this, a copy costs less than mapping and unmapping.
+        if !self.mappable || len < MIN_MAPPED || offset.checked_add(len as u64)? > self.size() {
+            return None;
+        }
+        // Inside `size`, the range ends at most in the page holding EOF (size
+        // is EOF rounded up to 512), which maps; beyond that page would fault.
+        let (base, map_len, start) = sys::map_resident(self.file.fd(), offset, len)?;
+        // SAFETY: map_resident made this private mapping for us alone.
+        Some(unsafe { IoBuf::from_mapping(base, map_len, start, len) })
+    }
+
     fn format_specific(&self) -> Option<serde_json::Value> {
         Some(serde_json::json!({ "type": "file", "data": {} }))
     }
@@ -508,6 +525,7 @@ impl FileDriver {
             align: align.max(1),
             mem_align: mem_align.max(1),
             inflight: RangeTracker::new(),
+            mappable: !write && !direct && !is_blk && locking && !ctx.flags.force_share,
             _lock: lock,
         }))
     }
@@ -546,6 +564,7 @@ impl FileDriver {
             align: 1,
             mem_align: 1,
             inflight: RangeTracker::new(),
+            mappable: false,
             _lock: None,
         };
         node.do_truncate(0, true, Prealloc::Off).await?;

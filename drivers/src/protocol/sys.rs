@@ -130,3 +130,44 @@ pub fn set_nocow(fd: RawFd) -> io::Result<()> {
     }
     Ok(())
 }
+
+/// `MADV_POPULATE_READ` (Linux 5.14): map a range's pages now, failing
+/// instead of raising SIGBUS where there is no page to map.
+const MADV_POPULATE_READ: libc::c_int = 22;
+
+/// A private mapping of `len` bytes of `fd` at `off`, when every page of the
+/// range is in the page cache; its pages are mapped before returning, so
+/// touching them neither blocks on I/O nor faults. Returns (base, mapping
+/// length, offset of `off` in the mapping), or None when some page is not
+/// cached or the kernel refuses. The caller owns the mapping (munmap).
+pub fn map_resident(fd: RawFd, off: u64, len: usize) -> Option<(std::ptr::NonNull<u8>, usize, usize)> {
+    const PAGE: u64 = 4096;
+    let start = off - off % PAGE;
+    let delta = (off - start) as usize;
+    let map_len = (delta + len).next_multiple_of(PAGE as usize);
+    // SAFETY: a fresh private mapping at an address of the kernel's choosing;
+    // it aliases nothing of ours.
+    let p = unsafe {
+        libc::mmap(std::ptr::null_mut(), map_len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE, fd, start as libc::off_t)
+    };
+    if p == libc::MAP_FAILED {
+        return None;
+    }
+    let unmap = || {
+        // SAFETY: the mapping made above, not handed out.
+        unsafe { libc::munmap(p, map_len) };
+    };
+    let mut vec = vec![0u8; map_len / PAGE as usize];
+    // SAFETY: vec has one byte per page of the mapping.
+    let r = unsafe { libc::mincore(p, map_len, vec.as_mut_ptr()) };
+    if r != 0 || vec.iter().any(|&v| v & 1 == 0) {
+        unmap();
+        return None;
+    }
+    // SAFETY: advice on our own mapping.
+    if unsafe { libc::madvise(p, map_len, MADV_POPULATE_READ) } != 0 {
+        unmap();
+        return None;
+    }
+    Some((std::ptr::NonNull::new(p.cast())?, map_len, delta))
+}

@@ -84,7 +84,18 @@ pub struct AioFile {
     /// workers spinning on that lock collapsed throughput (160k to 17k IOPS);
     /// io_uring's io-wq makes the same choice for the same reason.
     serial_writes: Option<Arc<threads::SerialQueue>>,
+    /// io_uring: the shard whose ring takes this file's large page-cache
+    /// writes, wherever they come from (the shard that opened it). The kernel
+    /// runs them one at a time under the inode lock whichever ring sends them;
+    /// from one ring they queue back to back in that ring's io-wq, while from
+    /// several, each ring's worker spins on the lock (9 % of a convert's CPU
+    /// measured, and a preempted holder doubled run times).
+    write_home: Option<Weak<ShardShared>>,
 }
+
+/// Page-cache writes at least this large go to the file's home ring; smaller
+/// ones hold the inode lock too briefly for the hop to pay.
+const HOMED_WRITE: usize = 64 << 10;
 
 impl AioFile {
     pub fn new(fd: OwnedFd, backend: Backend) -> AioFile {
@@ -97,6 +108,11 @@ impl AioFile {
         };
         AioFile {
             serial_writes: buffered_regular.then(|| Arc::new(threads::SerialQueue::default())),
+            write_home: if buffered_regular && backend == Backend::IoUring {
+                crate::runtime::shard::current().map(|s| Arc::downgrade(&s.shared))
+            } else {
+                None
+            },
             fd: Arc::new(fd),
             uid: NEXT_FILE_UID.fetch_add(1, Ordering::Relaxed),
             backend,
@@ -126,13 +142,34 @@ impl AioFile {
     async fn rw(&self, buf: IoBuf, rw: Rw) -> (io::Result<usize>, IoBuf) {
         assert!(rw.at + rw.len <= buf.len(), "I/O range {}+{} outside buffer of {}", rw.at, rw.len, buf.len());
         match self.backend {
-            Backend::IoUring => uring::rw(self, buf, rw).await,
+            Backend::IoUring => match self.remote_home(&rw) {
+                Some(home) => {
+                    let fd = self.fd.clone();
+                    let (tx, rx) = crate::runtime::join_channel();
+                    home.post(Box::new(move || {
+                        crate::runtime::spawn_local(async move { tx.send(uring::rw_fd(&fd, buf, rw).await) });
+                    }));
+                    rx.await
+                }
+                None => uring::rw(self, buf, rw).await,
+            },
             Backend::Native => native::rw(self, buf, rw).await,
             Backend::Threads => {
                 let serial = if rw.write { self.serial_writes.as_ref() } else { None };
                 threads::rw(self.fd.clone(), serial, buf, rw).await
             }
         }
+    }
+
+    /// The home shard a write must hop to, if it is a large page-cache write
+    /// arriving on another shard and home still runs.
+    fn remote_home(&self, rw: &Rw) -> Option<Arc<ShardShared>> {
+        if !rw.write || rw.len < HOMED_WRITE {
+            return None;
+        }
+        let home = self.write_home.as_ref()?.upgrade()?;
+        let here = crate::runtime::shard::current()?;
+        (!Arc::ptr_eq(&here.shared, &home) && !home.shutdown.load(Ordering::Acquire)).then_some(home)
     }
 
     /// fdatasync (or fsync when `datasync` is false).

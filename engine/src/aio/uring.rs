@@ -34,15 +34,26 @@ macro_rules! with_target {
     };
 }
 
-pub(super) async fn rw(f: &AioFile, mut buf: IoBuf, rw: Rw) -> (io::Result<usize>, IoBuf) {
-    let Rw { at, len, off, write, fua } = rw;
+pub(super) async fn rw(f: &AioFile, buf: IoBuf, rw: Rw) -> (io::Result<usize>, IoBuf) {
     let shard = expect_current();
+    let t = target(&shard, f);
+    submit_rw(shard, t, buf, rw).await
+}
+
+/// A read or write on the current shard by plain fd (a request that hopped
+/// here from another shard: the file may not be registered with this ring).
+pub(super) async fn rw_fd(fd: &std::os::fd::OwnedFd, buf: IoBuf, rw: Rw) -> (io::Result<usize>, IoBuf) {
+    use std::os::fd::AsRawFd;
+    submit_rw(expect_current(), Err(types::Fd(fd.as_raw_fd())), buf, rw).await
+}
+
+async fn submit_rw(shard: std::rc::Rc<Shard>, t: Result<types::Fixed, types::Fd>, mut buf: IoBuf, rw: Rw) -> (io::Result<usize>, IoBuf) {
+    let Rw { at, len, off, write, fua } = rw;
     let len32 = u32::try_from(len).expect("single I/O is below 4 GiB (block layer splits)");
     // SAFETY: at + len <= buf.len() was asserted by the caller.
     let ptr = unsafe { buf.as_mut_ptr().add(at) };
     let fixed = if shard.pool_registered { buf.fixed_index(shard.pool.id()) } else { None };
     let rw_flags = if fua { libc::RWF_DSYNC } else { 0 };
-    let t = target(&shard, f);
     let sqe: squeue::Entry = match (write, fixed) {
         (false, Some(i)) => {
             with_target!(t, |fd| opcode::ReadFixed::new(fd, ptr, len32, i).offset(off).build())

@@ -235,6 +235,14 @@ pub trait BlockNode: Send + Sync {
         None
     }
 
+    /// `len` bytes at `offset` as a buffer that maps the host's page cache, a
+    /// read without a copy, when the node can give one without blocking: a
+    /// buffered regular file opened read-only and locked against writers, the
+    /// range inside it and already cached. `None`: read the range instead.
+    fn map_cached(&self, _offset: u64, _len: usize) -> Option<IoBuf> {
+        None
+    }
+
     /// Check the image's metadata and repair what `fix` allows. Formats
     /// without metadata to check say Unsupported (qemu-img's exit code 63).
     fn check(&self, _fix: CheckFix) -> BoxFuture<'_, Result<CheckReport>> {

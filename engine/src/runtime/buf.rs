@@ -107,6 +107,8 @@ enum Origin {
     Empty,
     Heap,
     Pool { pool: Arc<BufPool>, index: u32 },
+    /// A private file mapping of its own (`IoBuf::from_mapping`), unmapped on drop.
+    Mapping { base: NonNull<u8>, len: usize },
 }
 
 /// An owned, page-aligned byte buffer. Operations take it by value and give it
@@ -157,6 +159,23 @@ impl IoBuf {
     /// while the real buffer is lent to an operation.
     pub fn empty() -> IoBuf {
         IoBuf { ptr: NonNull::<u64>::dangling().cast(), cap: 0, len: 0, origin: Origin::Empty }
+    }
+
+    /// Adopt a private file mapping (`mmap(MAP_PRIVATE)`, readable and
+    /// writable) of `map_len` bytes at `base` as a buffer of the `len` bytes at
+    /// `start` in it. The page cache's pages are the buffer's memory until
+    /// someone writes to it, which copies the page privately (the file never
+    /// changes). Reads the kernel serves from it, such as a write(2) from this
+    /// buffer, copy straight from the source file's cache.
+    ///
+    /// # Safety
+    /// `base..base + map_len` must be such a mapping, used by nothing else; the
+    /// buffer unmaps it when dropped. `start + len <= map_len`.
+    pub unsafe fn from_mapping(base: NonNull<u8>, map_len: usize, start: usize, len: usize) -> IoBuf {
+        assert!(start + len <= map_len, "mapped buffer beyond its mapping");
+        // SAFETY: in bounds of the mapping (asserted).
+        let ptr = unsafe { NonNull::new_unchecked(base.as_ptr().add(start)) };
+        IoBuf { ptr, cap: len, len, origin: Origin::Mapping { base, len: map_len } }
     }
 
     pub fn from_slice(data: &[u8]) -> IoBuf {
@@ -220,6 +239,11 @@ impl Drop for IoBuf {
             Origin::Pool { pool, index } => {
                 // The pool was sized to hold every index, so the push cannot fail.
                 let _ = pool.free.push(*index);
+            }
+            Origin::Mapping { base, len } => {
+                // SAFETY: the mapping was given to us whole in from_mapping and
+                // nothing else refers to it once the buffer is gone.
+                unsafe { libc::munmap(base.as_ptr().cast(), *len) };
             }
         }
     }

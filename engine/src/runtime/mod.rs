@@ -16,6 +16,7 @@ use std::thread;
 
 pub use buf::{BufPool, IoBuf, BUF_ALIGN};
 pub use join::{JoinHandle, LocalJoinHandle};
+pub(crate) use join::channel as join_channel;
 
 use crate::error::{Error, Result};
 use shard::{Shard, ShardShared};
