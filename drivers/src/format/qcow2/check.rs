@@ -70,7 +70,7 @@ impl Counter {
             return;
         }
         let first = off >> self.cluster_bits;
-        let last = (off + len - 1) >> self.cluster_bits;
+        let last = off.saturating_add(len - 1) >> self.cluster_bits;
         if last >= self.nb {
             r.messages.push(format!(
                 "ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset {:#x} size {:#x}",
@@ -118,6 +118,62 @@ async fn snapshot_l1s(q: &Qcow2, r: &mut Report, counter: &mut Counter) -> Resul
     }
     counter.inc(r, off, pos - off);
     Ok(out)
+}
+
+/// Largest bitmap directory and bitmap table we read (QEMU's own limits are
+/// 64 MiB for the directory and 2^27 entries, 1 GiB, per table).
+const MAX_BITMAP_DIR: u64 = 64 << 20;
+const MAX_BITMAP_TABLE: u64 = 1 << 27;
+
+/// Count the persistent bitmaps' tables and the data clusters they point to
+/// (the directory itself is counted by the caller). A table entry holds a
+/// cluster offset in bits 9-55; 0 means all zeroes, or all ones with bit 0.
+async fn bitmap_tables(q: &Qcow2, r: &mut Report, counter: &mut Counter, dir_off: u64, dir_size: u64, n: u32) -> Result<()> {
+    if dir_size > MAX_BITMAP_DIR {
+        r.messages.push(format!("ERROR bitmap directory at {dir_off:#x} is too large ({dir_size} bytes)"));
+        r.corruptions += 1;
+        return Ok(());
+    }
+    let (res, dir) = q.file.read(dir_off, IoBuf::new(dir_size as usize)).await;
+    res?;
+    let cs = 1u64 << counter.cluster_bits;
+    let mut pos = 0usize;
+    for i in 0..n {
+        let Some(e) = dir.get(pos..pos + 24) else {
+            r.messages.push(format!("ERROR bitmap directory entry {i} lies beyond the directory ({dir_size} bytes)"));
+            r.corruptions += 1;
+            break;
+        };
+        let table_off = u64::from_be_bytes(e[0..8].try_into().expect("8"));
+        let table_size = u64::from(u32::from_be_bytes(e[8..12].try_into().expect("4")));
+        let name_size = usize::from(u16::from_be_bytes([e[18], e[19]]));
+        let extra = u32::from_be_bytes(e[20..24].try_into().expect("4")) as usize;
+        pos = (pos + 24 + extra + name_size).next_multiple_of(8);
+        if table_off % cs != 0 || table_size > MAX_BITMAP_TABLE {
+            r.messages.push(format!(
+                "ERROR bitmap {i}: table at {table_off:#x} of {table_size} entries is misaligned or too large"
+            ));
+            r.corruptions += 1;
+            continue;
+        }
+        counter.inc(r, table_off, table_size * 8);
+        if table_size == 0 || table_off.saturating_add(table_size * 8) > q.file.size() {
+            continue; // counted above as out of bounds
+        }
+        for entry in read_u64s(&*q.file, table_off, table_size as usize).await? {
+            let data = entry & 0x00ff_ffff_ffff_fe00;
+            if data == 0 {
+                continue;
+            }
+            if data % cs != 0 {
+                r.messages.push(format!("ERROR bitmap {i}: data cluster offset {data:#x} is not cluster aligned"));
+                r.corruptions += 1;
+                continue;
+            }
+            counter.inc(r, data, cs);
+        }
+    }
+    Ok(())
 }
 
 /// Count the references of one L1 table and its L2 tables. `active` also
@@ -324,8 +380,9 @@ async fn check_with(q: &Qcow2, fix: Fix, new_order: Option<u32>) -> Result<Repor
         if e.ty == header::EXT_BITMAPS && e.data.len() >= 24 {
             let size = u64::from_be_bytes(e.data[8..16].try_into().expect("8"));
             let off = u64::from_be_bytes(e.data[16..24].try_into().expect("8"));
-            counter.inc(&mut r, off, size.min(64 << 20));
-            // TODO(bitmaps issue): count bitmap tables and their clusters.
+            counter.inc(&mut r, off, size.min(MAX_BITMAP_DIR));
+            let nb_bitmaps = u32::from_be_bytes(e.data[0..4].try_into().expect("4"));
+            bitmap_tables(q, &mut r, &mut counter, off, size, nb_bitmaps).await?;
         }
     }
 
