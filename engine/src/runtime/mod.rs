@@ -201,6 +201,35 @@ where
     handle
 }
 
+/// Spawn background work on the current shard that does not keep it alive:
+/// when the runtime shuts down and only such tasks are left, they are dropped
+/// wherever they wait.
+pub fn spawn_daemon<Fut>(fut: Fut)
+where
+    Fut: Future<Output = ()> + 'static,
+{
+    shard::expect_current().spawn_daemon(Box::pin(fut));
+}
+
+/// Wait `d` on the current shard's ring (IORING_OP_TIMEOUT); the shard sleeps
+/// or serves other tasks meanwhile.
+pub async fn sleep(d: std::time::Duration) {
+    struct Timer(std::rc::Rc<Shard>);
+    impl Drop for Timer {
+        fn drop(&mut self) {
+            self.0.timers.set(self.0.timers.get() - 1);
+        }
+    }
+    let shard = shard::expect_current();
+    // The op owns the timespec until the kernel is done with it.
+    let ts = Box::new(io_uring::types::Timespec::new().sec(d.as_secs()).nsec(d.subsec_nanos()));
+    let sqe = io_uring::opcode::Timeout::new(&*ts as *const io_uring::types::Timespec).build();
+    let key = shard.submit_op(sqe);
+    shard.timers.set(shard.timers.get() + 1);
+    let _timer = Timer(shard.clone());
+    let _ = op::Op::new(shard, key, ts).await;
+}
+
 /// Index of the shard running this code, if any.
 pub fn current_shard() -> Option<usize> {
     shard::current().map(|s| s.shared.index)

@@ -93,6 +93,9 @@ pub(crate) enum OpSlot {
 struct TaskSlot {
     fut: Option<Pin<Box<dyn Future<Output = ()>>>>,
     waker: Waker,
+    /// Background work (cache cleaning timers) that does not keep the shard
+    /// alive: at shutdown, once only daemons are left, they are dropped.
+    daemon: bool,
 }
 
 struct TaskWaker {
@@ -127,6 +130,10 @@ pub(crate) struct Shard {
     pub(crate) pool_registered: bool,
     pub(crate) ops: RefCell<Slab<OpSlot>>,
     tasks: RefCell<Slab<TaskSlot>>,
+    daemons: Cell<usize>,
+    /// Sleeps in flight: they count as operations for shutdown, not as work
+    /// worth busy-polling for.
+    pub(crate) timers: Cell<usize>,
     ready: RefCell<VecDeque<usize>>,
     /// Entries pushed to the SQ since the last io_uring_enter.
     unsubmitted: Cell<u32>,
@@ -187,6 +194,8 @@ impl Shard {
             pool_registered,
             ops: RefCell::new(Slab::with_capacity(cfg.ring_entries as usize)),
             tasks: RefCell::new(Slab::new()),
+            daemons: Cell::new(0),
+            timers: Cell::new(0),
             ready: RefCell::new(VecDeque::new()),
             unsubmitted: Cell::new(0),
             poll_mode: cfg.poll,
@@ -253,12 +262,33 @@ impl Shard {
     }
 
     pub(crate) fn spawn_local(&self, fut: Pin<Box<dyn Future<Output = ()>>>) {
+        self.spawn_task(fut, false);
+    }
+
+    pub(crate) fn spawn_daemon(&self, fut: Pin<Box<dyn Future<Output = ()>>>) {
+        self.daemons.set(self.daemons.get() + 1);
+        self.spawn_task(fut, true);
+    }
+
+    fn spawn_task(&self, fut: Pin<Box<dyn Future<Output = ()>>>, daemon: bool) {
         let mut tasks = self.tasks.borrow_mut();
         let entry = tasks.vacant_entry();
         let key = entry.key();
         let waker = Waker::from(Arc::new(TaskWaker { task: key, shared: self.shared.clone() }));
-        entry.insert(TaskSlot { fut: Some(fut), waker });
+        entry.insert(TaskSlot { fut: Some(fut), waker, daemon });
         self.ready.borrow_mut().push_back(key);
+    }
+
+    /// Drop every daemon task (shutdown, nothing else left). Their futures go
+    /// after the borrow ends: dropping one abandons its operations.
+    fn drop_daemons(&self) {
+        let gone: Vec<TaskSlot> = {
+            let mut tasks = self.tasks.borrow_mut();
+            let keys: Vec<usize> = tasks.iter().filter(|(_, t)| t.daemon).map(|(k, _)| k).collect();
+            keys.into_iter().map(|k| tasks.remove(k)).collect()
+        };
+        self.daemons.set(0);
+        drop(gone);
     }
 
     /// Slot of a registered file, registering it on first use on this ring;
@@ -336,7 +366,9 @@ impl Shard {
             let mut cx = Context::from_waker(&waker);
             match fut.as_mut().poll(&mut cx) {
                 Poll::Ready(()) => {
-                    self.tasks.borrow_mut().remove(key);
+                    if self.tasks.borrow_mut().remove(key).daemon {
+                        self.daemons.set(self.daemons.get() - 1);
+                    }
                 }
                 Poll::Pending => {
                     if let Some(t) = self.tasks.borrow_mut().get_mut(key) {
@@ -406,7 +438,11 @@ impl Shard {
             self.drain_remote();
             self.run_ready();
             crate::aio::native::flush(self);
-            let shutting_down = self.shared.shutdown.load(Ordering::Acquire) && self.tasks.borrow().is_empty();
+            let shutting_down =
+                self.shared.shutdown.load(Ordering::Acquire) && self.tasks.borrow().len() == self.daemons.get();
+            if shutting_down && self.daemons.get() > 0 {
+                self.drop_daemons();
+            }
             if shutting_down {
                 if self.in_flight() == 0 {
                     break;
@@ -417,7 +453,7 @@ impl Shard {
                 }
             }
             let busy = !self.ready.borrow().is_empty() || !self.shared.jobs.is_empty() || !self.shared.wakes.is_empty();
-            let spin = self.poll_mode && self.in_flight() > 0;
+            let spin = self.poll_mode && self.in_flight() > self.timers.get();
             if busy || spin {
                 // In SQPOLL mode this is a flag check unless the kernel thread
                 // went to sleep; asking every turn also covers a sleep that raced

@@ -163,3 +163,30 @@ fn pool_is_registered_and_files_get_fixed_slots() {
         assert_eq!(shard.registered_files(), 0, "closing on the shard drops the slot at once");
     });
 }
+
+#[test]
+fn sleep_waits_and_daemons_do_not_hold_shutdown() {
+    use std::time::{Duration, Instant};
+    let rt = Runtime::single().unwrap();
+    let waited = rt.block_on(|| async {
+        let t = Instant::now();
+        crate::runtime::sleep(Duration::from_millis(50)).await;
+        t.elapsed()
+    });
+    assert!(waited >= Duration::from_millis(45) && waited < Duration::from_secs(2), "slept {waited:?}");
+    // A daemon asleep for an hour, and one that ends by itself.
+    let ticks = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let t2 = ticks.clone();
+    rt.block_on(move || async move {
+        crate::runtime::spawn_daemon(async { crate::runtime::sleep(Duration::from_secs(3600)).await });
+        crate::runtime::spawn_daemon(async move {
+            crate::runtime::sleep(Duration::from_millis(10)).await;
+            t2.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        });
+        crate::runtime::sleep(Duration::from_millis(100)).await;
+    });
+    assert_eq!(ticks.load(std::sync::atomic::Ordering::SeqCst), 1, "the short daemon ran to its end");
+    let t = Instant::now();
+    drop(rt);
+    assert!(t.elapsed() < Duration::from_secs(2), "shutdown waited {:?} for a sleeping daemon", t.elapsed());
+}

@@ -334,11 +334,25 @@ impl L2Cache {
     /// Drop clean, unreferenced slices until the cache is within capacity.
     /// Returns true if dirty slices keep it over (a writeback would help).
     pub fn evict(&self) -> bool {
+        let cap = self.capacity.load(Ordering::Relaxed);
+        self.sweep(cap, 2);
+        self.count.load(Ordering::Acquire) > cap
+    }
+
+    /// `cache-clean-interval`: drop every clean slice no request used since
+    /// the last call (the clock's referenced bits are cleared as it passes).
+    pub fn clean_unused(&self) {
+        self.sweep(0, 1);
+    }
+
+    /// Walk the clock up to `passes` times round, dropping slices that are
+    /// clean, not held by a request and not referenced since the last visit,
+    /// until at most `keep` remain.
+    fn sweep(&self, keep: usize, passes: usize) {
         let _g = self.guard.write().unwrap_or_else(|e| e.into_inner());
         let mut clock = self.clock.lock().unwrap_or_else(|e| e.into_inner());
-        let cap = self.capacity.load(Ordering::Relaxed);
-        let mut budget = clock.len() * 2;
-        while self.count.load(Ordering::Acquire) > cap && budget > 0 {
+        let mut budget = clock.len() * passes;
+        while self.count.load(Ordering::Acquire) > keep && budget > 0 {
             budget -= 1;
             let Some(s) = clock.pop_front() else { break };
             let l1 = self.l1.load();
@@ -360,7 +374,12 @@ impl L2Cache {
             }
             self.count.fetch_sub(1, Ordering::AcqRel);
         }
-        self.count.load(Ordering::Acquire) > cap
+    }
+
+    /// Slices cached now.
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.count.load(Ordering::Acquire)
     }
 
     /// Dirty slices, for writeback. Call with `guard` held for writing.

@@ -22,6 +22,8 @@ mod io;
 pub mod layout;
 pub mod measure;
 mod refcount;
+#[cfg(test)]
+mod tests;
 
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -475,7 +477,7 @@ impl Qcow2Driver {
         let l2_cache_size = opts.take_size("l2-cache-size")?;
         let rc_cache_size = opts.take_size("refcount-cache-size")?;
         let entry_size = opts.take_size("l2-cache-entry-size")?;
-        let _clean_interval = opts.take_parsed::<CleanInterval>("cache-clean-interval")?;
+        let clean_interval = opts.take_parsed::<CleanInterval>("cache-clean-interval")?.unwrap_or(CleanInterval(600));
         for k in ["overlap-check", "discard-no-unref", "detect-zeroes"] {
             let _ = opts.take(k);
         }
@@ -547,6 +549,17 @@ impl Qcow2Driver {
             opts: Options { discard_unmap, pass_discard_request, pass_discard_other, lazy_refcounts: lazy },
             filename,
         });
+        if clean_interval.0 > 0 {
+            let weak = Arc::downgrade(&node);
+            let every = std::time::Duration::from_secs(clean_interval.0);
+            engine::runtime::spawn_daemon(async move {
+                loop {
+                    engine::runtime::sleep(every).await;
+                    let Some(q) = weak.upgrade() else { return };
+                    q.clean_caches();
+                }
+            });
+        }
         if header_changed {
             node.write_header().await?;
         }
@@ -566,14 +579,24 @@ impl Qcow2Driver {
     }
 }
 
-/// `cache-clean-interval`: seconds (accepted for compatibility; memory is
-/// returned when slices are evicted).
-struct CleanInterval;
+/// `cache-clean-interval`: every this many seconds (QEMU's default, 600;
+/// 0 never), metadata cache entries unused since the last round are dropped,
+/// so an idle image gives its cache memory back. A daemon task on the shard
+/// that opened the image does it; it holds only a weak reference.
+struct CleanInterval(u64);
 
 impl std::str::FromStr for CleanInterval {
     type Err = Error;
     fn from_str(s: &str) -> Result<CleanInterval> {
-        s.parse::<u64>().map(|_| CleanInterval).map_err(|_| invalid(format!("cache-clean-interval: '{s}' is not a number of seconds")))
+        s.parse::<u64>().map(CleanInterval).map_err(|_| invalid(format!("cache-clean-interval: '{s}' is not a number of seconds")))
+    }
+}
+
+impl Qcow2 {
+    /// One `cache-clean-interval` round over the L2 and refcount caches.
+    fn clean_caches(&self) {
+        self.cache.clean_unused();
+        self.refs.state.lock().unwrap_or_else(|e| e.into_inner()).clean_unused();
     }
 }
 

@@ -82,6 +82,8 @@ pub struct State {
     /// used cluster (0: none).
     pub free_byte: u64,
     tick: u64,
+    /// `tick` at the last `clean_unused`.
+    clean_mark: u64,
     capacity: usize,
 }
 
@@ -315,6 +317,13 @@ impl State {
         Ok(Ok(new as u64))
     }
 
+    /// `cache-clean-interval`: drop clean blocks unused since the last call.
+    pub fn clean_unused(&mut self) {
+        let mark = self.clean_mark;
+        self.blocks.retain(|_, b| b.dirty() || b.last_use > mark);
+        self.clean_mark = self.tick;
+    }
+
     /// Evict clean blocks beyond capacity, least recently used first.
     fn trim(&mut self) {
         if self.blocks.len() <= self.capacity {
@@ -347,6 +356,7 @@ impl Refcounts {
                 tick: 0,
                 // An allocation touches at most two blocks (batches are capped
                 // at one block's worth), a table growth a few more.
+                clean_mark: 0,
                 capacity: capacity.max(16),
             }),
         }
