@@ -377,6 +377,40 @@ fn convert_compressed_and_with_backing() {
     ok(qi(&["compare", s(&top), s(&out_img)]), "compare -B output");
     let a = std::fs::metadata(&out_img).unwrap().len();
     assert!(a < 2 << 20, "-B output holds only the top layer's data ({a} bytes)");
+    // -c with -B: whole clusters the top touches, compressed, and nothing else.
+    let out_c = d.path().join("outc.qcow2");
+    ok(rb(&["convert", "-c", "-O", "qcow2", "-B", s(&base), "-F", "qcow2", s(&top), s(&out_c)]), "convert -c -B");
+    ok(qi(&["compare", s(&top), s(&out_c)]), "compare -c -B output");
+    assert!(std::fs::metadata(&out_c).unwrap().len() < 2 << 20, "-c -B output holds only the top layer");
+
+    // -c over holes smaller than a cluster, and over concatenated sources
+    // whose sizes are not whole clusters: output clusters straddle both.
+    let holes = d.path().join("holes.raw");
+    let mut data = Rng::new(11).bytes(3 << 20);
+    data.truncate(3_000_320);
+    std::fs::write(&holes, &data).unwrap();
+    for (off, len) in [(8192u64, 4096u64), (200_704, 65536), (1_050_000 / 512 * 512, 1024)] {
+        let f = std::fs::OpenOptions::new().write(true).open(&holes).unwrap();
+        // SAFETY: punching a hole in a file we own.
+        let r = unsafe { libc::fallocate(std::os::fd::AsRawFd::as_raw_fd(&f), 0x03, off as i64, len as i64) };
+        assert_eq!(r, 0, "punch hole");
+    }
+    let small = d.path().join("small.raw");
+    std::fs::write(&small, Rng::new(12).bytes(1_000_448)).unwrap();
+    let joined = d.path().join("joined.raw");
+    let mut all = std::fs::read(&small).unwrap();
+    all.extend(std::fs::read(&holes).unwrap());
+    std::fs::write(&joined, &all).unwrap();
+    for (what, srcs) in [("holes", vec![&holes]), ("concatenated", vec![&small, &holes])] {
+        let outp = d.path().join(format!("{what}.qcow2"));
+        let mut args = vec!["convert", "-c", "-f", "raw", "-O", "qcow2"];
+        args.extend(srcs.iter().map(|p| s(p)));
+        args.push(s(&outp));
+        ok(rb(&args), what);
+        let want = if srcs.len() == 1 { &holes } else { &joined };
+        ok(qi(&["compare", "-f", "raw", "-F", "qcow2", s(want), s(&outp)]), what);
+        ok(qi(&["check", s(&outp)]), what);
+    }
 }
 
 #[test]

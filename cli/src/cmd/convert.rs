@@ -84,12 +84,45 @@ pub struct ConvertArgs {
     files: Vec<String>,
 }
 
-/// One piece of work: a chunk of one source.
+/// One piece of work: a chunk of the target, aligned in the target (so -c
+/// sees whole clusters), made of the pieces of the sources it concatenates.
 struct Segment {
+    dst_off: u64,
+    len: u64,
+    pieces: Vec<Piece>,
+}
+
+/// `len` bytes of source `src` at `src_off`, landing at `dst_off`.
+struct Piece {
     src: usize,
     src_off: u64,
     dst_off: u64,
     len: u64,
+}
+
+/// Cut the concatenation of sources of these sizes into CHUNK-aligned segments.
+fn segments(sizes: &[u64]) -> Vec<Segment> {
+    let total: u64 = sizes.iter().sum();
+    let mut out: Vec<Segment> = Vec::new();
+    let mut dst = 0;
+    while dst < total {
+        let len = CHUNK.min(total - dst);
+        out.push(Segment { dst_off: dst, len, pieces: Vec::new() });
+        dst += len;
+    }
+    let mut base = 0;
+    for (src, &size) in sizes.iter().enumerate() {
+        let mut o = 0;
+        while o < size {
+            let d = base + o;
+            let seg = &mut out[(d / CHUNK) as usize];
+            let len = (seg.dst_off + seg.len - d).min(size - o);
+            seg.pieces.push(Piece { src, src_off: o, dst_off: d, len });
+            o += len;
+        }
+        base += size;
+    }
+    out
 }
 
 struct Job {
@@ -210,18 +243,19 @@ impl Job {
         self.dst.write_zeroes(off, len, flags).await
     }
 
-    async fn read(&self, src: &dyn BlockNode, off: u64, buf: IoBuf) -> (Result<()>, IoBuf) {
-        let (r, mut buf) = src.read(off, buf).await;
+    /// Read `buf[range]` from `src` at `off`; with --salvage, sectors that
+    /// fail read as zeroes.
+    async fn read(&self, src: &dyn BlockNode, off: u64, buf: IoBuf, range: std::ops::Range<usize>) -> (Result<()>, IoBuf) {
+        let (r, mut buf) = src.read_part(off, buf, range.clone()).await;
         match r {
             Err(e) if self.salvage => {
                 eprintln!("ringblk: error while reading at byte {off}: {}; salvaging sector by sector", e.detail());
-                let n = buf.len();
                 let mut sector = IoBuf::new(512);
-                let mut i = 0;
-                while i < n {
-                    let k = 512.min(n - i);
+                let mut i = range.start;
+                while i < range.end {
+                    let k = 512.min(range.end - i);
                     sector.set_len(k);
-                    let (r, s) = src.read(off + i as u64, sector).await;
+                    let (r, s) = src.read(off + (i - range.start) as u64, sector).await;
                     sector = s;
                     if r.is_ok() {
                         buf[i..i + k].copy_from_slice(&sector);
@@ -232,7 +266,11 @@ impl Job {
                 }
                 (Ok(()), buf)
             }
-            r => (r.map_err(|e| e.at(off)), buf),
+            Err(e) => {
+                let e = Error::new(e.kind(), format!("error while reading at byte {off}: {}", e.detail())).with_file(src.filename());
+                (Err(e), buf)
+            }
+            Ok(()) => (Ok(()), buf),
         }
     }
 
@@ -248,9 +286,9 @@ impl Job {
         }
         let mut buf = buf;
         buf.set_len(len as usize);
-        let (r, buf) = self.read(src, src_off, buf).await;
+        let (r, buf) = self.read(src, src_off, buf, 0..len as usize).await;
         if let Err(e) = r {
-            return (Err(Error::new(e.kind(), format!("error while reading at byte {src_off}: {}", e.detail())).with_file(src.filename())), buf);
+            return (Err(e), buf);
         }
         self.write_data(dst_off, buf).await
     }
@@ -258,9 +296,6 @@ impl Job {
     /// Write what was read at `dst_off`: compressed with -c, else with its
     /// zero runs (`-S`) written as zeroes.
     async fn write_data(&self, dst_off: u64, mut buf: IoBuf) -> (Result<()>, IoBuf) {
-        if let Some(cs) = self.compress {
-            return self.write_compressed(dst_off, cs, buf).await;
-        }
         let runs = if self.sparse > 0 { zero_runs(&buf, self.sparse) } else { vec![(0, buf.len(), false)] };
         for (o, n, z) in runs {
             let r = if z {
@@ -277,14 +312,15 @@ impl Job {
         (Ok(()), buf)
     }
 
-    /// -c: each cluster of `buf` (at `dst_off`, cluster aligned) compressed;
-    /// all-zero clusters are left out when the target already reads zero.
-    async fn write_compressed(&self, dst_off: u64, cs: u64, buf: IoBuf) -> (Result<()>, IoBuf) {
+    /// -c: each cluster of `buf` (at `dst_off`, cluster aligned) compressed,
+    /// but those `skip` marks (nothing to copy under -B); all-zero clusters
+    /// are left out when the target already reads zero.
+    async fn write_compressed(&self, dst_off: u64, cs: u64, buf: IoBuf, skip: &[bool]) -> (Result<()>, IoBuf) {
         let mut o = 0usize;
         while o < buf.len() {
             let n = (cs as usize).min(buf.len() - o);
             let piece = &buf[o..o + n];
-            let r = if is_zero(piece) && self.target_zero {
+            let r = if skip.get(o / cs as usize).copied().unwrap_or(false) || (is_zero(piece) && self.target_zero) {
                 Ok(())
             } else if is_zero(piece) {
                 self.dst.write_zeroes(dst_off + o as u64, n as u64, ZeroFlags::default()).await
@@ -299,39 +335,87 @@ impl Job {
         (Ok(()), buf)
     }
 
-    async fn segment(&self, idx: u64, mut buf: IoBuf) -> (Result<()>, IoBuf) {
-        let seg = &self.segments[idx as usize];
-        let src = &*self.srcs[seg.src];
-        // Plan the segment from block status first, so reads can run before our turn.
-        let mut plan: Vec<(u64, Extent)> = Vec::new();
+    /// Block status of a piece, extent by extent (offsets relative to it).
+    async fn plan(&self, p: &Piece) -> Result<Vec<(u64, Extent)>> {
+        let src = &*self.srcs[p.src];
+        let mut plan = Vec::new();
         let mut off = 0;
-        while off < seg.len {
-            match src.block_status(seg.src_off + off, seg.len - off).await {
-                Ok(e) => {
-                    plan.push((off, e));
-                    off += e.len;
-                }
+        while off < p.len {
+            let e = src.block_status(p.src_off + off, p.len - off).await?;
+            plan.push((off, e));
+            off += e.len;
+        }
+        Ok(plan)
+    }
+
+    async fn segment(&self, idx: u64, buf: IoBuf) -> (Result<()>, IoBuf) {
+        let seg = &self.segments[idx as usize];
+        // Plan from block status first, so reads can run before our turn.
+        let mut plans = Vec::with_capacity(seg.pieces.len());
+        for p in &seg.pieces {
+            match self.plan(p).await {
+                Ok(plan) => plans.push(plan),
                 Err(e) => return (Err(e), buf),
             }
         }
+        if let Some(cs) = self.compress {
+            return self.compress_segment(seg, &plans, cs, buf).await;
+        }
+        let mut buf = buf;
         self.wait_turn(idx).await;
-        for (o, e) in plan {
-            let r = if self.target_backing && !e.allocated {
-                Ok(()) // comes from the backing file the target shares
-            } else if e.is_zero_hole() {
-                self.zero(seg.dst_off + o, e.len).await
-            } else {
-                let (r, b) = self.copy_data(src, seg.src_off + o, seg.dst_off + o, e.len, buf).await;
-                buf = b;
-                r
-            };
-            if let Err(e) = r {
-                return (Err(e), buf);
+        for (p, plan) in seg.pieces.iter().zip(plans) {
+            let src = &*self.srcs[p.src];
+            for (o, e) in plan {
+                let r = if self.target_backing && !e.allocated {
+                    Ok(()) // comes from the backing file the target shares
+                } else if e.is_zero_hole() {
+                    self.zero(p.dst_off + o, e.len).await
+                } else {
+                    let (r, b) = self.copy_data(src, p.src_off + o, p.dst_off + o, e.len, buf).await;
+                    buf = b;
+                    r
+                };
+                if let Err(e) = r {
+                    return (Err(e), buf);
+                }
             }
         }
         self.pass_turn(idx);
         self.progress.add(seg.len);
         (Ok(()), buf)
+    }
+
+    /// -c: gather the whole segment (holes as zeroes), then write it cluster
+    /// by cluster, whatever the sources' boundaries and holes inside clusters.
+    async fn compress_segment(&self, seg: &Segment, plans: &[Vec<(u64, Extent)>], cs: u64, mut buf: IoBuf) -> (Result<()>, IoBuf) {
+        buf.set_len(seg.len as usize);
+        let mut skip = vec![self.target_backing; seg.len.div_ceil(cs) as usize];
+        for (p, plan) in seg.pieces.iter().zip(plans) {
+            let src = &*self.srcs[p.src];
+            for &(o, e) in plan {
+                let at = (p.dst_off + o - seg.dst_off) as usize;
+                let range = at..at + e.len as usize;
+                if e.allocated || !self.target_backing {
+                    for c in skip.iter_mut().take(range.end.div_ceil(cs as usize)).skip(at / cs as usize) {
+                        *c = false;
+                    }
+                }
+                if e.is_zero_hole() {
+                    buf[range].fill(0);
+                    continue;
+                }
+                let (r, b) = self.read(src, p.src_off + o, buf, range).await;
+                buf = b;
+                if let Err(e) = r {
+                    return (Err(e), buf);
+                }
+            }
+        }
+        let (r, buf) = self.write_compressed(seg.dst_off, cs, buf, &skip).await;
+        if r.is_ok() {
+            self.progress.add(seg.len);
+        }
+        (r, buf)
     }
 
     async fn worker(self: Arc<Self>) {
@@ -460,17 +544,7 @@ fn convert(a: ConvertArgs) -> Result<()> {
     })?;
 
     let total: u64 = srcs.iter().map(|n| n.size()).sum();
-    let mut segments = Vec::new();
-    let mut dst_off = 0;
-    for (i, s) in srcs.iter().enumerate() {
-        let mut o = 0;
-        while o < s.size() {
-            let len = CHUNK.min(s.size() - o);
-            segments.push(Segment { src: i, src_off: o, dst_off, len });
-            o += len;
-            dst_off += len;
-        }
-    }
+    let segments = segments(&srcs.iter().map(|n| n.size()).collect::<Vec<_>>());
     let compress = if compress_flag {
         let cs = dst.cluster_size().ok_or_else(|| invalid("Compression not supported for this file format"))?;
         // Chunks must hold whole clusters.
