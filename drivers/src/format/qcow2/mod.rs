@@ -22,6 +22,7 @@ mod io;
 pub mod layout;
 pub mod measure;
 mod refcount;
+mod zero;
 #[cfg(test)]
 mod tests;
 
