@@ -60,29 +60,43 @@ impl Report {
 struct Counter {
     cluster_bits: u32,
     nb: u64,
+    file_len: u64,
     refs: Vec<u32>,
 }
 
 impl Counter {
-    /// Count a reference to each cluster of [off, off+len).
+    fn new(cluster_bits: u32, file_len: u64) -> Counter {
+        let nb = file_len.div_ceil(1 << cluster_bits);
+        Counter { cluster_bits, nb, file_len, refs: vec![0; nb as usize] }
+    }
+
+    /// Count a reference to each cluster of [off, off+len). A region that
+    /// ends less than a cluster past the end of the file (a misaligned
+    /// cluster in the last one) is counted, growing the count; one further
+    /// out is an error, as in qemu-img.
     fn inc(&mut self, r: &mut Report, off: u64, len: u64) {
         if len == 0 {
             return;
         }
+        let cs = 1u64 << self.cluster_bits;
         let first = off >> self.cluster_bits;
-        let last = off.saturating_add(len - 1) >> self.cluster_bits;
+        let end = off.saturating_add(len);
+        let last = (end - 1) >> self.cluster_bits;
         if last >= self.nb {
-            r.messages.push(format!(
-                "ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset {:#x} size {:#x}",
-                off, len
-            ));
-            r.corruptions += 1;
+            if end >= self.file_len.saturating_add(cs) {
+                r.messages.push(format!(
+                    "ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset {:#x} size {:#x}",
+                    off, len
+                ));
+                r.corruptions += 1;
+            } else {
+                self.nb = last + 1;
+                self.refs.resize(self.nb as usize, 0);
+            }
         }
         for c in first..=last.min(self.nb.saturating_sub(1)) {
-            if c < self.nb {
-                let v = &mut self.refs[c as usize];
-                *v = v.saturating_add(1);
-            }
+            let v = &mut self.refs[c as usize];
+            *v = v.saturating_add(1);
         }
     }
 }
@@ -247,9 +261,10 @@ async fn walk_l1(
                 continue;
             }
             if !host.is_multiple_of(cs) {
-                r.messages.push(format!("ERROR offset={host:x}: Cluster is not properly aligned; L2 entry corrupted"));
+                // Reported, then counted like any cluster (as qemu-img does):
+                // its references land on the clusters the range straddles.
+                r.messages.push(format!("ERROR offset={host:x}: Data cluster is not properly aligned; L2 entry corrupted."));
                 r.corruptions += 1;
-                continue;
             }
             if active {
                 r.allocated_clusters += 1;
@@ -333,7 +348,7 @@ async fn check_with(q: &Qcow2, fix: Fix, new_order: Option<u32>) -> Result<Repor
     // The stored refcounts, and whether their structure is sound.
     let rt = read_u64s(file, rt_off, (u64::from(rt_clusters) * cs / 8) as usize).await?;
     let mut stored = StoredRefs { order: geo.refcount_order, rb_bits: geo.rb_bits, blocks: Vec::with_capacity(rt.len()) };
-    let mut counter = Counter { cluster_bits: geo.cluster_bits, nb, refs: vec![0; nb as usize] };
+    let mut counter = Counter::new(geo.cluster_bits, fsize);
     let mut structure_broken = false;
     // Header and refcount table.
     counter.inc(&mut r, 0, cs);
@@ -389,7 +404,7 @@ async fn check_with(q: &Qcow2, fix: Fix, new_order: Option<u32>) -> Result<Repor
     // Compare.
     let mut set: Vec<(u64, u64)> = Vec::new();
     let mut highest = 0u64;
-    for c in 0..nb {
+    for c in 0..counter.nb {
         let stored_rc = stored.get(c);
         let computed = u64::from(counter.refs[c as usize]);
         if computed > 0 || stored_rc > 0 {
