@@ -428,6 +428,9 @@ fn convert_compressed_and_with_backing() {
     ok(qi(&["compare", s(&top), s(&out_img)]), "compare -B output");
     let a = std::fs::metadata(&out_img).unwrap().len();
     assert!(a < 2 << 20, "-B output holds only the top layer's data ({a} bytes)");
+    // convert reserves blocks ahead of the growing target; none stay behind.
+    let blocks = std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(&out_img).unwrap()) * 512;
+    assert!(blocks <= a.next_multiple_of(1 << 20), "{blocks} bytes allocated for a {a}-byte output");
     // -c with -B: whole clusters the top touches, compressed, and nothing else.
     let out_c = d.path().join("outc.qcow2");
     ok(rb(&["convert", "-c", "-O", "qcow2", "-B", s(&base), "-F", "qcow2", s(&top), s(&out_c)]), "convert -c -B");

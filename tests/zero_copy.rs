@@ -138,3 +138,40 @@ fn large_writes_outlive_the_home_shard() {
     assert!(std_read(&path, MIB, 2 * MIB as usize).iter().all(|&b| b == 0x5a));
     assert!(std_read(&path, 0, MIB as usize).iter().all(|&b| b == 0));
 }
+
+/// `x-reserve-ahead`: a file grown by writes past its end has blocks
+/// reserved beyond EOF while open (its size unchanged), and gives them back
+/// on close; what was written reads back.
+#[test]
+fn reserve_ahead_reserves_past_eof_and_gives_back() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("grow.img");
+    make_file(&path, 0, None);
+    let p = path_str(&path);
+    let path2 = path.clone();
+    let (size_open, blocks_open) = on_shard(move || async move {
+        // The protocol node itself: formats that append (qcow2) write past EOF.
+        let mut o = engine::options::OptionTree::new();
+        o.set("driver", "file");
+        o.set("filename", p.as_str());
+        o.set("x-reserve-ahead", "16M");
+        let ctx = OpenCtx::new(drivers::registry(), OpenFlags { write: true, ..Default::default() });
+        let node = ctx.open_protocol(o).await.unwrap();
+        for i in 0..4u64 {
+            write_at(&*node, i * MIB, &vec![i as u8 + 1; MIB as usize], WriteFlags::default()).await.unwrap();
+        }
+        let m = std::fs::metadata(&path2).unwrap();
+        let r = (m.len(), m.blocks() * 512);
+        node.close().await.unwrap();
+        r
+    });
+    assert_eq!(size_open, 4 * MIB, "reserving must not change the size");
+    assert!(blocks_open >= 16 * MIB, "blocks reserved past EOF while open: {blocks_open}");
+    let m = std::fs::metadata(&path).unwrap();
+    assert_eq!(m.len(), 4 * MIB);
+    assert!(m.blocks() * 512 <= 4 * MIB + MIB, "reserved blocks given back on close: {}", m.blocks() * 512);
+    for i in 0..4u64 {
+        assert!(std_read(&path, i * MIB, MIB as usize).iter().all(|&b| b == i as u8 + 1));
+    }
+}

@@ -25,11 +25,15 @@ Q=$W/bench.qcow2
 cat "$RAW" "$Q" >/dev/null
 
 median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+# Each run starts with no dirty data: writeback left by the previous run
+# halved the write rates of whichever contender came next.
 rb_iops() { # fmt file pattern [-w] count
+  sync
   "$R" bench -f "$1" -c "$5" -d 32 --pattern "$3" $4 --output=json "$2" |
     python3 -c "import json,sys; print(round(json.load(sys.stdin)[0]['iops']))"
 }
 qi_iops() { # [-w] count
+  sync
   local t; t=$( { /usr/bin/time -f %e qemu-img bench $1 -f qcow2 -i io_uring -c "$2" -d 32 "$Q" >/dev/null; } 2>&1 )
   echo "$2 / $t" | bc
 }

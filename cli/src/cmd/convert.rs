@@ -19,6 +19,9 @@ use crate::progress::Progress;
 
 /// Bytes one worker copies per claim.
 const CHUNK: u64 = 2 << 20;
+/// Blocks reserved ahead of the end of a target we created (as QEMU's
+/// preallocate filter's default prealloc-size).
+const RESERVE_AHEAD: u64 = 128 << 20;
 
 #[derive(Args)]
 pub struct ConvertArgs {
@@ -146,6 +149,15 @@ struct Job {
     progress: Arc<Progress>,
     failed: AtomicBool,
     error: Mutex<Option<Error>>,
+}
+
+/// A worker's buffer, allocated (one chunk) the first time it is needed.
+fn chunk_buf(buf: IoBuf) -> IoBuf {
+    if buf.capacity() >= CHUNK as usize {
+        buf
+    } else {
+        IoBuf::heap(CHUNK as usize)
+    }
 }
 
 fn is_zero(b: &[u8]) -> bool {
@@ -284,7 +296,7 @@ impl Job {
         if let Some(mapped) = src.map_cached(src_off, len as usize) {
             return (self.write_data(dst_off, mapped).await.0, buf);
         }
-        let mut buf = buf;
+        let mut buf = chunk_buf(buf);
         buf.set_len(len as usize);
         let (r, buf) = self.read(src, src_off, buf, 0..len as usize).await;
         if let Err(e) = r {
@@ -387,7 +399,8 @@ impl Job {
 
     /// -c: gather the whole segment (holes as zeroes), then write it cluster
     /// by cluster, whatever the sources' boundaries and holes inside clusters.
-    async fn compress_segment(&self, seg: &Segment, plans: &[Vec<(u64, Extent)>], cs: u64, mut buf: IoBuf) -> (Result<()>, IoBuf) {
+    async fn compress_segment(&self, seg: &Segment, plans: &[Vec<(u64, Extent)>], cs: u64, buf: IoBuf) -> (Result<()>, IoBuf) {
+        let mut buf = chunk_buf(buf);
         buf.set_len(seg.len as usize);
         let mut skip = vec![self.target_backing; seg.len.div_ceil(cs) as usize];
         for (p, plan) in seg.pieces.iter().zip(plans) {
@@ -419,7 +432,8 @@ impl Job {
     }
 
     async fn worker(self: Arc<Self>) {
-        let mut buf = IoBuf::heap(CHUNK as usize);
+        // Allocated on first need: a mapped source never needs it.
+        let mut buf = IoBuf::empty();
         loop {
             if self.failed.load(Ordering::Relaxed) {
                 return;
@@ -535,6 +549,12 @@ fn convert(a: ConvertArgs) -> Result<()> {
             let mut o = create_opts;
             o.set("size", total.to_string());
             super::create::create_image(&fmt, &out_name, o, true).await?;
+        }
+        let mut dst_spec = dst_spec;
+        if !no_create && !out_name.starts_with("json:") && std::path::Path::new(&out_name).is_file() {
+            // A target we created grows as we write it: have the filesystem
+            // allocate its blocks ahead, in big pieces (released at close).
+            dst_spec.set_default("file.x-reserve-ahead", RESERVE_AHEAD.to_string());
         }
         let dst = common::open(dst_spec, dst_flags).await?;
         if no_create && dst.size() < total {

@@ -131,13 +131,42 @@ pub fn set_nocow(fd: RawFd) -> io::Result<()> {
     Ok(())
 }
 
-/// `MADV_POPULATE_READ` (Linux 5.14): map a range's pages now, failing
-/// instead of raising SIGBUS where there is no page to map.
-const MADV_POPULATE_READ: libc::c_int = 22;
+/// `cachestat(2)` (Linux 6.5): page cache statistics of a file range.
+const SYS_CACHESTAT: libc::c_long = 451;
+
+#[repr(C)]
+struct CachestatRange {
+    off: u64,
+    len: u64,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct Cachestat {
+    nr_cache: u64,
+    nr_dirty: u64,
+    nr_writeback: u64,
+    nr_evicted: u64,
+    nr_recently_evicted: u64,
+}
+
+/// Is every page of [off, off+len) (page aligned) in the page cache? Asks
+/// cachestat, which walks folios, not pages; kernels without it answer no.
+fn all_cached(fd: RawFd, off: u64, len: u64) -> bool {
+    let range = CachestatRange { off, len };
+    let mut cs = Cachestat::default();
+    // SAFETY: the kernel reads `range` and fills `cs`, both live locals.
+    let r = unsafe { libc::syscall(SYS_CACHESTAT, fd, &range as *const CachestatRange, &mut cs as *mut Cachestat, 0u32) };
+    r == 0 && cs.nr_cache >= len / 4096
+}
 
 /// A private mapping of `len` bytes of `fd` at `off`, when every page of the
-/// range is in the page cache; its pages are mapped before returning, so
-/// touching them neither blocks on I/O nor faults. Returns (base, mapping
+/// range is in the page cache (cachestat), so touching it does not wait for
+/// the disk. The pages are mapped by the faults of first touch (each maps
+/// its neighbours too); populating them up front (MADV_POPULATE_READ) cost
+/// more than it saved, 330 ms against 294 ms for the mixed convert. As with
+/// any mapping, a process that ignores the image lock and cuts the file
+/// short under us would raise SIGBUS. Returns (base, mapping
 /// length, offset of `off` in the mapping), or None when some page is not
 /// cached or the kernel refuses. The caller owns the mapping (munmap).
 pub fn map_resident(fd: RawFd, off: u64, len: usize) -> Option<(std::ptr::NonNull<u8>, usize, usize)> {
@@ -145,28 +174,15 @@ pub fn map_resident(fd: RawFd, off: u64, len: usize) -> Option<(std::ptr::NonNul
     let start = off - off % PAGE;
     let delta = (off - start) as usize;
     let map_len = (delta + len).next_multiple_of(PAGE as usize);
+    if !all_cached(fd, start, map_len as u64) {
+        return None;
+    }
     // SAFETY: a fresh private mapping at an address of the kernel's choosing;
     // it aliases nothing of ours.
     let p = unsafe {
         libc::mmap(std::ptr::null_mut(), map_len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE, fd, start as libc::off_t)
     };
     if p == libc::MAP_FAILED {
-        return None;
-    }
-    let unmap = || {
-        // SAFETY: the mapping made above, not handed out.
-        unsafe { libc::munmap(p, map_len) };
-    };
-    let mut vec = vec![0u8; map_len / PAGE as usize];
-    // SAFETY: vec has one byte per page of the mapping.
-    let r = unsafe { libc::mincore(p, map_len, vec.as_mut_ptr()) };
-    if r != 0 || vec.iter().any(|&v| v & 1 == 0) {
-        unmap();
-        return None;
-    }
-    // SAFETY: advice on our own mapping.
-    if unsafe { libc::madvise(p, map_len, MADV_POPULATE_READ) } != 0 {
-        unmap();
         return None;
     }
     Some((std::ptr::NonNull::new(p.cast())?, map_len, delta))
