@@ -62,6 +62,14 @@ enum Cmd {
 }
 
 fn main() {
+    // A panic on a shard thread would leave the main thread waiting forever
+    // for work that will never finish: report it and exit instead.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        default_hook(info);
+        eprintln!("ringblk: internal error (a bug): exiting");
+        std::process::exit(101);
+    }));
     progress::catch_usr1();
     let cli = Cli::parse();
     let code = match cli.cmd {
