@@ -6,7 +6,7 @@
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
-use engine::block::{open_image, BlockNode, CacheMode, OpenCtx, OpenFlags, WriteFlags};
+use engine::block::{open_image, BlockNode, CacheMode, OpenCtx, OpenFlags, Perm, WriteFlags};
 use engine::runtime::{IoBuf, Runtime, RuntimeConfig};
 use ringblk_tests::*;
 
@@ -43,7 +43,8 @@ fn map_cached_gives_cached_bytes_only_when_safe() {
     let data = Rng::new(7).bytes(8 * MIB as usize);
     make_file(&path, 8 * MIB, Some(&data));
     let p = path_str(&path);
-    let ro = OpenFlags { write: false, ..Default::default() };
+    // As convert opens sources: nobody else may write or resize the file.
+    let ro = OpenFlags { write: false, shared: Perm::ALL.without(Perm::WRITE.union(Perm::RESIZE)), ..Default::default() };
     std_read(&path, 0, data.len()); // into the page cache
 
     let node = open_with(&p, ro.clone(), &[]);
@@ -75,10 +76,11 @@ fn map_cached_gives_cached_bytes_only_when_safe() {
 
     // Where another writer may change the file under the mapping, or where
     // there is no page cache, never.
-    let cases: [(&str, OpenFlags); 3] = [
+    let cases: [(&str, OpenFlags); 4] = [
         ("writable", OpenFlags { write: true, ..Default::default() }),
-        ("force-share", OpenFlags { write: false, force_share: true, ..Default::default() }),
-        ("cache=none", OpenFlags { write: false, cache: "none".parse::<CacheMode>().unwrap(), ..Default::default() }),
+        ("sharing writes with others", OpenFlags { write: false, ..Default::default() }),
+        ("force-share", OpenFlags { write: false, force_share: true, shared: ro.shared, ..Default::default() }),
+        ("cache=none", OpenFlags { write: false, cache: "none".parse::<CacheMode>().unwrap(), shared: ro.shared, ..Default::default() }),
     ];
     for (what, flags) in cases {
         let node = open_with(&p, flags, &[]);

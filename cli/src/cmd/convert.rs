@@ -9,7 +9,7 @@ use std::task::{Poll, Waker};
 use std::sync::{Arc, Mutex};
 
 use clap::Args;
-use engine::block::{BlockNode, Extent, OpenFlags, WriteFlags, ZeroFlags};
+use engine::block::{BlockNode, Extent, OpenFlags, Perm, WriteFlags, ZeroFlags};
 use engine::error::{invalid, Error, Result};
 use engine::options::OptionTree;
 use engine::runtime::IoBuf;
@@ -521,7 +521,15 @@ fn convert(a: ConvertArgs) -> Result<()> {
         common::image_spec(out, Some(&a.out_format), false)?
     };
     let rt = common::full_runtime()?;
-    let src_flags = OpenFlags { force_share: a.force_share, cache: src_cache, ..Default::default() };
+    // Like qemu-img, nobody may write to or resize a source while we copy it
+    // (a running VM's image needs -U); that also lets cached raw sources be
+    // mapped instead of copied.
+    let src_flags = OpenFlags {
+        force_share: a.force_share,
+        cache: src_cache,
+        shared: Perm::ALL.without(Perm::WRITE.union(Perm::RESIZE)),
+        ..Default::default()
+    };
     let dst_flags = OpenFlags { write: true, cache: dst_cache, ..Default::default() };
     let (no_create, fmt, out_name, quiet, progress) = (a.no_create, a.out_format.clone(), out.clone(), a.quiet, a.progress);
     let has_backing = create_opts.contains("backing_file");

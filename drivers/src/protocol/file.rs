@@ -67,6 +67,9 @@ pub struct FileNode {
     reserve_ahead: u64,
     reserved_end: AtomicU64,
     reserving: std::sync::atomic::AtomicBool,
+    /// A reservation was attempted (so close truncates), or failed (so no more).
+    reserve_tried: std::sync::atomic::AtomicBool,
+    reserve_failed: std::sync::atomic::AtomicBool,
     _lock: Option<ImageLock>,
 }
 
@@ -190,24 +193,42 @@ impl FileNode {
     /// filesystem that cannot (or a full one) just stops being asked.
     async fn reserve_for(&self, end: u64) {
         let have = self.reserved_end.load(Ordering::Acquire);
-        if self.reserve_ahead == 0 || end + self.reserve_ahead / 2 <= have || self.reserving.swap(true, Ordering::AcqRel) {
+        if self.reserve_ahead == 0
+            || self.reserve_failed.load(Ordering::Acquire)
+            || end.saturating_add(self.reserve_ahead / 2) <= have
+            || self.reserving.swap(true, Ordering::AcqRel)
+        {
             return;
         }
+        // Let the next request try if this one is dropped mid-way.
+        struct Reserving<'a>(&'a std::sync::atomic::AtomicBool);
+        impl Drop for Reserving<'_> {
+            fn drop(&mut self) {
+                self.0.store(false, Ordering::Release);
+            }
+        }
+        let _r = Reserving(&self.reserving);
         let from = have.max(self.size.load(Ordering::Acquire));
-        let to = (end.max(from) + self.reserve_ahead).next_multiple_of(1 << 20);
+        let to = end.max(from).saturating_add(self.reserve_ahead).saturating_add((1 << 20) - 1) & !((1 << 20) - 1);
+        if to <= from {
+            return;
+        }
+        self.reserve_tried.store(true, Ordering::Release);
         match self.fallocate(libc::FALLOC_FL_KEEP_SIZE, from, to - from).await {
-            Ok(()) => self.reserved_end.fetch_max(to, Ordering::AcqRel),
-            // Never try again: u64::MAX covers every end.
-            Err(_) => self.reserved_end.swap(u64::MAX, Ordering::AcqRel),
-        };
-        self.reserving.store(false, Ordering::Release);
+            Ok(()) => {
+                self.reserved_end.fetch_max(to, Ordering::AcqRel);
+            }
+            // Never again (full or unsupported); what was reserved is still
+            // given back at close.
+            Err(_) => self.reserve_failed.store(true, Ordering::Release),
+        }
     }
 
     /// Give back blocks reserved past EOF: a truncate to the current size
     /// frees them.
     fn release_reserved(&self) -> std::io::Result<()> {
-        let r = self.reserved_end.swap(0, Ordering::AcqRel);
-        if self.reserve_ahead == 0 || r == u64::MAX || r <= self.size.load(Ordering::Acquire) {
+        // A failed fallocate may have allocated part of its range too.
+        if !self.reserve_tried.swap(false, Ordering::AcqRel) {
             return Ok(());
         }
         let fd = self.file.fd();
@@ -277,8 +298,9 @@ impl FileNode {
             .await
             .map_err(|e| self.err(e, "truncate", size))?;
         self.size.store(size, Ordering::Release);
-        // The truncate freed any blocks reserved past the old end.
-        if self.reserved_end.load(Ordering::Acquire) != u64::MAX {
+        // A shrink freed the blocks reserved past the old end; a grow keeps
+        // those beyond the new one.
+        if size < cur {
             self.reserved_end.store(size, Ordering::Release);
         }
         if size > cur {
@@ -523,6 +545,9 @@ impl FileDriver {
         opts.take("discard");
         opts.take("aio-max-batch");
         let reserve_ahead = opts.take_size("x-reserve-ahead")?.unwrap_or(0);
+        if reserve_ahead > 1 << 40 {
+            return Err(invalid("x-reserve-ahead may be at most 1T").with_file(&filename));
+        }
         opts.ensure_consumed(&format!("The '{name}' block driver"))?;
 
         if aio == Backend::Native && !direct {
@@ -587,10 +612,20 @@ impl FileDriver {
             align: align.max(1),
             mem_align: mem_align.max(1),
             inflight: RangeTracker::new(),
-            mappable: !write && !direct && !is_blk && locking && !ctx.flags.force_share,
+            // Only when our lock keeps every other writer and resizer out:
+            // a file shrunk under a mapping raises SIGBUS.
+            mappable: !write
+                && !direct
+                && !is_blk
+                && locking
+                && !ctx.flags.force_share
+                && !ctx.flags.shared.contains(Perm::WRITE)
+                && !ctx.flags.shared.contains(Perm::RESIZE),
             reserve_ahead: if write && !is_blk { reserve_ahead } else { 0 },
             reserved_end: AtomicU64::new(size),
             reserving: Default::default(),
+            reserve_tried: Default::default(),
+            reserve_failed: Default::default(),
             _lock: lock,
         }))
     }
@@ -633,6 +668,8 @@ impl FileDriver {
             reserve_ahead: 0,
             reserved_end: AtomicU64::new(0),
             reserving: Default::default(),
+            reserve_tried: Default::default(),
+            reserve_failed: Default::default(),
             _lock: None,
         };
         node.do_truncate(0, true, Prealloc::Off).await?;

@@ -222,7 +222,8 @@ pub async fn sleep(d: std::time::Duration) {
     }
     let shard = shard::expect_current();
     // The op owns the timespec until the kernel is done with it.
-    let ts = Box::new(io_uring::types::Timespec::new().sec(d.as_secs()).nsec(d.subsec_nanos()));
+    // Clamped so the kernel never sees a negative time (it would refuse at once).
+    let ts = Box::new(io_uring::types::Timespec::new().sec(d.as_secs().min(i64::MAX as u64 / 2)).nsec(d.subsec_nanos()));
     let sqe = io_uring::opcode::Timeout::new(&*ts as *const io_uring::types::Timespec).build();
     let key = shard.submit_op(sqe);
     shard.timers.set(shard.timers.get() + 1);

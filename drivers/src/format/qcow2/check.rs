@@ -152,7 +152,13 @@ async fn bitmap_tables(q: &Qcow2, r: &mut Report, counter: &mut Counter, dir_off
     res?;
     let cs = 1u64 << counter.cluster_bits;
     let mut pos = 0usize;
-    for i in 0..n {
+    // Bound the work a hostile directory can ask for: QEMU's limit on the
+    // number of bitmaps, each table read once, and no more entries in all
+    // than the file could hold.
+    let mut seen = std::collections::HashSet::new();
+    let mut budget = q.file.size() / 8 + 1;
+    let mut reported = 0u32;
+    for i in 0..n.min(65535) {
         let Some(e) = dir.get(pos..pos + 24) else {
             r.messages.push(format!("ERROR bitmap directory entry {i} lies beyond the directory ({dir_size} bytes)"));
             r.corruptions += 1;
@@ -171,16 +177,25 @@ async fn bitmap_tables(q: &Qcow2, r: &mut Report, counter: &mut Counter, dir_off
             continue;
         }
         counter.inc(r, table_off, table_size * 8);
-        if table_size == 0 || table_off.saturating_add(table_size * 8) > q.file.size() {
-            continue; // counted above as out of bounds
+        if table_size == 0 || table_off.saturating_add(table_size * 8) > q.file.size() || !seen.insert(table_off) {
+            continue; // out of bounds (counted above as such) or read already
         }
+        if table_size > budget {
+            r.messages.push(format!("ERROR bitmap {i}: tables hold more entries than the file could"));
+            r.corruptions += 1;
+            break;
+        }
+        budget -= table_size;
         for entry in read_u64s(&*q.file, table_off, table_size as usize).await? {
             let data = entry & 0x00ff_ffff_ffff_fe00;
             if data == 0 {
                 continue;
             }
             if data % cs != 0 {
-                r.messages.push(format!("ERROR bitmap {i}: data cluster offset {data:#x} is not cluster aligned"));
+                reported += 1;
+                if reported <= 100 {
+                    r.messages.push(format!("ERROR bitmap {i}: data cluster offset {data:#x} is not cluster aligned"));
+                }
                 r.corruptions += 1;
                 continue;
             }

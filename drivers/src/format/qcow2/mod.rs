@@ -589,7 +589,10 @@ struct CleanInterval(u64);
 impl std::str::FromStr for CleanInterval {
     type Err = Error;
     fn from_str(s: &str) -> Result<CleanInterval> {
-        s.parse::<u64>().map(CleanInterval).map_err(|_| invalid(format!("cache-clean-interval: '{s}' is not a number of seconds")))
+        match s.parse::<u64>() {
+            Ok(v) if v <= u64::from(u32::MAX) => Ok(CleanInterval(v)),
+            _ => Err(invalid(format!("cache-clean-interval: '{s}' is not a number of seconds up to {}", u32::MAX))),
+        }
     }
 }
 
