@@ -82,7 +82,9 @@ done
 fi
 
 echo "== convert 4 GiB mixed raw -> qcow2 =="
-MIX=$W/mixed.raw
+# Not compare.sh's mixed.raw (half random, no text): a shared workdir must
+# not hand one script the other's image.
+MIX=$W/mixed-text.raw
 if [ ! -f "$MIX" ]; then
   truncate -s 4G "$MIX"
   for i in $(seq 0 63); do
