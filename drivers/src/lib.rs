@@ -8,13 +8,19 @@ use std::sync::Arc;
 
 use engine::block::Registry;
 
-/// A registry holding every driver this build has.
+/// A registry holding every driver of this crate.
 pub fn registry() -> Arc<Registry> {
+    Arc::new(new_registry())
+}
+
+/// The drivers of this crate, for a front-end to add its own to (the `nbd`
+/// driver of the nbd crate).
+pub fn new_registry() -> Registry {
     let mut r = Registry::new();
     r.register(Box::new(protocol::file::FileDriver::file()));
     r.register(Box::new(protocol::file::FileDriver::host_device()));
     r.register(Box::new(format::raw::RawDriver));
     r.register(Box::new(format::qcow2::Qcow2Driver));
     r.register(Box::new(filter::blkdebug::BlkdebugDriver));
-    Arc::new(r)
+    r
 }

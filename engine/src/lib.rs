@@ -4,6 +4,7 @@
 pub mod aio;
 pub mod block;
 pub mod error;
+pub mod net;
 pub mod options;
 pub mod runtime;
 pub mod secret;

@@ -65,49 +65,6 @@ impl Run {
     }
 }
 
-/// Where the data of a node lives: its data file or file child.
-fn data_name(node: &Arc<dyn BlockNode>) -> String {
-    let children = node.children();
-    children
-        .iter()
-        .find(|c| c.role == "data-file")
-        .or_else(|| children.iter().find(|c| c.role == "file"))
-        .map_or_else(|| node.filename(), |c| c.node.filename())
-}
-
-/// Status at `off` looked up through the backing chain: the extent, the depth
-/// it was found at and the file holding it. Unallocated ranges at the bottom
-/// of the chain (or past a backing file's end) read as zeroes.
-pub async fn chain_status(node: &Arc<dyn BlockNode>, off: u64, len: u64) -> Result<(engine::block::Extent, u32, String)> {
-    let mut cur = node.clone();
-    let mut depth = 0;
-    let mut len = len;
-    loop {
-        let mut e = cur.block_status(off, len).await?;
-        let backing = engine::block::backing_of(&*cur);
-        if e.allocated {
-            return Ok((e, depth, data_name(&cur)));
-        }
-        match backing {
-            Some(b) if off < b.size() => {
-                len = e.len.min(b.size() - off);
-                cur = b;
-                depth += 1;
-            }
-            Some(_) => {
-                // Past the backing file's end: zeroes, reported at the next depth.
-                e.zero = true;
-                return Ok((e, depth + 1, data_name(&cur)));
-                // (allocated stays false: not present in any layer)
-            }
-            None => {
-                e.zero = true;
-                return Ok((e, depth, data_name(&cur)));
-            }
-        }
-    }
-}
-
 /// Bytes of guest data (not zero) anywhere in the chain, counted in whole
 /// clusters of `cluster` bytes as qemu-img's measure counts them.
 pub async fn allocated_data(node: &Arc<dyn BlockNode>, cluster: u64) -> Result<u64> {
@@ -115,7 +72,7 @@ pub async fn allocated_data(node: &Arc<dyn BlockNode>, cluster: u64) -> Result<u
     let mut off = 0;
     let mut total = 0;
     while off < size {
-        let (e, _, _) = chain_status(node, off, size - off).await?;
+        let (e, _, _) = engine::block::chain_status(node, off, size - off).await?;
         let mut n = e.len;
         if !e.zero && e.data {
             // Extend to the end of the cluster; count from the cluster's start.
@@ -132,7 +89,7 @@ pub async fn runs(node: &Arc<dyn BlockNode>, start: u64, end: u64) -> Result<Vec
     let mut out: Vec<Run> = Vec::new();
     let mut off = start;
     while off < end {
-        let (e, depth, file_name) = chain_status(node, off, end - off).await?;
+        let (e, depth, file_name) = engine::block::chain_status(node, off, end - off).await?;
         let run = Run {
             start: off,
             length: e.len,
@@ -192,7 +149,13 @@ pub fn run(a: MapArgs) -> i32 {
             println!("{:<16}{:<16}{:<16}File", "Offset", "Length", "Mapped to");
             for r in runs.iter().filter(|r| r.data) {
                 if let Some(o) = r.offset {
-                    println!("{:<16}{:<16}{:<16}{}", hex(r.start), hex(r.length), hex(o), r.filename);
+                    println!(
+                        "{:<16}{:<16}{:<16}{}",
+                        hex(r.start),
+                        hex(r.length),
+                        hex(o),
+                        r.filename
+                    );
                 }
             }
         }

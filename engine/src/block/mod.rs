@@ -80,7 +80,11 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { request_alignment: 1, mem_alignment: 1, max_transfer: 0 }
+        Limits {
+            request_alignment: 1,
+            mem_alignment: 1,
+            max_transfer: 0,
+        }
     }
 }
 
@@ -145,12 +149,22 @@ pub trait BlockNode: Send + Sync {
 
     /// Fill `buf` from `offset`. Returns the buffer in every case.
     fn read(&self, offset: u64, buf: IoBuf) -> BoxFuture<'_, (Result<()>, IoBuf)>;
-    fn write(&self, offset: u64, buf: IoBuf, flags: WriteFlags) -> BoxFuture<'_, (Result<()>, IoBuf)>;
+    fn write(
+        &self,
+        offset: u64,
+        buf: IoBuf,
+        flags: WriteFlags,
+    ) -> BoxFuture<'_, (Result<()>, IoBuf)>;
 
     /// Fill only `buf[range]` from `offset` (formats scatter one guest request
     /// over several host extents this way). The default bounces through a
     /// temporary buffer; nodes that can read in place override it.
-    fn read_part(&self, offset: u64, buf: IoBuf, range: Range<usize>) -> BoxFuture<'_, (Result<()>, IoBuf)> {
+    fn read_part(
+        &self,
+        offset: u64,
+        buf: IoBuf,
+        range: Range<usize>,
+    ) -> BoxFuture<'_, (Result<()>, IoBuf)> {
         Box::pin(async move {
             let mut buf = buf;
             if range.is_empty() {
@@ -186,7 +200,13 @@ pub trait BlockNode: Send + Sync {
     /// compression say Unsupported.
     fn write_compressed(&self, _offset: u64, buf: IoBuf) -> BoxFuture<'_, (Result<()>, IoBuf)> {
         Box::pin(async move {
-            (Err(Error::new(ErrorKind::Unsupported, format!("'{}' does not support compression", self.driver()))), buf)
+            (
+                Err(Error::new(
+                    ErrorKind::Unsupported,
+                    format!("'{}' does not support compression", self.driver()),
+                )),
+                buf,
+            )
         })
     }
 
@@ -247,7 +267,13 @@ pub trait BlockNode: Send + Sync {
     /// without metadata to check say Unsupported (qemu-img's exit code 63).
     fn check(&self, _fix: CheckFix) -> BoxFuture<'_, Result<CheckReport>> {
         Box::pin(async move {
-            Err(Error::new(ErrorKind::Unsupported, format!("This image format ({}) does not support checks", self.driver())))
+            Err(Error::new(
+                ErrorKind::Unsupported,
+                format!(
+                    "This image format ({}) does not support checks",
+                    self.driver()
+                ),
+            ))
         })
     }
 
@@ -260,7 +286,10 @@ pub trait BlockNode: Send + Sync {
     /// the image's metadata changes (rebase decides what data to copy).
     fn set_backing(&self, _backing: Option<(String, Option<String>)>) -> BoxFuture<'_, Result<()>> {
         Box::pin(async move {
-            Err(Error::new(ErrorKind::Unsupported, format!("'{}' images have no backing file", self.driver())))
+            Err(Error::new(
+                ErrorKind::Unsupported,
+                format!("'{}' images have no backing file", self.driver()),
+            ))
         })
     }
 
@@ -268,7 +297,10 @@ pub trait BlockNode: Send + Sync {
     /// file (commit empties the committed image this way).
     fn make_empty(&self) -> BoxFuture<'_, Result<()>> {
         Box::pin(async move {
-            Err(Error::new(ErrorKind::Unsupported, format!("'{}' images cannot be emptied", self.driver())))
+            Err(Error::new(
+                ErrorKind::Unsupported,
+                format!("'{}' images cannot be emptied", self.driver()),
+            ))
         })
     }
 
@@ -276,7 +308,13 @@ pub trait BlockNode: Send + Sync {
     /// refuse what they cannot change, naming the option.
     fn amend(&self, _opts: crate::options::OptionTree) -> BoxFuture<'_, Result<()>> {
         Box::pin(async move {
-            Err(Error::new(ErrorKind::Unsupported, format!("Format driver '{}' does not support option amendment", self.driver())))
+            Err(Error::new(
+                ErrorKind::Unsupported,
+                format!(
+                    "Format driver '{}' does not support option amendment",
+                    self.driver()
+                ),
+            ))
         })
     }
 
@@ -308,7 +346,9 @@ pub fn check_request(node: &dyn BlockNode, offset: u64, len: u64) -> Result<()> 
 /// Check that a node may be written.
 pub fn check_writable(node: &dyn BlockNode) -> Result<()> {
     if node.read_only() {
-        return Err(Error::new(ErrorKind::ReadOnly, "image is opened read-only").with_file(node.filename()));
+        return Err(
+            Error::new(ErrorKind::ReadOnly, "image is opened read-only").with_file(node.filename())
+        );
     }
     Ok(())
 }
@@ -320,7 +360,12 @@ pub fn check_write(node: &dyn BlockNode, offset: u64, len: u64) -> Result<()> {
 }
 
 /// Write zeroes by writing zero buffers in chunks: the fallback every node may use.
-pub async fn write_zero_buffers(node: &dyn BlockNode, mut offset: u64, len: u64, fua: bool) -> Result<()> {
+pub async fn write_zero_buffers(
+    node: &dyn BlockNode,
+    mut offset: u64,
+    len: u64,
+    fua: bool,
+) -> Result<()> {
     const CHUNK: u64 = 1 << 20;
     let end = offset + len;
     let mut buf = IoBuf::zeroed(CHUNK.min(len) as usize);
@@ -337,7 +382,10 @@ pub async fn write_zero_buffers(node: &dyn BlockNode, mut offset: u64, len: u64,
 
 /// The node's backing image, if it has one.
 pub fn backing_of(node: &dyn BlockNode) -> Option<Arc<dyn BlockNode>> {
-    node.children().into_iter().find(|c| c.role == "backing").map(|c| c.node)
+    node.children()
+        .into_iter()
+        .find(|c| c.role == "backing")
+        .map(|c| c.node)
 }
 
 /// A file name an image records (a backing file) resolved as QEMU resolves
@@ -350,6 +398,53 @@ pub fn resolve_relative(image: &str, name: &str) -> String {
     match std::path::Path::new(image).parent() {
         Some(dir) if !dir.as_os_str().is_empty() => dir.join(name).to_string_lossy().into_owned(),
         _ => name.to_string(),
+    }
+}
+
+/// Where the data of a node lives: its data file or file child.
+fn data_name(node: &Arc<dyn BlockNode>) -> String {
+    let children = node.children();
+    children
+        .iter()
+        .find(|c| c.role == "data-file")
+        .or_else(|| children.iter().find(|c| c.role == "file"))
+        .map_or_else(|| node.filename(), |c| c.node.filename())
+}
+
+/// Status at `off` looked up through the backing chain: the extent, the depth
+/// it was found at and the file holding it. Unallocated ranges at the bottom
+/// of the chain (or past a backing file's end) read as zeroes.
+pub async fn chain_status(
+    node: &Arc<dyn BlockNode>,
+    off: u64,
+    len: u64,
+) -> Result<(Extent, u32, String)> {
+    let mut cur = node.clone();
+    let mut depth = 0;
+    let mut len = len;
+    loop {
+        let mut e = cur.block_status(off, len).await?;
+        let backing = backing_of(&*cur);
+        if e.allocated {
+            return Ok((e, depth, data_name(&cur)));
+        }
+        match backing {
+            Some(b) if off < b.size() => {
+                len = e.len.min(b.size() - off);
+                cur = b;
+                depth += 1;
+            }
+            Some(_) => {
+                // Past the backing file's end: zeroes, reported at the next depth.
+                e.zero = true;
+                return Ok((e, depth + 1, data_name(&cur)));
+                // (allocated stays false: not present in any layer)
+            }
+            None => {
+                e.zero = true;
+                return Ok((e, depth, data_name(&cur)));
+            }
+        }
     }
 }
 

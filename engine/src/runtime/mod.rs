@@ -15,8 +15,8 @@ use std::task::{Context, Poll};
 use std::thread;
 
 pub use buf::{BufPool, IoBuf, BUF_ALIGN};
-pub use join::{JoinHandle, LocalJoinHandle};
 pub(crate) use join::channel as join_channel;
+pub use join::{JoinHandle, LocalJoinHandle};
 
 use crate::error::{Error, Result};
 use shard::{Shard, ShardShared};
@@ -107,7 +107,11 @@ impl Runtime {
             // In poll mode the SQPOLL kernel thread inherits the shard thread's
             // affinity; pinned to the same core, the two spinners starve each
             // other. Leave both to the scheduler then.
-            let cpu = if cfg.pin && !cfg.poll && !cpus.is_empty() { Some(cpus[i % cpus.len()]) } else { None };
+            let cpu = if cfg.pin && !cfg.poll && !cpus.is_empty() {
+                Some(cpus[i % cpus.len()])
+            } else {
+                None
+            };
             let thread = thread::Builder::new()
                 .name(format!("ringblk-shard-{i}"))
                 .spawn(move || {
@@ -128,8 +132,13 @@ impl Runtime {
                     drop(shard);
                 })
                 .map_err(|e| Error::os("spawn shard thread", e))?;
-            let ready = ready_rx.recv().unwrap_or_else(|_| Err(std::io::Error::other("shard thread died")));
-            shards.push(ShardThread { shared, thread: Some(thread) });
+            let ready = ready_rx
+                .recv()
+                .unwrap_or_else(|_| Err(std::io::Error::other("shard thread died")));
+            shards.push(ShardThread {
+                shared,
+                thread: Some(thread),
+            });
             if let Err(e) = ready {
                 let rt = Runtime { shards };
                 drop(rt);
@@ -141,7 +150,11 @@ impl Runtime {
 
     /// One shard, defaults otherwise: what tests and simple tools use.
     pub fn single() -> Result<Runtime> {
-        Runtime::new(RuntimeConfig { shards: 1, pin: false, ..Default::default() })
+        Runtime::new(RuntimeConfig {
+            shards: 1,
+            pin: false,
+            ..Default::default()
+        })
     }
 
     pub fn shards(&self) -> usize {
@@ -223,7 +236,11 @@ pub async fn sleep(d: std::time::Duration) {
     let shard = shard::expect_current();
     // The op owns the timespec until the kernel is done with it.
     // Clamped so the kernel never sees a negative time (it would refuse at once).
-    let ts = Box::new(io_uring::types::Timespec::new().sec(d.as_secs().min(i64::MAX as u64 / 2)).nsec(d.subsec_nanos()));
+    let ts = Box::new(
+        io_uring::types::Timespec::new()
+            .sec(d.as_secs().min(i64::MAX as u64 / 2))
+            .nsec(d.subsec_nanos()),
+    );
     let sqe = io_uring::opcode::Timeout::new(&*ts as *const io_uring::types::Timespec).build();
     let key = shard.submit_op(sqe);
     shard.timers.set(shard.timers.get() + 1);
@@ -277,7 +294,9 @@ fn allowed_cpus() -> Vec<usize> {
         if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
             return Vec::new();
         }
-        (0..libc::CPU_SETSIZE as usize).filter(|&c| libc::CPU_ISSET(c, &set)).collect()
+        (0..libc::CPU_SETSIZE as usize)
+            .filter(|&c| libc::CPU_ISSET(c, &set))
+            .collect()
     }
 }
 
@@ -296,4 +315,85 @@ mod tests;
 /// (free, total) buffers in the current shard's pool; (0, 0) off-shard.
 pub fn pool_stats() -> (usize, usize) {
     shard::current().map_or((0, 0), |s| (s.pool.available(), s.pool.count()))
+}
+
+/// A handle to the shard running this code, to post work back to it from
+/// another shard.
+pub fn current_handle() -> Option<ShardHandle> {
+    shard::current().map(|s| ShardHandle(s.shared.clone()))
+}
+
+thread_local! {
+    static LOCALS: std::cell::RefCell<std::collections::HashMap<u64, std::rc::Rc<dyn std::any::Any>>> =
+        std::cell::RefCell::new(std::collections::HashMap::new());
+}
+
+static NEXT_LOCAL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+/// State a shared (Send + Sync) object keeps per shard, such as a network
+/// connection whose tasks live on that shard. Each shard sees its own value;
+/// dropping the owner drops every shard's value on that shard.
+pub struct ShardLocal<T: 'static> {
+    uid: u64,
+    on: std::sync::Mutex<Vec<std::sync::Weak<ShardShared>>>,
+    _t: std::marker::PhantomData<fn() -> T>,
+}
+
+impl<T: 'static> Default for ShardLocal<T> {
+    fn default() -> Self {
+        ShardLocal {
+            uid: NEXT_LOCAL.fetch_add(1, Ordering::Relaxed),
+            on: std::sync::Mutex::new(Vec::new()),
+            _t: std::marker::PhantomData,
+        }
+    }
+}
+
+impl<T: 'static> ShardLocal<T> {
+    /// This shard's value, if set.
+    pub fn get(&self) -> Option<std::rc::Rc<T>> {
+        LOCALS
+            .with(|l| l.borrow().get(&self.uid).cloned())
+            .and_then(|v| v.downcast::<T>().ok())
+    }
+
+    /// Set this shard's value (must run on a shard).
+    pub fn set(&self, v: std::rc::Rc<T>) {
+        let here = shard::expect_current();
+        let old = LOCALS.with(|l| l.borrow_mut().insert(self.uid, v));
+        if old.is_none() {
+            self.on
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(Arc::downgrade(&here.shared));
+        }
+        drop(old);
+    }
+
+    /// Drop this shard's value.
+    pub fn remove(&self) {
+        let old = LOCALS.with(|l| l.borrow_mut().remove(&self.uid));
+        drop(old);
+    }
+}
+
+impl<T: 'static> Drop for ShardLocal<T> {
+    fn drop(&mut self) {
+        let uid = self.uid;
+        for weak in std::mem::take(&mut *self.on.lock().unwrap_or_else(|e| e.into_inner())) {
+            let Some(shared) = weak.upgrade() else {
+                continue;
+            };
+            match shard::current() {
+                Some(s) if s.shared.uid == shared.uid => {
+                    let old = LOCALS.with(|l| l.borrow_mut().remove(&uid));
+                    drop(old);
+                }
+                _ => shared.post(Box::new(move || {
+                    let old = LOCALS.with(|l| l.borrow_mut().remove(&uid));
+                    drop(old);
+                })),
+            }
+        }
+    }
 }

@@ -1,0 +1,131 @@
+//! The NBD server: what an export is, the server-wide settings and counters,
+//! and how a new connection goes from accept to transmission. Negotiation is in
+//! `handshake.rs`, the transmission phase in `conn.rs`, TLS in `tls.rs`, the
+//! accept loop in `listen.rs`.
+
+mod conn;
+mod handshake;
+pub mod listen;
+pub mod tls;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use engine::block::BlockNode;
+
+use crate::proto::*;
+
+pub use handshake::Negotiated;
+
+/// `--detect-zeroes`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum DetectZeroes {
+    #[default]
+    Off,
+    On,
+    Unmap,
+}
+
+/// One exported image.
+pub struct Export {
+    pub name: String,
+    pub description: Option<String>,
+    pub node: Arc<dyn BlockNode>,
+    /// `-o`: where the export starts in the image.
+    pub offset: u64,
+    pub size: u64,
+    pub read_only: bool,
+    /// `-A`: offer `qemu:allocation-depth`.
+    pub allocation_depth: bool,
+    /// Advertise NBD_FLAG_CAN_MULTI_CONN.
+    pub multi_conn: bool,
+    /// `--discard=unmap`: TRIM and zero writes may deallocate.
+    pub discard: bool,
+    pub detect_zeroes: DetectZeroes,
+}
+
+impl Export {
+    /// Transmission flags for this export.
+    pub fn flags(&self) -> u16 {
+        let mut f = TF_HAS_FLAGS
+            | TF_SEND_FLUSH
+            | TF_SEND_FUA
+            | TF_SEND_WRITE_ZEROES
+            | TF_SEND_DF
+            | TF_SEND_CACHE
+            | TF_SEND_FAST_ZERO;
+        if self.read_only {
+            f |= TF_READ_ONLY;
+        } else {
+            f |= TF_SEND_TRIM;
+        }
+        if self.multi_conn {
+            f |= TF_CAN_MULTI_CONN;
+        }
+        f
+    }
+
+    /// (minimum, preferred, maximum) block sizes advertised with NBD_INFO_BLOCK_SIZE.
+    pub fn block_sizes(&self, max_request: u32) -> (u32, u32, u32) {
+        let min = self.node.limits().request_alignment.max(1);
+        (min, min.max(4096), max_request)
+    }
+}
+
+/// Counters over the server's life, for `-v` and the benchmarks.
+#[derive(Default)]
+pub struct Stats {
+    pub requests: AtomicU64,
+    /// Payload bytes sent to clients (reads).
+    pub served_bytes: AtomicU64,
+    /// Payload bytes received from clients (writes).
+    pub received_bytes: AtomicU64,
+    /// Bytes of read payload copied in user space on the way out (TLS
+    /// encryption is a copy). Zero on the plain read path.
+    pub read_copied_bytes: AtomicU64,
+    /// Bytes of write payload copied in user space (the part of a payload
+    /// that arrived in the same receive as its header).
+    pub write_copied_bytes: AtomicU64,
+}
+
+impl Stats {
+    pub fn add(c: &AtomicU64, n: u64) {
+        c.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn line(&self) -> String {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        format!(
+            "requests={} served-bytes={} user-copied-bytes={} received-bytes={} write-copied-bytes={}",
+            g(&self.requests),
+            g(&self.served_bytes),
+            g(&self.read_copied_bytes),
+            g(&self.received_bytes),
+            g(&self.write_copied_bytes)
+        )
+    }
+}
+
+/// Server-wide settings.
+pub struct Server {
+    pub export: Arc<Export>,
+    pub tls: Option<tls::TlsServer>,
+    /// Longest a client may take to finish negotiating (None: no limit).
+    pub handshake_limit: Option<Duration>,
+    /// Largest payload or read a request may ask for.
+    pub max_request: u32,
+    pub stats: Stats,
+    pub verbose: bool,
+}
+
+/// 32 MiB: the largest request the spec says servers should accept.
+pub const DEFAULT_MAX_REQUEST: u32 = 32 << 20;
+
+impl Server {
+    pub fn log(&self, msg: impl std::fmt::Display) {
+        if self.verbose {
+            eprintln!("ringblk-nbd: {msg}");
+        }
+    }
+}
