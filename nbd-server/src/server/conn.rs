@@ -8,6 +8,7 @@
 use std::cell::{Cell, RefCell};
 use std::future::poll_fn;
 use std::io::{self, Read, Write};
+use std::ops::Range;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::task::{Poll, Waker};
@@ -312,6 +313,7 @@ async fn writer(c: Rc<Conn>) {
         };
         if !parts.is_empty() && !c.dead.get() {
             let (r, parts) = c.send(parts).await;
+            Stats::add(&c.server.stats.sends, 1);
             if let Err(e) = r {
                 if !c.dead.get() {
                     c.server.log(format!("sending reply: {e}"));
@@ -337,7 +339,7 @@ async fn writer(c: Rc<Conn>) {
 async fn reader(c: &Rc<Conn>) -> io::Result<()> {
     let ext = c.mode == ReplyMode::Extended;
     let hlen = Request::header_len(ext);
-    let mut stage = IoBuf::heap(STAGE);
+    let mut stage = IoBuf::new(STAGE);
     let (mut start, mut end) = (0usize, 0usize);
     loop {
         while end - start < hlen {
@@ -347,6 +349,7 @@ async fn reader(c: &Rc<Conn>) -> io::Result<()> {
                 start = 0;
             }
             let (r, b) = c.recv(stage, end..STAGE).await;
+            Stats::add(&c.server.stats.recvs, 1);
             stage = b;
             match r? {
                 0 => return Ok(()),
@@ -378,21 +381,37 @@ async fn reader(c: &Rc<Conn>) -> io::Result<()> {
                 return Ok(());
             }
             let len = req.len as usize;
-            let mut buf = c.buffer(len);
-            let have = (end - start).min(len);
-            buf[..have].copy_from_slice(&stage[start..start + have]);
-            Stats::add(&c.server.stats.write_copied_bytes, have as u64);
-            start += have;
-            let (r, b) = c.recv_exact(buf, have..len).await;
-            r?;
+            if end - start >= len && end - start - len < hlen {
+                // The payload is the last thing received: the receive buffer
+                // becomes the write's buffer, and a fresh one takes over
+                // receiving (with the partial header, if any, that followed).
+                // Payloads with more behind them are copied out instead, so
+                // a batch of requests is never copied over and over.
+                let mut fresh = IoBuf::new(STAGE);
+                let rest = end - start - len;
+                fresh[..rest].copy_from_slice(&stage[start + len..end]);
+                let full = std::mem::replace(&mut stage, fresh);
+                payload = Some((full, start..start + len));
+                (start, end) = (0, rest);
+            } else {
+                // Partly here, or followed by more requests: copy what is
+                // here, receive the rest in place.
+                let mut buf = c.buffer(len);
+                let have = (end - start).min(len);
+                buf[..have].copy_from_slice(&stage[start..start + have]);
+                Stats::add(&c.server.stats.write_copied_bytes, have as u64);
+                start += have;
+                let (r, b) = c.recv_exact(buf, have..len).await;
+                r?;
+                payload = Some((b, 0..len));
+            }
             Stats::add(&c.server.stats.received_bytes, len as u64);
-            payload = Some(b);
         }
         let held = if req.ty == CMD_READ {
             req.len.min(u64::from(c.server.max_request)) as usize
         } else {
             0
-        } + payload.as_ref().map_or(0, |p| p.len());
+        } + payload.as_ref().map_or(0, |p| p.0.capacity());
         c.inflight.set(c.inflight.get() + 1);
         c.held.set(c.held.get() + held);
         let c2 = c.clone();
@@ -433,7 +452,7 @@ fn fail(errno: u32, msg: impl Into<String>) -> Fail {
     Fail(errno, msg.into())
 }
 
-async fn handle(c: Rc<Conn>, req: Request, payload: Option<IoBuf>, held: usize) {
+async fn handle(c: Rc<Conn>, req: Request, payload: Option<(IoBuf, Range<usize>)>, held: usize) {
     let parts = match run(&c, &req, payload).await {
         Ok(parts) => parts,
         Err(Fail(errno, msg)) => error_reply(&c, &req, errno, &msg),
@@ -502,7 +521,11 @@ fn allowed_flags(c: &Conn, ty: u16) -> u16 {
     }
 }
 
-async fn run(c: &Conn, req: &Request, payload: Option<IoBuf>) -> Result<Vec<SendPart>, Fail> {
+async fn run(
+    c: &Conn,
+    req: &Request,
+    payload: Option<(IoBuf, Range<usize>)>,
+) -> Result<Vec<SendPart>, Fail> {
     let e = &*c.export;
     if req.flags & !allowed_flags(c, req.ty) != 0 {
         return Err(fail(
@@ -552,11 +575,11 @@ async fn run(c: &Conn, req: &Request, payload: Option<IoBuf>) -> Result<Vec<Send
     match req.ty {
         CMD_READ => read(c, req).await,
         CMD_WRITE => {
-            let buf = payload.expect("WRITE has a payload");
+            let (buf, range) = payload.expect("WRITE has a payload");
             if req.len == 0 {
                 return Ok(ok_reply(c, req));
             }
-            if e.detect_zeroes != DetectZeroes::Off && buf.iter().all(|&b| b == 0) {
+            if e.detect_zeroes != DetectZeroes::Off && buf[range.clone()].iter().all(|&b| b == 0) {
                 let may_unmap = e.detect_zeroes == DetectZeroes::Unmap && e.discard;
                 node.write_zeroes(
                     off,
@@ -571,7 +594,7 @@ async fn run(c: &Conn, req: &Request, payload: Option<IoBuf>) -> Result<Vec<Send
                 c.recycle(buf);
                 return Ok(ok_reply(c, req));
             }
-            let (r, buf) = node.write(off, buf, WriteFlags { fua }).await;
+            let (r, buf) = node.write_part(off, buf, range, WriteFlags { fua }).await;
             c.recycle(buf);
             r?;
             Ok(ok_reply(c, req))

@@ -87,6 +87,10 @@ pub struct Stats {
     /// Bytes of write payload copied in user space (the part of a payload
     /// that arrived in the same receive as its header).
     pub write_copied_bytes: AtomicU64,
+    /// Receives and sends on the wire: requests per receive and replies per
+    /// send show how well the connection batches.
+    pub recvs: AtomicU64,
+    pub sends: AtomicU64,
 }
 
 impl Stats {
@@ -97,12 +101,14 @@ impl Stats {
     pub fn line(&self) -> String {
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
         format!(
-            "requests={} served-bytes={} user-copied-bytes={} received-bytes={} write-copied-bytes={}",
+            "requests={} served-bytes={} user-copied-bytes={} received-bytes={} write-copied-bytes={} recvs={} sends={}",
             g(&self.requests),
             g(&self.served_bytes),
             g(&self.read_copied_bytes),
             g(&self.received_bytes),
-            g(&self.write_copied_bytes)
+            g(&self.write_copied_bytes),
+            g(&self.recvs),
+            g(&self.sends)
         )
     }
 }
