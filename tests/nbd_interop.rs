@@ -788,3 +788,44 @@ fn extended_headers_carry_64_bit_lengths() {
     assert_eq!(ex.iter().map(|e| e.0).sum::<u64>(), 6 << 30);
     drop(s);
 }
+
+#[test]
+fn snapshot_overlay_and_offset() {
+    if !have("qemu-io") || !have("nbdcopy") {
+        return;
+    }
+    let d = tmp();
+    let img = d.path().join("s.raw");
+    random_raw(&img, 4 << 20, 13);
+    let orig = std::fs::read(&img).unwrap();
+    // -s: writes land in a temporary overlay; the image never changes.
+    let s = Server::ringblk(
+        Via::Unix(d.path().join("s.sock")),
+        &["-s", "-t", "-f", "raw", img.to_str().unwrap()],
+    );
+    run(Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 0x33 0 1M", &s.uri("")]));
+    run(Command::new("qemu-io").args(["-f", "raw", "-c", "read -P 0x33 0 1M", &s.uri("")]));
+    drop(s);
+    assert!(
+        std::fs::read(&img).unwrap() == orig,
+        "-s must not write the image"
+    );
+    // -o: the export starts 1 MiB in; -e 1 means no multi-conn, so
+    // nbdcopy's extra connections are not left waiting.
+    let s = Server::ringblk(
+        Via::Unix(d.path().join("o.sock")),
+        &["-o", "1M", "-r", "-t", "-f", "raw", img.to_str().unwrap()],
+    );
+    let multi = output(Command::new("nbdinfo").args(["--can", "multi-conn", &s.uri("")]));
+    assert_eq!(
+        multi.status.code(),
+        Some(2),
+        "-e 1 does not advertise multi-conn"
+    );
+    let out = d.path().join("tail.raw");
+    run(Command::new("nbdcopy").arg(s.uri("")).arg(&out));
+    assert!(
+        std::fs::read(&out).unwrap() == orig[1 << 20..],
+        "-o 1M exports the image from 1 MiB on"
+    );
+}

@@ -289,7 +289,9 @@ fn real_main(args: Args) -> Result<ExitCode> {
         size: size - offset,
         read_only,
         allocation_depth: args.allocation_depth,
-        multi_conn: read_only || args.shared != 1,
+        // As qemu-nbd: only when several clients may connect at once; a
+        // multi-conn client would otherwise wait for connections never accepted.
+        multi_conn: args.shared != 1,
         discard,
         detect_zeroes,
     });
