@@ -11,17 +11,12 @@ fn ringblk() -> PathBuf {
     // target/<profile>/deps/<test-binary> -> target/<profile>/ringblk
     let exe = std::env::current_exe().unwrap();
     let p = exe.parent().unwrap().parent().unwrap().join("ringblk");
-    assert!(
-        p.exists(),
-        "{} missing: build the workspace binaries first (scripts/test.sh does)",
-        p.display()
-    );
+    assert!(p.exists(), "{} missing: build the workspace binaries first (scripts/test.sh does)", p.display());
     p
 }
 
 fn output(cmd: &mut Command) -> Output {
-    cmd.output()
-        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"))
+    cmd.output().unwrap_or_else(|e| panic!("running {cmd:?}: {e}"))
 }
 
 fn rb(args: &[&str]) -> Output {
@@ -33,12 +28,7 @@ fn qi(args: &[&str]) -> Output {
 }
 
 fn ok(o: Output) -> String {
-    assert!(
-        o.status.success(),
-        "failed: {}\n{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
+    assert!(o.status.success(), "failed: {}\n{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
     String::from_utf8(o.stdout).unwrap()
 }
 
@@ -79,10 +69,8 @@ fn info_json_and_human_match_qemu_img_for_raw() {
     let mixed = d.path().join("mixed.raw");
     mixed_image(&mixed, 3 << 20, 7);
     for img in [&created, &mixed] {
-        let ours: serde_json::Value =
-            serde_json::from_str(&ok(rb(&["info", "--output=json", s(img)]))).unwrap();
-        let theirs: serde_json::Value =
-            serde_json::from_str(&ok(qi(&["info", "--output=json", s(img)]))).unwrap();
+        let ours: serde_json::Value = serde_json::from_str(&ok(rb(&["info", "--output=json", s(img)]))).unwrap();
+        let theirs: serde_json::Value = serde_json::from_str(&ok(qi(&["info", "--output=json", s(img)]))).unwrap();
         assert_eq!(ours, theirs, "info json differs for {}", img.display());
         assert_eq!(ok(rb(&["info", s(img)])), ok(qi(&["info", s(img)])));
     }
@@ -98,15 +86,11 @@ fn map_json_is_identical_to_qemu_img() {
         return;
     }
     let d = tempfile::tempdir().unwrap();
-    let cases: Vec<(PathBuf, u64, u64)> = vec![
-        ("a", 8 << 20, 1),
-        ("b", 5 << 20, 2),
-        ("c", 1000, 3),
-        ("d", (4 << 20) + 123, 4),
-    ]
-    .into_iter()
-    .map(|(n, size, seed)| (d.path().join(n), size, seed))
-    .collect();
+    let cases: Vec<(PathBuf, u64, u64)> =
+        vec![("a", 8 << 20, 1), ("b", 5 << 20, 2), ("c", 1000, 3), ("d", (4 << 20) + 123, 4)]
+            .into_iter()
+            .map(|(n, size, seed)| (d.path().join(n), size, seed))
+            .collect();
     for (p, size, seed) in &cases {
         mixed_image(p, *size, *seed);
         for fmt in [&["--output=json"][..], &[][..]] {
@@ -121,10 +105,7 @@ fn map_json_is_identical_to_qemu_img() {
     }
     // Fully sparse and fully allocated files.
     let hole = d.path().join("hole.raw");
-    std::fs::File::create(&hole)
-        .unwrap()
-        .set_len(16 << 20)
-        .unwrap();
+    std::fs::File::create(&hole).unwrap().set_len(16 << 20).unwrap();
     let full = d.path().join("full.raw");
     std::fs::write(&full, vec![0xabu8; 1 << 20]).unwrap();
     for p in [&hole, &full] {
@@ -150,15 +131,7 @@ fn convert_output_matches_source_and_qemu_convert() {
         vec!["-S", "64k", "-t", "none"],
     ];
     let theirs = d.path().join("qemu.raw");
-    ok(qi(&[
-        "convert",
-        "-f",
-        "raw",
-        "-O",
-        "raw",
-        s(&src),
-        s(&theirs),
-    ]));
+    ok(qi(&["convert", "-f", "raw", "-O", "raw", s(&src), s(&theirs)]));
     for (i, v) in variants.iter().enumerate() {
         let out = d.path().join(format!("out{i}.raw"));
         let mut a = vec!["convert", "-q", "-f", "raw", "-O", "raw"];
@@ -167,85 +140,31 @@ fn convert_output_matches_source_and_qemu_convert() {
         a.push(s(&out));
         ok(rb(&a));
         let c = qi(&["compare", "-f", "raw", "-F", "raw", s(&src), s(&out)]);
-        assert!(
-            c.status.success(),
-            "convert {v:?}: {}",
-            String::from_utf8_lossy(&c.stdout)
-        );
+        assert!(c.status.success(), "convert {v:?}: {}", String::from_utf8_lossy(&c.stdout));
         if v.is_empty() || v[0] == "-W" {
             // Same sparseness as qemu-img's own convert.
             let m = |p: &Path| ok(qi(&["map", "--output=json", "-f", "raw", s(p)]));
-            assert_eq!(
-                m(&out),
-                m(&theirs),
-                "convert {v:?} allocated differently from qemu-img convert"
-            );
+            assert_eq!(m(&out), m(&theirs), "convert {v:?} allocated differently from qemu-img convert");
         }
         if v.first() == Some(&"-S") && v[1] == "0" {
-            let info: serde_json::Value =
-                serde_json::from_str(&ok(qi(&["info", "--output=json", s(&out)]))).unwrap();
-            assert!(
-                info["actual-size"].as_u64().unwrap() >= 24 << 20,
-                "-S 0 must allocate everything"
-            );
+            let info: serde_json::Value = serde_json::from_str(&ok(qi(&["info", "--output=json", s(&out)]))).unwrap();
+            assert!(info["actual-size"].as_u64().unwrap() >= 24 << 20, "-S 0 must allocate everything");
         }
     }
     // -n onto an existing image full of garbage: zero regions must be zeroed.
     let existing = d.path().join("existing.raw");
     std::fs::write(&existing, vec![0x5au8; 24 << 20]).unwrap();
-    ok(rb(&[
-        "convert",
-        "-q",
-        "-n",
-        "-f",
-        "raw",
-        "-O",
-        "raw",
-        s(&src),
-        s(&existing),
-    ]));
-    assert!(
-        qi(&["compare", "-f", "raw", "-F", "raw", s(&src), s(&existing)])
-            .status
-            .success()
-    );
+    ok(rb(&["convert", "-q", "-n", "-f", "raw", "-O", "raw", s(&src), s(&existing)]));
+    assert!(qi(&["compare", "-f", "raw", "-F", "raw", s(&src), s(&existing)]).status.success());
     // -p ends with qemu-img's progress figure.
-    let out = ok(rb(&[
-        "convert",
-        "-p",
-        "-f",
-        "raw",
-        "-O",
-        "raw",
-        s(&src),
-        s(&d.path().join("p.raw")),
-    ]));
+    let out = ok(rb(&["convert", "-p", "-f", "raw", "-O", "raw", s(&src), s(&d.path().join("p.raw"))]));
     assert!(out.contains("(100.00/100%)"), "{out}");
     // Two sources are concatenated.
     let cat = d.path().join("cat.raw");
-    ok(rb(&[
-        "convert",
-        "-q",
-        "-f",
-        "raw",
-        "-O",
-        "raw",
-        s(&src),
-        s(&src),
-        s(&cat),
-    ]));
+    ok(rb(&["convert", "-q", "-f", "raw", "-O", "raw", s(&src), s(&src), s(&cat)]));
     assert_eq!(std::fs::metadata(&cat).unwrap().len(), 48 << 20);
     let qcat = d.path().join("qcat.raw");
-    ok(qi(&[
-        "convert",
-        "-f",
-        "raw",
-        "-O",
-        "raw",
-        s(&src),
-        s(&src),
-        s(&qcat),
-    ]));
+    ok(qi(&["convert", "-f", "raw", "-O", "raw", s(&src), s(&src), s(&qcat)]));
     assert!(qi(&["compare", s(&cat), s(&qcat)]).status.success());
 }
 
@@ -265,11 +184,7 @@ fn compare_agrees_with_qemu_img() {
     for (i, off) in [0u64, 511, 4096 * 7 + 3, (6 << 20) - 1].iter().enumerate() {
         let p = d.path().join(format!("diff{i}.raw"));
         std::fs::copy(&base, &p).unwrap();
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&p)
-            .unwrap();
+        let f = std::fs::OpenOptions::new().read(true).write(true).open(&p).unwrap();
         let mut b = [0u8];
         f.read_exact_at(&mut b, *off).unwrap();
         f.write_all_at(&[b[0] ^ 0xff], *off).unwrap();
@@ -277,19 +192,11 @@ fn compare_agrees_with_qemu_img() {
     }
     let zero_tail = d.path().join("zerotail.raw");
     std::fs::copy(&base, &zero_tail).unwrap();
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&zero_tail)
-        .unwrap()
-        .set_len(8 << 20)
-        .unwrap();
+    std::fs::OpenOptions::new().write(true).open(&zero_tail).unwrap().set_len(8 << 20).unwrap();
     cases.push(zero_tail);
     let data_tail = d.path().join("datatail.raw");
     std::fs::copy(&base, &data_tail).unwrap();
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .open(&data_tail)
-        .unwrap();
+    let f = std::fs::OpenOptions::new().write(true).open(&data_tail).unwrap();
     f.set_len(8 << 20).unwrap();
     f.write_all_at(&[1], (7 << 20) + 5).unwrap();
     cases.push(data_tail);
@@ -307,11 +214,7 @@ fn compare_agrees_with_qemu_img() {
             a.push(s(c));
             let (o, q) = (rb(&a), qi(&a));
             assert_eq!(o.status.code(), q.status.code(), "exit code for {a:?}");
-            assert_eq!(
-                String::from_utf8_lossy(&o.stdout),
-                String::from_utf8_lossy(&q.stdout),
-                "output for {a:?}"
-            );
+            assert_eq!(String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&q.stdout), "output for {a:?}");
         }
     }
     let o = rb(&["compare", "/nonexistent/x.raw", s(&base)]);
@@ -327,21 +230,10 @@ fn dd_resize_measure_match_qemu_img() {
     let d = tempfile::tempdir().unwrap();
     let src = d.path().join("src.raw");
     mixed_image(&src, 10 << 20, 9);
-    for ops in [
-        vec!["bs=64k", "count=100", "skip=20"],
-        vec!["bs=4k"],
-        vec!["bs=1M", "skip=3"],
-        vec!["bs=512", "count=7"],
-    ] {
+    for ops in [vec!["bs=64k", "count=100", "skip=20"], vec!["bs=4k"], vec!["bs=1M", "skip=3"], vec!["bs=512", "count=7"]] {
         let (a, b) = (d.path().join("a.raw"), d.path().join("b.raw"));
         let args = |out: &Path| {
-            let mut v = vec![
-                "dd".to_string(),
-                "-f".into(),
-                "raw".into(),
-                "-O".into(),
-                "raw".into(),
-            ];
+            let mut v = vec!["dd".to_string(), "-f".into(), "raw".into(), "-O".into(), "raw".into()];
             v.extend(ops.iter().map(|x| x.to_string()));
             v.push(format!("if={}", s(&src)));
             v.push(format!("of={}", s(out)));
@@ -349,21 +241,13 @@ fn dd_resize_measure_match_qemu_img() {
         };
         ok(output(Command::new(ringblk()).args(args(&a))));
         ok(output(Command::new("qemu-img").args(args(&b))));
-        assert_eq!(
-            std::fs::read(&a).unwrap(),
-            std::fs::read(&b).unwrap(),
-            "dd {ops:?}"
-        );
+        assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap(), "dd {ops:?}");
     }
     let img = d.path().join("r.raw");
     ok(rb(&["create", "-q", "-f", "raw", s(&img), "10M"]));
-    assert_eq!(
-        ok(rb(&["resize", "-f", "raw", s(&img), "+2M"])),
-        "Image resized.\n"
-    );
+    assert_eq!(ok(rb(&["resize", "-f", "raw", s(&img), "+2M"])), "Image resized.\n");
     let size = |p: &Path| {
-        serde_json::from_str::<serde_json::Value>(&ok(qi(&["info", "--output=json", s(p)])))
-            .unwrap()["virtual-size"]
+        serde_json::from_str::<serde_json::Value>(&ok(qi(&["info", "--output=json", s(p)]))).unwrap()["virtual-size"]
             .as_u64()
             .unwrap()
     };
@@ -371,60 +255,25 @@ fn dd_resize_measure_match_qemu_img() {
     let o = rb(&["resize", "-f", "raw", s(&img), "1M"]);
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("--shrink"));
-    assert_eq!(
-        size(&img),
-        12 << 20,
-        "a refused shrink must not change the image"
-    );
+    assert_eq!(size(&img), 12 << 20, "a refused shrink must not change the image");
     ok(rb(&["resize", "-f", "raw", "--shrink", s(&img), "-11M"]));
     assert_eq!(size(&img), 1 << 20);
     let actual = |p: &Path| {
-        serde_json::from_str::<serde_json::Value>(&ok(qi(&["info", "--output=json", s(p)])))
-            .unwrap()["actual-size"]
+        serde_json::from_str::<serde_json::Value>(&ok(qi(&["info", "--output=json", s(p)]))).unwrap()["actual-size"]
             .as_u64()
             .unwrap()
     };
     let before = actual(&img);
-    ok(rb(&[
-        "resize",
-        "-f",
-        "raw",
-        "--preallocation=full",
-        s(&img),
-        "4M",
-    ]));
+    ok(rb(&["resize", "-f", "raw", "--preallocation=full", s(&img), "4M"]));
     assert_eq!(size(&img), 4 << 20);
-    assert!(
-        actual(&img) >= before + (3 << 20),
-        "full preallocation allocates the new 3 MiB"
-    );
+    assert!(actual(&img) >= before + (3 << 20), "full preallocation allocates the new 3 MiB");
     let before = actual(&img);
-    ok(rb(&[
-        "resize",
-        "-f",
-        "raw",
-        "--preallocation=falloc",
-        s(&img),
-        "8M",
-    ]));
+    ok(rb(&["resize", "-f", "raw", "--preallocation=falloc", s(&img), "8M"]));
     assert_eq!(size(&img), 8 << 20);
-    assert!(
-        actual(&img) >= before + (4 << 20),
-        "falloc preallocation allocates the new 4 MiB"
-    );
-    let o = rb(&[
-        "resize",
-        "-f",
-        "raw",
-        "--preallocation=metadata",
-        s(&img),
-        "9M",
-    ]);
+    assert!(actual(&img) >= before + (4 << 20), "falloc preallocation allocates the new 4 MiB");
+    let o = rb(&["resize", "-f", "raw", "--preallocation=metadata", s(&img), "9M"]);
     assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("metadata"));
-    for args in [
-        vec!["measure", "--output=json", "-O", "raw", "--size", "3G"],
-        vec!["measure", "-O", "raw", "-f", "raw", s(&src)],
-    ] {
+    for args in [vec!["measure", "--output=json", "-O", "raw", "--size", "3G"], vec!["measure", "-O", "raw", "-f", "raw", s(&src)]] {
         assert_eq!(ok(rb(&args)), ok(qi(&args)));
     }
 }
@@ -435,10 +284,7 @@ fn wait_for_locks(path: &Path) {
     let ino = std::fs::metadata(path).unwrap().ino();
     for _ in 0..200 {
         let locks = std::fs::read_to_string("/proc/locks").unwrap_or_default();
-        if locks
-            .lines()
-            .any(|l| l.contains("OFDLCK") && l.contains(&format!(":{ino} ")))
-        {
+        if locks.lines().any(|l| l.contains("OFDLCK") && l.contains(&format!(":{ino} "))) {
             return;
         }
         std::thread::sleep(std::time::Duration::from_millis(25));
@@ -464,23 +310,12 @@ fn qemu_nbd_locks_keep_ringblk_out() {
     let q = d.path().join("img.qcow2");
     ok(qi(&["create", "-q", "-f", "qcow2", s(&q), "16M"]));
     let sock = d.path().join("nbd.sock");
-    let _nbd = Kill(
-        Command::new("qemu-nbd")
-            .args(["-f", "qcow2", "--socket", s(&sock), s(&q)])
-            .spawn()
-            .unwrap(),
-    );
+    let _nbd = Kill(Command::new("qemu-nbd").args(["-f", "qcow2", "--socket", s(&sock), s(&q)]).spawn().unwrap());
     wait_for_locks(&q);
     let o = rb(&["bench", "-w", "-c", "4", "-f", "raw", s(&q)]);
-    assert!(
-        !o.status.success(),
-        "write open of a file qemu-nbd holds must fail"
-    );
+    assert!(!o.status.success(), "write open of a file qemu-nbd holds must fail");
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(
-        err.contains("Failed to get \"write\" lock") && err.contains(s(&q)),
-        "{err}"
-    );
+    assert!(err.contains("Failed to get \"write\" lock") && err.contains(s(&q)), "{err}");
     // Reading with -U still works.
     ok(rb(&["bench", "-U", "-c", "4", "-f", "raw", s(&q)]));
     drop(_nbd);
@@ -488,12 +323,7 @@ fn qemu_nbd_locks_keep_ringblk_out() {
     // qemu-nbd serving raw does not share "resize".
     let r = d.path().join("img.raw");
     ok(rb(&["create", "-q", "-f", "raw", s(&r), "16M"]));
-    let _nbd = Kill(
-        Command::new("qemu-nbd")
-            .args(["-f", "raw", "--socket", s(&sock), s(&r)])
-            .spawn()
-            .unwrap(),
-    );
+    let _nbd = Kill(Command::new("qemu-nbd").args(["-f", "raw", "--socket", s(&sock), s(&r)]).spawn().unwrap());
     wait_for_locks(&r);
     let o = rb(&["resize", "-f", "raw", s(&r), "32M"]);
     assert!(!o.status.success());
@@ -515,11 +345,7 @@ fn ringblk_locks_keep_qemu_out() {
     // Hold the image as a writer that shares neither write nor resize (what a
     // format driver that owns its metadata does).
     let node = rt.block_on(move || async move {
-        let flags = OpenFlags {
-            write: true,
-            shared: Perm::ALL.without(Perm::WRITE.union(Perm::RESIZE)),
-            ..Default::default()
-        };
+        let flags = OpenFlags { write: true, shared: Perm::ALL.without(Perm::WRITE.union(Perm::RESIZE)), ..Default::default() };
         let ctx = OpenCtx::new(nbd::registry(), flags);
         let mut o = engine::options::OptionTree::new();
         o.set("driver", "raw");
@@ -527,27 +353,13 @@ fn ringblk_locks_keep_qemu_out() {
         open_image(&ctx, o).await.unwrap()
     });
     let o = qi(&["bench", "-w", "-c", "1", "-f", "raw", s(&r)]);
-    assert!(
-        !o.status.success(),
-        "qemu-img must not write an image ringblk holds"
-    );
+    assert!(!o.status.success(), "qemu-img must not write an image ringblk holds");
     assert!(String::from_utf8_lossy(&o.stderr).contains("lock"));
     let o = qi(&["resize", "-f", "raw", s(&r), "32M"]);
     assert!(!o.status.success());
     let sock = d.path().join("n.sock");
-    let o = output(Command::new("timeout").args([
-        "5",
-        "qemu-nbd",
-        "-f",
-        "raw",
-        "--socket",
-        s(&sock),
-        s(&r),
-    ]));
-    assert!(
-        !o.status.success() && String::from_utf8_lossy(&o.stderr).contains("lock"),
-        "qemu-nbd must refuse: {o:?}"
-    );
+    let o = output(Command::new("timeout").args(["5", "qemu-nbd", "-f", "raw", "--socket", s(&sock), s(&r)]));
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("lock"), "qemu-nbd must refuse: {o:?}");
     // Readers that share write may still look.
     assert!(qi(&["info", s(&r)]).status.success());
     // Do I/O through the ring (which registers the file with it), then close the
@@ -567,10 +379,7 @@ fn ringblk_locks_keep_qemu_out() {
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    assert!(
-        released,
-        "locks must go away when the node is closed, runtime still running"
-    );
+    assert!(released, "locks must go away when the node is closed, runtime still running");
     drop(rt);
 }
 
@@ -579,21 +388,7 @@ fn bench_compares_backends_in_one_run() {
     let d = tempfile::tempdir().unwrap();
     let img = d.path().join("b.raw");
     ok(rb(&["create", "-q", "-f", "raw", s(&img), "64M"]));
-    let out = ok(rb(&[
-        "bench",
-        "-f",
-        "raw",
-        "-c",
-        "3000",
-        "-d",
-        "8",
-        "--pattern",
-        "rand",
-        "--aio",
-        "threads,native,io_uring",
-        "--output=json",
-        s(&img),
-    ]));
+    let out = ok(rb(&["bench", "-f", "raw", "-c", "3000", "-d", "8", "--pattern", "rand", "--aio", "threads,native,io_uring", "--output=json", s(&img)]));
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     let runs = v.as_array().unwrap();
     assert_eq!(runs.len(), 3);
@@ -604,39 +399,14 @@ fn bench_compares_backends_in_one_run() {
     }
     assert_eq!(runs[1]["cache"], "none", "native runs with O_DIRECT");
     // qemu-img's output lines for a single run.
-    let out = ok(rb(&[
-        "bench",
-        "-w",
-        "-f",
-        "raw",
-        "-c",
-        "100",
-        "-d",
-        "4",
-        "--pattern=5",
-        s(&img),
-    ]));
+    let out = ok(rb(&["bench", "-w", "-f", "raw", "-c", "100", "-d", "4", "--pattern=5", s(&img)]));
     assert!(out.starts_with("Sending 100 write requests, 4096 bytes each, 4 in parallel (starting at offset 0, step size 4096)\n"), "{out}");
     assert!(out.contains("Run completed in "));
     let data = std::fs::read(&img).unwrap();
-    assert!(
-        data[..100 * 4096].iter().all(|&b| b == 5),
-        "--pattern=5 fills written blocks with 5"
-    );
+    assert!(data[..100 * 4096].iter().all(|&b| b == 5), "--pattern=5 fills written blocks with 5");
     // Flushes every 10 requests, with and without draining.
     for extra in [&[][..], &["--no-drain"][..]] {
-        let mut a = vec![
-            "bench",
-            "-w",
-            "-f",
-            "raw",
-            "-c",
-            "200",
-            "-d",
-            "8",
-            "--flush-interval=10",
-            "--output=json",
-        ];
+        let mut a = vec!["bench", "-w", "-f", "raw", "-c", "200", "-d", "8", "--flush-interval=10", "--output=json"];
         a.extend_from_slice(extra);
         a.push(s(&img));
         let v: serde_json::Value = serde_json::from_str(&ok(rb(&a))).unwrap();
@@ -645,11 +415,7 @@ fn bench_compares_backends_in_one_run() {
     // The default run (no image) compares every backend on a temporary image.
     let out = ok(rb(&["bench", "-c", "2000"]));
     for b in ["threads", "native", "io_uring"] {
-        assert_eq!(
-            out.lines().filter(|l| l.starts_with(b)).count(),
-            2,
-            "{b} read and write rows in:\n{out}"
-        );
+        assert_eq!(out.lines().filter(|l| l.starts_with(b)).count(), 2, "{b} read and write rows in:\n{out}");
     }
 }
 
@@ -658,39 +424,17 @@ fn errors_name_the_file_and_exit_nonzero() {
     let o = rb(&["info", "/nonexistent/dir/img.raw"]);
     assert_eq!(o.status.code(), Some(1));
     let e = String::from_utf8_lossy(&o.stderr);
-    assert!(
-        e.contains("/nonexistent/dir/img.raw") && e.contains("No such file"),
-        "{e}"
-    );
+    assert!(e.contains("/nonexistent/dir/img.raw") && e.contains("No such file"), "{e}");
     let d = tempfile::tempdir().unwrap();
     let img = d.path().join("x.raw");
     ok(rb(&["create", "-q", "-f", "raw", s(&img), "1M"]));
-    let o = rb(&[
-        "info",
-        "--image-opts",
-        &format!("driver=raw,file.filename={},bogus=1", s(&img)),
-    ]);
+    let o = rb(&["info", "--image-opts", &format!("driver=raw,file.filename={},bogus=1", s(&img))]);
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("bogus"));
-    let o = rb(&[
-        "info",
-        &format!(
-            "json:{{\"driver\":\"raw\",\"file\":{{\"driver\":\"file\",\"filename\":\"{}\"}}}}",
-            s(&img)
-        ),
-    ]);
+    let o = rb(&["info", &format!("json:{{\"driver\":\"raw\",\"file\":{{\"driver\":\"file\",\"filename\":\"{}\"}}}}", s(&img))]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let o = rb(&[
-        "bench",
-        "-c",
-        "1",
-        "--image-opts",
-        &format!("driver=raw,file.filename={},file.aio=native", s(&img)),
-    ]);
-    assert!(
-        !o.status.success(),
-        "aio=native without cache.direct must be refused"
-    );
+    let o = rb(&["bench", "-c", "1", "--image-opts", &format!("driver=raw,file.filename={},file.aio=native", s(&img))]);
+    assert!(!o.status.success(), "aio=native without cache.direct must be refused");
     assert!(String::from_utf8_lossy(&o.stderr).contains("cache.direct"));
     let o = rb(&["create", "-f", "raw", s(&img), "12Q"]);
     assert!(!o.status.success());
@@ -706,11 +450,7 @@ fn locks_are_gone_when_the_process_exits() {
     mixed_image(&src, 1 << 20, 3);
     for i in 0..40 {
         let o = rb(&["convert", "-f", "raw", "-O", "raw", s(&src), s(&dst)]);
-        assert!(
-            o.status.success(),
-            "run {i}: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
+        assert!(o.status.success(), "run {i}: {}", String::from_utf8_lossy(&o.stderr));
     }
 }
 
@@ -723,25 +463,17 @@ fn raw_offset_and_size_window_matches_qemu() {
     let src = d.path().join("w.raw");
     mixed_image(&src, 8 << 20, 21);
     let spec = format!("json:{{\"driver\":\"raw\",\"offset\":1048576,\"size\":2097152,\"file\":{{\"driver\":\"file\",\"filename\":\"{}\"}}}}", s(&src));
-    let info: serde_json::Value =
-        serde_json::from_str(&ok(rb(&["info", "--output=json", &spec]))).unwrap();
+    let info: serde_json::Value = serde_json::from_str(&ok(rb(&["info", "--output=json", &spec]))).unwrap();
     assert_eq!(info["virtual-size"], 2 << 20);
     let (a, b) = (d.path().join("a.raw"), d.path().join("b.raw"));
     ok(rb(&["convert", "-O", "raw", &spec, s(&a)]));
     ok(qi(&["convert", "-O", "raw", &spec, s(&b)]));
     assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
-    assert_eq!(
-        std::fs::read(&a).unwrap(),
-        std::fs::read(&src).unwrap()[1 << 20..3 << 20].to_vec()
-    );
-    assert_eq!(
-        ok(rb(&["map", "--output=json", &spec])),
-        ok(qi(&["map", "--output=json", &spec]))
-    );
+    assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&src).unwrap()[1 << 20..3 << 20].to_vec());
+    assert_eq!(ok(rb(&["map", "--output=json", &spec])), ok(qi(&["map", "--output=json", &spec])));
     // The same window through --image-opts.
     let opts = format!("driver=raw,offset=1M,size=2M,file.filename={}", s(&src));
-    let info: serde_json::Value =
-        serde_json::from_str(&ok(rb(&["info", "--output=json", "--image-opts", &opts]))).unwrap();
+    let info: serde_json::Value = serde_json::from_str(&ok(rb(&["info", "--output=json", "--image-opts", &opts]))).unwrap();
     assert_eq!(info["virtual-size"], 2 << 20);
     // A window past the end of the file is refused, naming the file.
     let bad = format!("driver=raw,offset=7M,size=2M,file.filename={}", s(&src));
@@ -760,44 +492,16 @@ fn probed_raw_warns_on_write_and_cache_modes_work() {
     ok(rb(&["create", "-q", "-f", "raw", s(&img), "4M"]));
     let o = rb(&["bench", "-w", "-c", "10", s(&img)]);
     assert!(o.status.success());
-    assert!(
-        String::from_utf8_lossy(&o.stderr).contains("probing guessed raw"),
-        "writing a probed raw image warns"
-    );
+    assert!(String::from_utf8_lossy(&o.stderr).contains("probing guessed raw"), "writing a probed raw image warns");
     let o = rb(&["bench", "-w", "-c", "10", "-f", "raw", s(&img)]);
-    assert!(
-        !String::from_utf8_lossy(&o.stderr).contains("probing"),
-        "no warning when the format is named"
-    );
+    assert!(!String::from_utf8_lossy(&o.stderr).contains("probing"), "no warning when the format is named");
     for cache in ["none", "writeback", "writethrough", "directsync", "unsafe"] {
-        let out = ok(rb(&[
-            "bench",
-            "-w",
-            "-f",
-            "raw",
-            "-t",
-            cache,
-            "-c",
-            "64",
-            "-d",
-            "4",
-            "--flush-interval=8",
-            "--pattern=7",
-            "--output=json",
-            s(&img),
-        ]));
+        let out = ok(rb(&["bench", "-w", "-f", "raw", "-t", cache, "-c", "64", "-d", "4", "--flush-interval=8", "--pattern=7", "--output=json", s(&img)]));
         let v: serde_json::Value = serde_json::from_str(&out).unwrap();
         assert_eq!(v[0]["cache"], cache);
-        assert!(
-            std::fs::read(&img).unwrap()[..64 * 4096]
-                .iter()
-                .all(|&b| b == 7),
-            "cache={cache} wrote the data"
-        );
+        assert!(std::fs::read(&img).unwrap()[..64 * 4096].iter().all(|&b| b == 7), "cache={cache} wrote the data");
     }
-    assert!(!rb(&["bench", "-f", "raw", "-t", "sometimes", s(&img)])
-        .status
-        .success());
+    assert!(!rb(&["bench", "-f", "raw", "-t", "sometimes", s(&img)]).status.success());
 }
 
 #[test]
@@ -808,32 +512,14 @@ fn locking_off_skips_the_lock() {
     let d = tempfile::tempdir().unwrap();
     // Fully preallocated, so a write at 8M lands in guest data, not metadata.
     let q = d.path().join("l.qcow2");
-    ok(qi(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "preallocation=full",
-        s(&q),
-        "16M",
-    ]));
+    ok(qi(&["create", "-q", "-f", "qcow2", "-o", "preallocation=full", s(&q), "16M"]));
     let sock = d.path().join("l.sock");
-    let _nbd = Kill(
-        Command::new("qemu-nbd")
-            .args(["-f", "qcow2", "--socket", s(&sock), s(&q)])
-            .spawn()
-            .unwrap(),
-    );
+    let _nbd = Kill(Command::new("qemu-nbd").args(["-f", "qcow2", "--socket", s(&sock), s(&q)]).spawn().unwrap());
     wait_for_locks(&q);
     let on = format!("driver=raw,file.filename={},file.locking=on", s(&q));
     let off = format!("driver=raw,file.filename={},file.locking=off", s(&q));
     let o = rb(&["bench", "-w", "-c", "1", "-o", "8M", "--image-opts", &off]);
-    assert!(
-        o.status.success(),
-        "locking=off must not check locks: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    assert!(o.status.success(), "locking=off must not check locks: {}", String::from_utf8_lossy(&o.stderr));
     let o = rb(&["bench", "-w", "-c", "1", "-o", "8M", "--image-opts", &on]);
     assert!(!o.status.success(), "locking=on must see qemu-nbd's lock");
 }
@@ -847,53 +533,24 @@ fn injected_errors_give_documented_exit_codes_and_salvage_recovers() {
     std::fs::write(&src, rng.bytes(1 << 20)).unwrap();
     let copy = d.path().join("copy.raw");
     std::fs::copy(&src, &copy).unwrap();
-    let bad = |iotype: &str| {
-        format!("driver=blkdebug,image.driver=raw,image.file.filename={},inject-error.0.iotype={iotype},inject-error.0.sector=8,inject-error.0.errno=5", s(&src))
-    };
+    let bad = |iotype: &str| format!("driver=blkdebug,image.driver=raw,image.file.filename={},inject-error.0.iotype={iotype},inject-error.0.sector=8,inject-error.0.errno=5", s(&src));
 
     // compare: 4 for a read error, 3 for a block status error; the message names the file.
     for (iotype, code) in [("read", 4), ("block-status", 3)] {
-        let o = rb(&[
-            "compare",
-            "--image-opts",
-            &bad(iotype),
-            &format!("driver=raw,file.filename={}", s(&copy)),
-        ]);
-        assert_eq!(
-            o.status.code(),
-            Some(code),
-            "compare with a failing {iotype}"
-        );
+        let o = rb(&["compare", "--image-opts", &bad(iotype), &format!("driver=raw,file.filename={}", s(&copy))]);
+        assert_eq!(o.status.code(), Some(code), "compare with a failing {iotype}");
         assert!(String::from_utf8_lossy(&o.stderr).contains(s(&src)));
     }
 
     // convert stops at the failing read and says where.
     let out = d.path().join("out.raw");
-    let o = rb(&[
-        "convert",
-        "--image-opts",
-        "-O",
-        "raw",
-        &bad("read"),
-        s(&out),
-    ]);
+    let o = rb(&["convert", "--image-opts", "-O", "raw", &bad("read"), s(&out)]);
     assert_eq!(o.status.code(), Some(1));
     let e = String::from_utf8_lossy(&o.stderr);
-    assert!(
-        e.contains("error while reading") && e.contains(s(&src)),
-        "{e}"
-    );
+    assert!(e.contains("error while reading") && e.contains(s(&src)), "{e}");
 
     // --salvage copies everything readable and zeroes the failing sector.
-    let o = rb(&[
-        "convert",
-        "--salvage",
-        "--image-opts",
-        "-O",
-        "raw",
-        &bad("read"),
-        s(&out),
-    ]);
+    let o = rb(&["convert", "--salvage", "--image-opts", "-O", "raw", &bad("read"), s(&out)]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let mut want = std::fs::read(&src).unwrap();
     want[8 * 512..9 * 512].fill(0);
@@ -901,33 +558,15 @@ fn injected_errors_give_documented_exit_codes_and_salvage_recovers() {
 
     // A failing write on the target stops convert and names the target.
     let tgt = d.path().join("t.raw");
-    std::fs::File::create(&tgt)
-        .unwrap()
-        .set_len(1 << 20)
-        .unwrap();
+    std::fs::File::create(&tgt).unwrap().set_len(1 << 20).unwrap();
     let wbad = format!("driver=blkdebug,image.driver=raw,image.file.filename={},inject-error.0.iotype=write,inject-error.0.errno=28", s(&tgt));
-    let o = rb(&[
-        "convert",
-        "-n",
-        "-f",
-        "raw",
-        "--target-image-opts",
-        s(&src),
-        &wbad,
-    ]);
+    let o = rb(&["convert", "-n", "-f", "raw", "--target-image-opts", s(&src), &wbad]);
     assert_eq!(o.status.code(), Some(1));
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(e.contains(s(&tgt)) && e.contains("No space left"), "{e}");
 
     // A hostile option set is refused, not trusted.
-    let o = rb(&[
-        "info",
-        "--image-opts",
-        &format!(
-            "driver=blkdebug,image.filename={},inject-error.0.errno=-1",
-            s(&src)
-        ),
-    ]);
+    let o = rb(&["info", "--image-opts", &format!("driver=blkdebug,image.filename={},inject-error.0.errno=-1", s(&src))]);
     assert!(!o.status.success());
 }
 
@@ -947,19 +586,7 @@ fn sigusr1_prints_progress() {
     let out = d.path().join("slow.raw");
     // One worker and synchronous writes keep the copy running for a while.
     let mut child = Command::new(ringblk())
-        .args([
-            "convert",
-            "-m",
-            "1",
-            "-t",
-            "directsync",
-            "-f",
-            "raw",
-            "-O",
-            "raw",
-            s(&src),
-            s(&out),
-        ])
+        .args(["convert", "-m", "1", "-t", "directsync", "-f", "raw", "-O", "raw", s(&src), s(&out)])
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
@@ -976,10 +603,7 @@ fn sigusr1_prints_progress() {
     assert!(o.status.success(), "convert must survive SIGUSR1");
     let stdout = String::from_utf8_lossy(&o.stdout);
     assert!(sent > 0, "convert finished before any signal could be sent");
-    assert!(
-        stdout.contains("/100%)"),
-        "no progress report after {sent} SIGUSR1s: {stdout:?}"
-    );
+    assert!(stdout.contains("/100%)"), "no progress report after {sent} SIGUSR1s: {stdout:?}");
 }
 
 #[test]
@@ -991,18 +615,11 @@ fn host_device_info_and_map_match_qemu_img() {
     let backing = d.path().join("lo.img");
     mixed_image(&backing, 16 << 20, 13);
     let dev = ringblk_tests::LoopDev::attach(&backing);
-    for args in [
-        vec!["info", dev.path()],
-        vec!["info", "--output=json", dev.path()],
-        vec!["map", "--output=json", dev.path()],
-    ] {
+    for args in [vec!["info", dev.path()], vec!["info", "--output=json", dev.path()], vec!["map", "--output=json", dev.path()]] {
         assert_eq!(ok(rb(&args)), ok(qi(&args)), "{args:?}");
     }
     // Converting from the device gives the backing file's contents.
     let out = d.path().join("from-dev.raw");
     ok(rb(&["convert", "-O", "raw", dev.path(), s(&out)]));
-    assert_eq!(
-        std::fs::read(&out).unwrap(),
-        std::fs::read(&backing).unwrap()
-    );
+    assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&backing).unwrap());
 }

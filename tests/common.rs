@@ -28,9 +28,7 @@ pub struct Combo {
 
 impl Combo {
     pub fn cache_mode(&self) -> CacheMode {
-        self.cache
-            .parse()
-            .expect("combos use valid cache mode names")
+        self.cache.parse().expect("combos use valid cache mode names")
     }
 
     /// O_DIRECT: requests are subject to the storage's alignment.
@@ -39,37 +37,17 @@ impl Combo {
     }
 
     pub fn flags(&self) -> OpenFlags {
-        OpenFlags {
-            write: true,
-            aio: self.backend,
-            cache: self.cache_mode(),
-            ..Default::default()
-        }
+        OpenFlags { write: true, aio: self.backend, cache: self.cache_mode(), ..Default::default() }
     }
 }
 
 // aio=native needs O_DIRECT, so it only runs with cache=none; the other two run
 // both through the page cache and around it.
-pub const THREADS_WRITEBACK: Combo = Combo {
-    backend: Backend::Threads,
-    cache: "writeback",
-};
-pub const THREADS_NONE: Combo = Combo {
-    backend: Backend::Threads,
-    cache: "none",
-};
-pub const NATIVE_NONE: Combo = Combo {
-    backend: Backend::Native,
-    cache: "none",
-};
-pub const IO_URING_WRITEBACK: Combo = Combo {
-    backend: Backend::IoUring,
-    cache: "writeback",
-};
-pub const IO_URING_NONE: Combo = Combo {
-    backend: Backend::IoUring,
-    cache: "none",
-};
+pub const THREADS_WRITEBACK: Combo = Combo { backend: Backend::Threads, cache: "writeback" };
+pub const THREADS_NONE: Combo = Combo { backend: Backend::Threads, cache: "none" };
+pub const NATIVE_NONE: Combo = Combo { backend: Backend::Native, cache: "none" };
+pub const IO_URING_WRITEBACK: Combo = Combo { backend: Backend::IoUring, cache: "writeback" };
+pub const IO_URING_NONE: Combo = Combo { backend: Backend::IoUring, cache: "none" };
 
 /// One module per combination, one `#[test]` per scenario in it, each calling
 /// `scenario(combo)` from the invoking file: `threads_none::round_trip` etc.
@@ -128,12 +106,7 @@ pub async fn open_raw(combo: Combo, path: &str) -> Arc<dyn BlockNode> {
     }
 }
 
-pub async fn write_at(
-    node: &dyn BlockNode,
-    off: u64,
-    data: &[u8],
-    flags: WriteFlags,
-) -> Result<()> {
+pub async fn write_at(node: &dyn BlockNode, off: u64, data: &[u8], flags: WriteFlags) -> Result<()> {
     let (r, _) = node.write(off, IoBuf::from_slice(data), flags).await;
     r
 }
@@ -192,10 +165,7 @@ pub fn make_file(path: &Path, size: u64, data: Option<&[u8]>) {
 
 /// pwrite `data` at `off` into an existing file and sync it.
 pub fn std_write(path: &Path, off: u64, data: &[u8]) {
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .open(path)
-        .unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
     f.write_all_at(data, off).unwrap();
     f.sync_all().unwrap();
 }
@@ -268,25 +238,12 @@ pub async fn walk(node: &dyn BlockNode, off: u64, len: u64, step: u64) -> Vec<Sp
             Ok(e) => e,
             Err(err) => panic!("block status at {at} (+{ask}): {err:?}"),
         };
-        assert!(
-            e.len > 0 && e.len <= ask,
-            "block status at {at} asked {ask} bytes, answered {e:?}"
-        );
+        assert!(e.len > 0 && e.len <= ask, "block status at {at} asked {ask} bytes, answered {e:?}");
         assert_eq!(e.offset, Some(at), "raw over a file maps linearly: {e:?}");
-        assert!(
-            !(e.data && e.zero),
-            "an extent is data or known zero, not both: {e:?}"
-        );
+        assert!(!(e.data && e.zero), "an extent is data or known zero, not both: {e:?}");
         match spans.last_mut() {
-            Some(s) if s.data == e.data && s.zero == e.zero && s.start + s.len == at => {
-                s.len += e.len
-            }
-            _ => spans.push(Span {
-                start: at,
-                len: e.len,
-                data: e.data,
-                zero: e.zero,
-            }),
+            Some(s) if s.data == e.data && s.zero == e.zero && s.start + s.len == at => s.len += e.len,
+            _ => spans.push(Span { start: at, len: e.len, data: e.data, zero: e.zero }),
         }
         at += e.len;
     }
@@ -300,10 +257,7 @@ pub fn root_or_skip(what: &str) -> bool {
     // SAFETY: geteuid has no arguments and cannot fail.
     let root = unsafe { libc::geteuid() } == 0;
     if !root {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "{what} needs root, which CI provides; run the suite as root"
-        );
+        assert!(std::env::var_os("CI").is_none(), "{what} needs root, which CI provides; run the suite as root");
         eprintln!("skipping: {what} needs root");
     }
     root
@@ -317,10 +271,7 @@ pub fn have(tool: &str) -> bool {
         .output()
         .is_ok_and(|o| o.status.success());
     if !ok {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "{tool} is required in CI but not installed"
-        );
+        assert!(std::env::var_os("CI").is_none(), "{tool} is required in CI but not installed");
         eprintln!("skipping: {tool} not installed");
     }
     ok
@@ -328,9 +279,7 @@ pub fn have(tool: &str) -> bool {
 
 /// Run a command; panic with its output unless it succeeds. Returns stdout.
 pub fn run(cmd: &mut Command) -> String {
-    let o = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    let o = cmd.output().unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
     assert!(
         o.status.success(),
         "{cmd:?} failed ({}): {}{}",
@@ -358,14 +307,9 @@ impl Ext4Mount {
         File::create(&img).unwrap().set_len(size).unwrap();
         std::fs::create_dir(&mnt).unwrap();
         // -m 0: no blocks reserved for root, who runs this; -F: it is a file.
-        run(Command::new("mkfs.ext4")
-            .args(["-q", "-F", "-m", "0"])
-            .arg(&img));
+        run(Command::new("mkfs.ext4").args(["-q", "-F", "-m", "0"]).arg(&img));
         let _turn = LOOP_SETUP.lock().unwrap_or_else(|e| e.into_inner());
-        run(Command::new("mount")
-            .args(["-o", "loop"])
-            .arg(&img)
-            .arg(&mnt));
+        run(Command::new("mount").args(["-o", "loop"]).arg(&img).arg(&mnt));
         Ext4Mount { mnt }
     }
 
@@ -380,19 +324,13 @@ impl Drop for Ext4Mount {
         // (the kernel tears rings down asynchronously), so busy is retried; a
         // lazy unmount is the last resort so a failed test never leaves a mount.
         for _ in 0..50 {
-            let ok = Command::new("umount")
-                .arg(&self.mnt)
-                .output()
-                .is_ok_and(|o| o.status.success());
+            let ok = Command::new("umount").arg(&self.mnt).output().is_ok_and(|o| o.status.success());
             if ok {
                 return;
             }
             std::thread::sleep(std::time::Duration::from_millis(100));
         }
-        eprintln!(
-            "umount {} stayed busy; unmounting lazily",
-            self.mnt.display()
-        );
+        eprintln!("umount {} stayed busy; unmounting lazily", self.mnt.display());
         let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
     }
 }
@@ -405,9 +343,7 @@ pub struct LoopDev {
 impl LoopDev {
     pub fn attach(file: &Path) -> LoopDev {
         let _turn = LOOP_SETUP.lock().unwrap_or_else(|e| e.into_inner());
-        let dev = run(Command::new("losetup").args(["-f", "--show"]).arg(file))
-            .trim()
-            .to_string();
+        let dev = run(Command::new("losetup").args(["-f", "--show"]).arg(file)).trim().to_string();
         assert!(dev.starts_with("/dev/"), "losetup printed {dev:?}");
         LoopDev { dev }
     }

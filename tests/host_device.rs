@@ -31,25 +31,13 @@ fn loop_device(c: Combo) {
     let model = on_shard(move || async move {
         let mut o = raw_opts(&d);
         o.set("file.driver", "host_device");
-        let node = open(c, o)
-            .await
-            .unwrap_or_else(|e| panic!("open {d} as host_device with {c:?}: {e:?}"));
+        let node = open(c, o).await.unwrap_or_else(|e| panic!("open {d} as host_device with {c:?}: {e:?}"));
         assert_eq!(node.size(), SIZE);
         assert_eq!(node.children()[0].node.driver(), "host_device");
-        assert_bytes_eq(
-            &read_all(&*node).await,
-            &model,
-            "device contents through the node",
-        );
+        assert_bytes_eq(&read_all(&*node).await, &model, "device contents through the node");
 
         let mut rng = Rng::new(9);
-        let mut cases = vec![
-            (0, 4 * KIB),
-            (SIZE - 64 * KIB, 64 * KIB),
-            (3 * MIB, MIB + 128 * KIB),
-            (100, 1000),
-            (7 * MIB + 511, 2),
-        ];
+        let mut cases = vec![(0, 4 * KIB), (SIZE - 64 * KIB, 64 * KIB), (3 * MIB, MIB + 128 * KIB), (100, 1000), (7 * MIB + 511, 2)];
         for _ in 0..8 {
             cases.push((rng.below(SIZE / 4096) * 4096, (rng.below(32) + 1) * 4096));
         }
@@ -57,65 +45,36 @@ fn loop_device(c: Combo) {
             let len = len.min(SIZE - off);
             let data = rng.bytes(len as usize);
             let flags = WriteFlags { fua: i % 2 == 0 };
-            write_at(&*node, off, &data, flags)
-                .await
-                .unwrap_or_else(|e| panic!("write {len} at {off}: {e:?}"));
+            write_at(&*node, off, &data, flags).await.unwrap_or_else(|e| panic!("write {len} at {off}: {e:?}"));
             model[off as usize..(off + len) as usize].copy_from_slice(&data);
             let back = read_at(&*node, off, len as usize).await.unwrap();
             assert_bytes_eq(&back, &data, &format!("read back {len} at {off}"));
         }
 
-        for (off, len, may_unmap) in [
-            (MIB, MIB, true),
-            (5 * MIB, 64 * KIB, false),
-            (9 * MIB + 512, 4096, false),
-        ] {
-            let flags = ZeroFlags {
-                may_unmap,
-                ..Default::default()
-            };
-            node.write_zeroes(off, len, flags)
-                .await
-                .unwrap_or_else(|e| panic!("write_zeroes {len} at {off} {flags:?}: {e:?}"));
+        for (off, len, may_unmap) in [(MIB, MIB, true), (5 * MIB, 64 * KIB, false), (9 * MIB + 512, 4096, false)] {
+            let flags = ZeroFlags { may_unmap, ..Default::default() };
+            node.write_zeroes(off, len, flags).await.unwrap_or_else(|e| panic!("write_zeroes {len} at {off} {flags:?}: {e:?}"));
             model[off as usize..(off + len) as usize].fill(0);
             let back = read_at(&*node, off, len as usize).await.unwrap();
-            assert!(
-                back.iter().all(|&b| b == 0),
-                "{len} at {off} reads as zero after write_zeroes {flags:?}"
-            );
+            assert!(back.iter().all(|&b| b == 0), "{len} at {off} reads as zero after write_zeroes {flags:?}");
         }
 
         // Discard is a hint on devices; it must succeed, and leave other data alone.
-        node.discard(12 * MIB, MIB)
-            .await
-            .expect("discard on a loop device");
+        node.discard(12 * MIB, MIB).await.expect("discard on a loop device");
         let kept = read_at(&*node, 11 * MIB, MIB as usize).await.unwrap();
-        assert_bytes_eq(
-            &kept,
-            &model[11 * MIB as usize..12 * MIB as usize],
-            "data before the discarded range",
-        );
+        assert_bytes_eq(&kept, &model[11 * MIB as usize..12 * MIB as usize], "data before the discarded range");
         let discarded = read_at(&*node, 12 * MIB, MIB as usize).await.unwrap();
         model[12 * MIB as usize..13 * MIB as usize].copy_from_slice(&discarded);
 
-        let e = node
-            .block_status(0, SIZE)
-            .await
-            .expect("block status on a device");
+        let e = node.block_status(0, SIZE).await.expect("block status on a device");
         assert!(e.data && e.len > 0 && e.len <= SIZE, "{e:?}");
 
         node.flush().await.expect("flush");
-        assert_bytes_eq(
-            &read_all(&*node).await,
-            &model,
-            "device contents through the node",
-        );
+        assert_bytes_eq(&read_all(&*node).await, &model, "device contents through the node");
         drop(node);
 
         // Without file.driver the protocol is probed: a block device is host_device.
-        let node = open(c, raw_opts(&d))
-            .await
-            .expect("open with the protocol probed");
+        let node = open(c, raw_opts(&d)).await.expect("open with the protocol probed");
         assert_eq!(node.children()[0].node.driver(), "host_device");
         drop(node);
 
@@ -127,19 +86,12 @@ fn loop_device(c: Combo) {
         };
         assert_eq!(e.kind(), ErrorKind::InvalidArgument, "{e:?}");
         let msg = e.to_string();
-        assert!(
-            msg.contains(&d) && msg.contains("host_device"),
-            "error names the device and the right driver: {msg}"
-        );
+        assert!(msg.contains(&d) && msg.contains("host_device"), "error names the device and the right driver: {msg}");
         model
     });
     let dev_bytes = std_read(Path::new(dev.path()), 0, SIZE as usize);
     assert_bytes_eq(&dev_bytes, &model, "device contents by plain read");
     // The loop device wrote through to its file.
-    assert_bytes_eq(
-        &std::fs::read(&backing).unwrap(),
-        &model,
-        "backing file contents",
-    );
+    assert_bytes_eq(&std::fs::read(&backing).unwrap(), &model, "backing file contents");
     drop(dev);
 }

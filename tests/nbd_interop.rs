@@ -12,25 +12,16 @@ fn bin(name: &str) -> PathBuf {
     // target/<profile>/deps/<test-binary> -> target/<profile>/<name>
     let exe = std::env::current_exe().unwrap();
     let p = exe.parent().unwrap().parent().unwrap().join(name);
-    assert!(
-        p.exists(),
-        "{} missing: build the workspace binaries first (scripts/test.sh does)",
-        p.display()
-    );
+    assert!(p.exists(), "{} missing: build the workspace binaries first (scripts/test.sh does)", p.display());
     p
 }
 
 fn output(cmd: &mut Command) -> Output {
-    cmd.output()
-        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"))
+    cmd.output().unwrap_or_else(|e| panic!("running {cmd:?}: {e}"))
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// Where a server under test listens.
@@ -51,18 +42,15 @@ impl Via {
     fn flags(&self) -> Vec<String> {
         match self {
             Via::Unix(p) => vec!["-k".into(), p.display().to_string()],
-            Via::Tcp(port) => vec![
-                "-b".into(),
-                "127.0.0.1".into(),
-                "-p".into(),
-                port.to_string(),
-            ],
+            Via::Tcp(port) => vec!["-b".into(), "127.0.0.1".into(), "-p".into(), port.to_string()],
         }
     }
     fn image_opts(&self, export: &str) -> String {
         match self {
             Via::Unix(p) => format!("driver=nbd,server.type=unix,server.path={},export={export}", p.display()),
-            Via::Tcp(port) => format!("driver=nbd,server.type=inet,server.host=127.0.0.1,server.port={port},export={export}"),
+            Via::Tcp(port) => {
+                format!("driver=nbd,server.type=inet,server.host=127.0.0.1,server.port={port},export={export}")
+            }
         }
     }
 }
@@ -76,17 +64,12 @@ struct Server {
 impl Server {
     fn start(program: &Path, via: Via, args: &[&str]) -> Server {
         let mut cmd = Command::new(program);
-        cmd.args(via.flags())
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
+        cmd.args(via.flags()).args(args).stdout(Stdio::null()).stderr(Stdio::piped());
         Server::spawn(cmd, via)
     }
 
     fn spawn(mut cmd: Command, via: Via) -> Server {
-        let child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {cmd:?}: {e}"));
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("starting {cmd:?}: {e}"));
         let mut s = Server { child, via };
         s.wait_ready();
         s
@@ -114,10 +97,7 @@ impl Server {
             if ok {
                 return;
             }
-            assert!(
-                t0.elapsed() < Duration::from_secs(10),
-                "server did not start listening"
-            );
+            assert!(t0.elapsed() < Duration::from_secs(10), "server did not start listening");
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -199,16 +179,8 @@ fn qemu_img_reads_maps_and_converts_over_unix_and_tcp() {
     let d = tmp();
     let top = layered(d.path());
     let top_s = top.to_str().unwrap();
-    for (i, via) in [Via::Unix(d.path().join("rb.sock")), Via::Tcp(free_port())]
-        .into_iter()
-        .enumerate()
-    {
-        let s = Server::ringblk(
-            via.clone(),
-            &[
-                "-A", "-r", "-t", "-e", "4", "-x", "disk", "-f", "qcow2", top_s,
-            ],
-        );
+    for (i, via) in [Via::Unix(d.path().join("rb.sock")), Via::Tcp(free_port())].into_iter().enumerate() {
+        let s = Server::ringblk(via.clone(), &["-A", "-r", "-t", "-e", "4", "-x", "disk", "-f", "qcow2", top_s]);
         let q_via = match &via {
             Via::Unix(_) => Via::Unix(d.path().join("q.sock")),
             Via::Tcp(_) => Via::Tcp(free_port()),
@@ -216,9 +188,7 @@ fn qemu_img_reads_maps_and_converts_over_unix_and_tcp() {
         let q = Server::start(
             Path::new("qemu-nbd"),
             q_via,
-            &[
-                "-A", "-t", "-e", "4", "-x", "disk", "-f", "qcow2", "-r", top_s,
-            ],
+            &["-A", "-t", "-e", "4", "-x", "disk", "-f", "qcow2", "-r", top_s],
         );
         let info = qi(&["info", "--output=json", &s.uri("disk")]);
         assert!(info.contains("\"virtual-size\": 67108864"), "{info}");
@@ -240,13 +210,7 @@ fn qemu_img_reads_maps_and_converts_over_unix_and_tcp() {
             }
         }
         let out = d.path().join(format!("out{i}.qcow2"));
-        qi(&[
-            "convert",
-            "-O",
-            "qcow2",
-            &s.uri("disk"),
-            out.to_str().unwrap(),
-        ]);
+        qi(&["convert", "-O", "qcow2", &s.uri("disk"), out.to_str().unwrap()]);
         assert!(qi(&["compare", "-U", out.to_str().unwrap(), top_s]).contains("identical"));
         assert!(qi(&["compare", "-U", &s.uri("disk"), top_s]).contains("identical"));
         drop(q);
@@ -267,26 +231,9 @@ fn qemu_img_writes_through_the_server() {
     qi(&["create", "-q", "-f", "qcow2", dst.to_str().unwrap(), "16M"]);
     let s = Server::ringblk(
         Via::Unix(d.path().join("w.sock")),
-        &[
-            "-t",
-            "-e",
-            "2",
-            "--discard=unmap",
-            "-f",
-            "qcow2",
-            dst.to_str().unwrap(),
-        ],
+        &["-t", "-e", "2", "--discard=unmap", "-f", "qcow2", dst.to_str().unwrap()],
     );
-    qi(&[
-        "convert",
-        "-n",
-        "-f",
-        "raw",
-        "-O",
-        "raw",
-        src.to_str().unwrap(),
-        &s.uri(""),
-    ]);
+    qi(&["convert", "-n", "-f", "raw", "-O", "raw", src.to_str().unwrap(), &s.uri("")]);
     // FUA writes, zero writes with and without unmap, a trim.
     run(Command::new("qemu-io").args([
         "-f",
@@ -319,22 +266,10 @@ fn qemu_img_writes_through_the_server() {
         src.to_str().unwrap(),
     ]));
     drop(s);
-    assert!(qi(&[
-        "compare",
-        "-f",
-        "raw",
-        "-F",
-        "qcow2",
-        src.to_str().unwrap(),
-        dst.to_str().unwrap()
-    ])
-    .contains("identical"));
+    assert!(qi(&["compare", "-f", "raw", "-F", "qcow2", src.to_str().unwrap(), dst.to_str().unwrap()])
+        .contains("identical"));
     let check = output(Command::new("qemu-img").args(["check", dst.to_str().unwrap()]));
-    assert!(
-        check.status.success(),
-        "{}",
-        String::from_utf8_lossy(&check.stdout)
-    );
+    assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stdout));
 }
 
 #[test]
@@ -347,17 +282,7 @@ fn nbdinfo_lists_maps_and_answers_queries() {
     let top_s = top.to_str().unwrap();
     let s = Server::ringblk(
         Via::Unix(d.path().join("i.sock")),
-        &[
-            "-A",
-            "-t",
-            "-e",
-            "4",
-            "-x",
-            "disk",
-            "-D",
-            "a test disk",
-            top_s,
-        ],
+        &["-A", "-t", "-e", "4", "-x", "disk", "-D", "a test disk", top_s],
     );
     // qemu-nbd reads a copy: ours holds the image's write lock.
     let copy = d.path().join("copy.qcow2");
@@ -381,51 +306,25 @@ fn nbdinfo_lists_maps_and_answers_queries() {
         assert!(list.contains(want), "missing {want}:\n{list}");
     }
     for ctx in ["base:allocation", "qemu:allocation-depth"] {
-        let m = |srv: &Server| {
-            run(Command::new("nbdinfo")
-                .arg(format!("--map={ctx}"))
-                .arg(srv.uri("disk")))
-        };
+        let m = |srv: &Server| run(Command::new("nbdinfo").arg(format!("--map={ctx}")).arg(srv.uri("disk")));
         assert_eq!(m(&s), m(&q), "nbdinfo --map={ctx}");
     }
     let can = |srv: &Server, what: &str| {
-        output(Command::new("nbdinfo").args(["--can", what, &srv.uri("disk")]))
-            .status
-            .code()
+        output(Command::new("nbdinfo").args(["--can", what, &srv.uri("disk")])).status.code()
     };
-    for what in [
-        "flush",
-        "fua",
-        "trim",
-        "zero",
-        "fast-zero",
-        "cache",
-        "df",
-        "multi-conn",
-    ] {
+    for what in ["flush", "fua", "trim", "zero", "fast-zero", "cache", "df", "multi-conn"] {
         assert_eq!(can(&s, what), Some(0), "--can {what}");
     }
-    let is_ro = |srv: &Server| {
-        output(Command::new("nbdinfo").args(["--is", "read-only", &srv.uri("disk")]))
-            .status
-            .code()
-    };
+    let is_ro =
+        |srv: &Server| output(Command::new("nbdinfo").args(["--is", "read-only", &srv.uri("disk")])).status.code();
     assert_eq!(is_ro(&s), Some(2), "writable export is not read-only");
     drop(s);
-    let r = Server::ringblk(
-        Via::Unix(d.path().join("r.sock")),
-        &["-r", "-t", "-x", "disk", top_s],
-    );
+    let r = Server::ringblk(Via::Unix(d.path().join("r.sock")), &["-r", "-t", "-x", "disk", top_s]);
     assert_eq!(is_ro(&r), Some(0), "-r export is read-only");
     assert_eq!(can(&r, "trim"), Some(2), "a read-only export cannot trim");
     // -L prints what qemu-nbd -L prints for the same server.
-    let ours = run(Command::new(bin("ringblk-nbd")).args([
-        "-L",
-        "-k",
-        d.path().join("r.sock").to_str().unwrap(),
-    ]));
-    let theirs =
-        run(Command::new("qemu-nbd").args(["-L", "-k", d.path().join("r.sock").to_str().unwrap()]));
+    let ours = run(Command::new(bin("ringblk-nbd")).args(["-L", "-k", d.path().join("r.sock").to_str().unwrap()]));
+    let theirs = run(Command::new("qemu-nbd").args(["-L", "-k", d.path().join("r.sock").to_str().unwrap()]));
     assert_eq!(ours, theirs);
 }
 
@@ -444,42 +343,18 @@ fn nbdcopy_both_ways_with_one_and_four_connections() {
             &["-r", "-t", "-e", "8", "-f", "raw", src.to_str().unwrap()],
         );
         let out = d.path().join("out.raw");
-        run(Command::new("nbdcopy")
-            .arg(format!("--connections={conns}"))
-            .arg(s.uri(""))
-            .arg(&out));
-        assert!(
-            std::fs::read(&out).unwrap() == std::fs::read(&src).unwrap(),
-            "nbdcopy out with {conns} connections"
-        );
+        run(Command::new("nbdcopy").arg(format!("--connections={conns}")).arg(s.uri("")).arg(&out));
+        assert!(std::fs::read(&out).unwrap() == std::fs::read(&src).unwrap(), "nbdcopy out with {conns} connections");
         drop(s);
         // Into the server.
         let dst = d.path().join("dst.qcow2");
         qi(&["create", "-q", "-f", "qcow2", dst.to_str().unwrap(), "48M"]);
-        let s = Server::ringblk(
-            Via::Tcp(free_port()),
-            &["-t", "-e", "8", "-f", "qcow2", dst.to_str().unwrap()],
-        );
-        run(Command::new("nbdcopy")
-            .arg(format!("--connections={conns}"))
-            .arg(&src)
-            .arg(s.uri("")));
+        let s = Server::ringblk(Via::Tcp(free_port()), &["-t", "-e", "8", "-f", "qcow2", dst.to_str().unwrap()]);
+        run(Command::new("nbdcopy").arg(format!("--connections={conns}")).arg(&src).arg(s.uri("")));
         drop(s);
-        assert!(qi(&[
-            "compare",
-            "-f",
-            "raw",
-            "-F",
-            "qcow2",
-            src.to_str().unwrap(),
-            dst.to_str().unwrap()
-        ])
-        .contains("identical"));
-        assert!(
-            output(Command::new("qemu-img").args(["check", dst.to_str().unwrap()]))
-                .status
-                .success()
-        );
+        assert!(qi(&["compare", "-f", "raw", "-F", "qcow2", src.to_str().unwrap(), dst.to_str().unwrap()])
+            .contains("identical"));
+        assert!(output(Command::new("qemu-img").args(["check", dst.to_str().unwrap()])).status.success());
     }
 }
 
@@ -507,16 +382,7 @@ fn socket_activation_serves_libnbd_tools() {
     assert_eq!(info.trim(), (4 << 20).to_string());
     let out = d.path().join("out.raw");
     run(Command::new("nbdcopy")
-        .args([
-            "--",
-            "[",
-            nbd.to_str().unwrap(),
-            "-r",
-            "-f",
-            "raw",
-            src.to_str().unwrap(),
-            "]",
-        ])
+        .args(["--", "[", nbd.to_str().unwrap(), "-r", "-f", "raw", src.to_str().unwrap(), "]"])
         .arg(&out));
     assert!(std::fs::read(&out).unwrap() == std::fs::read(&src).unwrap());
 }
@@ -543,21 +409,13 @@ fn fork_and_pid_file_and_exit_after_last_client() {
         "raw",
         src.to_str().unwrap(),
     ]));
-    let pid: i32 = std::fs::read_to_string(&pidf)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
-    let size = run(Command::new("nbdinfo")
-        .args(["--size", &format!("nbd+unix:///?socket={}", sock.display())]));
+    let pid: i32 = std::fs::read_to_string(&pidf).unwrap().trim().parse().unwrap();
+    let size = run(Command::new("nbdinfo").args(["--size", &format!("nbd+unix:///?socket={}", sock.display())]));
     assert_eq!(size.trim(), (1 << 20).to_string());
     let t0 = Instant::now();
     // SAFETY: kill with signal 0 only probes the pid.
     while unsafe { libc::kill(pid, 0) } == 0 {
-        assert!(
-            t0.elapsed() < Duration::from_secs(10),
-            "server did not exit after its client left"
-        );
+        assert!(t0.elapsed() < Duration::from_secs(10), "server did not exit after its client left");
         std::thread::sleep(Duration::from_millis(20));
     }
     assert!(!sock.exists(), "the socket is removed at exit");
@@ -573,15 +431,7 @@ fn nbdsh_pokes_the_edges() {
     random_raw(&img, 8 << 20, 9);
     let s = Server::ringblk(
         Via::Unix(d.path().join("e.sock")),
-        &[
-            "-t",
-            "-e",
-            "4",
-            "--discard=unmap",
-            "-f",
-            "raw",
-            img.to_str().unwrap(),
-        ],
+        &["-t", "-e", "4", "--discard=unmap", "-f", "raw", img.to_str().unwrap()],
     );
     let script = r#"
 import errno, os
@@ -661,15 +511,8 @@ h.shutdown()
 print("ok")
 "#;
     // nbdsh runs the system python3, which has libnbd's bindings.
-    let path = format!(
-        "/usr/bin:/bin:{}",
-        std::env::var("PATH").unwrap_or_default()
-    );
-    let out = run(Command::new("nbdsh")
-        .env("PATH", path)
-        .env("URI", s.uri(""))
-        .env("IMG", &img)
-        .args(["-c", script]));
+    let path = format!("/usr/bin:/bin:{}", std::env::var("PATH").unwrap_or_default());
+    let out = run(Command::new("nbdsh").env("PATH", path).env("URI", s.uri("")).env("IMG", &img).args(["-c", script]));
     assert!(out.contains("ok"), "{out}");
     let log = s.stop();
     assert!(!log.contains("panick"), "{log}");
@@ -693,51 +536,26 @@ fn ringblk_is_a_client_of_qemu_nbd_and_nbdkit() {
     if have("nbdkit") {
         let sock = d.path().join("k.sock");
         let mut cmd = Command::new("nbdkit");
-        cmd.args([
-            "-f",
-            "-r",
-            "-U",
-            sock.to_str().unwrap(),
-            "file",
-            raw.to_str().unwrap(),
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
+        cmd.args(["-f", "-r", "-U", sock.to_str().unwrap(), "file", raw.to_str().unwrap()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
         servers.push(Server::spawn(cmd, Via::Unix(sock)));
     }
     for s in &servers {
         let uri = s.uri("");
         let info = rb(&["info", &uri]);
-        assert!(
-            info.contains("virtual size: 64 MiB (67108864 bytes)"),
-            "{info}"
-        );
+        assert!(info.contains("virtual size: 64 MiB (67108864 bytes)"), "{info}");
         // Our map of the export agrees with qemu-img's.
-        assert_eq!(
-            rb(&["map", "--output=json", &uri]),
-            qi(&["map", "--output=json", &uri]),
-            "map of {uri}"
-        );
+        assert_eq!(rb(&["map", "--output=json", &uri]), qi(&["map", "--output=json", &uri]), "map of {uri}");
         let out = d.path().join("copy.qcow2");
         rb(&["convert", "-O", "qcow2", &uri, out.to_str().unwrap()]);
         assert!(
-            qi(&[
-                "compare",
-                "-U",
-                out.to_str().unwrap(),
-                raw.to_str().unwrap()
-            ])
-            .contains("identical"),
+            qi(&["compare", "-U", out.to_str().unwrap(), raw.to_str().unwrap()]).contains("identical"),
             "convert of {uri}"
         );
         assert!(rb(&["compare", &uri, raw.to_str().unwrap()]).contains("identical"));
         let o = Command::new(bin("ringblk"))
-            .args([
-                "info",
-                "--output=json",
-                "--image-opts",
-                &s.via.image_opts(""),
-            ])
+            .args(["info", "--output=json", "--image-opts", &s.via.image_opts("")])
             .output()
             .unwrap();
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -752,10 +570,7 @@ fn extended_headers_carry_64_bit_lengths() {
     let img = d.path().join("big.raw");
     let f = std::fs::File::create(&img).unwrap();
     f.set_len(6 << 30).unwrap();
-    let s = Server::ringblk(
-        Via::Unix(d.path().join("x.sock")),
-        &["-t", "-f", "raw", img.to_str().unwrap()],
-    );
+    let s = Server::ringblk(Via::Unix(d.path().join("x.sock")), &["-t", "-f", "raw", img.to_str().unwrap()]);
     let addr = nbd::client::Addr::Unix(d.path().join("x.sock").to_str().unwrap().into());
     let (fd, info) = nbd::client::connect(&addr, "", &[CTX_BASE_ALLOCATION], None).unwrap();
     assert_eq!(info.mode, ReplyMode::Extended);
@@ -766,9 +581,7 @@ fn extended_headers_carry_64_bit_lengths() {
         // Write some data past 4 GiB, then zero 5 GiB in one request.
         let mut buf = engine::runtime::IoBuf::new(4096);
         buf.fill(0x42);
-        let (r, _) = c
-            .request(CMD_WRITE, 0, (5 << 30) + 4096, 4096, Some(buf), None)
-            .await;
+        let (r, _) = c.request(CMD_WRITE, 0, (5 << 30) + 4096, 4096, Some(buf), None).await;
         assert!(r.unwrap().error.is_none());
         let (z, _) = c.request(CMD_WRITE_ZEROES, 0, 0, 5 << 30, None, None).await;
         let (st, _) = c.request(CMD_BLOCK_STATUS, 0, 0, 6 << 30, None, None).await;
@@ -781,10 +594,7 @@ fn extended_headers_carry_64_bit_lengths() {
     // and zeroes; the data block past it follows.
     assert!(ex[0].0 >= 5 << 30, "{ex:?}");
     assert_eq!(ex[0].1, u64::from(STATE_HOLE | STATE_ZERO));
-    assert!(
-        ex.iter().any(|&(_, f)| f == 0),
-        "the written block is data: {ex:?}"
-    );
+    assert!(ex.iter().any(|&(_, f)| f == 0), "the written block is data: {ex:?}");
     assert_eq!(ex.iter().map(|e| e.0).sum::<u64>(), 6 << 30);
     drop(s);
 }
@@ -799,17 +609,11 @@ fn snapshot_overlay_and_offset() {
     random_raw(&img, 4 << 20, 13);
     let orig = std::fs::read(&img).unwrap();
     // -s: writes land in a temporary overlay; the image never changes.
-    let s = Server::ringblk(
-        Via::Unix(d.path().join("s.sock")),
-        &["-s", "-t", "-f", "raw", img.to_str().unwrap()],
-    );
+    let s = Server::ringblk(Via::Unix(d.path().join("s.sock")), &["-s", "-t", "-f", "raw", img.to_str().unwrap()]);
     run(Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 0x33 0 1M", &s.uri("")]));
     run(Command::new("qemu-io").args(["-f", "raw", "-c", "read -P 0x33 0 1M", &s.uri("")]));
     drop(s);
-    assert!(
-        std::fs::read(&img).unwrap() == orig,
-        "-s must not write the image"
-    );
+    assert!(std::fs::read(&img).unwrap() == orig, "-s must not write the image");
     // -o: the export starts 1 MiB in; -e 1 means no multi-conn, so
     // nbdcopy's extra connections are not left waiting.
     let s = Server::ringblk(
@@ -817,15 +621,8 @@ fn snapshot_overlay_and_offset() {
         &["-o", "1M", "-r", "-t", "-f", "raw", img.to_str().unwrap()],
     );
     let multi = output(Command::new("nbdinfo").args(["--can", "multi-conn", &s.uri("")]));
-    assert_eq!(
-        multi.status.code(),
-        Some(2),
-        "-e 1 does not advertise multi-conn"
-    );
+    assert_eq!(multi.status.code(), Some(2), "-e 1 does not advertise multi-conn");
     let out = d.path().join("tail.raw");
     run(Command::new("nbdcopy").arg(s.uri("")).arg(&out));
-    assert!(
-        std::fs::read(&out).unwrap() == orig[1 << 20..],
-        "-o 1M exports the image from 1 MiB on"
-    );
+    assert!(std::fs::read(&out).unwrap() == orig[1 << 20..], "-o 1M exports the image from 1 MiB on");
 }

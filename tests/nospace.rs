@@ -30,10 +30,7 @@ fn fill_until_no_space(c: Combo) {
         let chunk = Rng::new(7).bytes(MIB as usize);
         let mut off = 0;
         let err = loop {
-            assert!(
-                off < node.size(),
-                "wrote {off} bytes to a 16 MiB filesystem without an error"
-            );
+            assert!(off < node.size(), "wrote {off} bytes to a 16 MiB filesystem without an error");
             match write_at(&*node, off, &chunk, WriteFlags::default()).await {
                 Ok(()) => off += MIB,
                 Err(e) => break e,
@@ -41,35 +38,21 @@ fn fill_until_no_space(c: Combo) {
         };
         assert_eq!(err.kind(), ErrorKind::NoSpace, "{err:?}");
         assert_eq!(err.file(), Some(p.as_str()), "{err:?}");
-        assert!(
-            err.to_string().contains(&p),
-            "message names the file: {err}"
-        );
+        assert!(err.to_string().contains(&p), "message names the file: {err}");
         assert_eq!(err.to_errno(), libc::ENOSPC, "{err:?}");
 
         // Zeroing that must allocate fails the same way, on another file.
         let z = open_raw(c, &zp).await;
-        let flags = ZeroFlags {
-            may_unmap: false,
-            ..Default::default()
-        };
-        let e = z
-            .write_zeroes(0, 32 * MIB, flags)
-            .await
-            .expect_err("allocating 32 MiB of zeroes on a full 16 MiB fs");
+        let flags = ZeroFlags { may_unmap: false, ..Default::default() };
+        let e = z.write_zeroes(0, 32 * MIB, flags).await.expect_err("allocating 32 MiB of zeroes on a full 16 MiB fs");
         assert_eq!(e.kind(), ErrorKind::NoSpace, "{e:?}");
         assert!(e.to_string().contains(&zp), "message names the file: {e}");
 
         // The node stays usable: what fit reads back.
-        let b = read_at(&*node, 0, MIB as usize)
-            .await
-            .expect("read after ENOSPC");
+        let b = read_at(&*node, 0, MIB as usize).await.expect("read after ENOSPC");
         assert_bytes_eq(&b, &chunk, "first MiB after ENOSPC");
         off
     });
-    assert!(
-        written >= MIB,
-        "the filesystem took at least one MiB before filling up ({written})"
-    );
+    assert!(written >= MIB, "the filesystem took at least one MiB before filling up ({written})");
     drop(fs);
 }

@@ -9,9 +9,7 @@
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
 
-use engine::block::{
-    BlockNode, BoxFuture, CheckFix, Extent, OpenCtx, OpenFlags, Prealloc, WriteFlags, ZeroFlags,
-};
+use engine::block::{BlockNode, BoxFuture, CheckFix, Extent, OpenCtx, OpenFlags, Prealloc, WriteFlags, ZeroFlags};
 use engine::error::{Error, ErrorKind, Result};
 use engine::options::OptionTree;
 use engine::runtime::IoBuf;
@@ -93,12 +91,7 @@ impl BlockNode for CrashNode {
             (Ok(()), buf)
         })
     }
-    fn write(
-        &self,
-        offset: u64,
-        buf: IoBuf,
-        flags: WriteFlags,
-    ) -> BoxFuture<'_, (Result<()>, IoBuf)> {
+    fn write(&self, offset: u64, buf: IoBuf, flags: WriteFlags) -> BoxFuture<'_, (Result<()>, IoBuf)> {
         Box::pin(async move {
             let mut d = match self.tick() {
                 Ok(d) => d,
@@ -127,16 +120,7 @@ impl BlockNode for CrashNode {
         })
     }
     fn block_status(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<Extent>> {
-        Box::pin(async move {
-            Ok(Extent {
-                len,
-                data: true,
-                zero: false,
-                allocated: true,
-                offset: Some(offset),
-                compressed: false,
-            })
-        })
+        Box::pin(async move { Ok(Extent { len, data: true, zero: false, allocated: true, offset: Some(offset), compressed: false }) })
     }
     fn truncate(&self, size: u64, _exact: bool, _p: Prealloc) -> BoxFuture<'_, Result<()>> {
         Box::pin(async move {
@@ -163,20 +147,10 @@ const SIZE: usize = 1 << 20;
 
 /// Run the workload over `disk` until it ends or the disk crashes.
 async fn workload(disk: Arc<CrashNode>, gran: u64, seed: u64) -> Outcome {
-    let ctx = OpenCtx::new(
-        nbd::registry(),
-        OpenFlags {
-            write: true,
-            ..Default::default()
-        },
-    );
+    let ctx = OpenCtx::new(nbd::registry(), OpenFlags { write: true, ..Default::default() });
     let mut o = OptionTree::new();
     o.set("discard", "unmap");
-    let mut out = Outcome {
-        flushed: vec![0; SIZE],
-        since: Vec::new(),
-        file_ops: 0,
-    };
+    let mut out = Outcome { flushed: vec![0; SIZE], since: Vec::new(), file_ops: 0 };
     let driver = ctx.registry.get("qcow2").unwrap();
     let node = match driver.open_format(&ctx, o, disk.clone(), false).await {
         Ok(n) => n,
@@ -191,25 +165,14 @@ async fn workload(disk: Arc<CrashNode>, gran: u64, seed: u64) -> Outcome {
         let res = match rng.below(10) {
             0..=5 => {
                 let data = rng.bytes(len as usize);
-                let (res, _) = node
-                    .write(off, IoBuf::from_slice(&data), WriteFlags::default())
-                    .await;
+                let (res, _) = node.write(off, IoBuf::from_slice(&data), WriteFlags::default()).await;
                 if res.is_ok() {
                     model[r.clone()].copy_from_slice(&data);
                 }
                 res
             }
             6 => {
-                let res = node
-                    .write_zeroes(
-                        off,
-                        len,
-                        ZeroFlags {
-                            may_unmap: true,
-                            ..Default::default()
-                        },
-                    )
-                    .await;
+                let res = node.write_zeroes(off, len, ZeroFlags { may_unmap: true, ..Default::default() }).await;
                 if res.is_ok() {
                     model[r.clone()].fill(0);
                 }
@@ -221,11 +184,7 @@ async fn workload(disk: Arc<CrashNode>, gran: u64, seed: u64) -> Outcome {
                 if res.is_ok() {
                     let end = off + len;
                     let a = off.next_multiple_of(gran);
-                    let b = if end == SIZE as u64 {
-                        end
-                    } else {
-                        end - end % gran
-                    };
+                    let b = if end == SIZE as u64 { end } else { end - end % gran };
                     if a < b {
                         model[a as usize..b as usize].fill(0);
                     }
@@ -267,33 +226,12 @@ fn run(opts: &'static str, gran: u64, lazy: bool) {
     let img = dir.path().join("fresh.qcow2");
     let exe = std::env::current_exe().unwrap();
     let rb = exe.parent().unwrap().parent().unwrap().join("ringblk");
-    let create_opts = if lazy {
-        format!("{opts},lazy_refcounts=on")
-    } else {
-        opts.to_string()
-    };
-    let st = std::process::Command::new(&rb)
-        .args([
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            &create_opts,
-            &path_str(&img),
-            &SIZE.to_string(),
-        ])
-        .status()
-        .unwrap();
+    let create_opts = if lazy { format!("{opts},lazy_refcounts=on") } else { opts.to_string() };
+    let st = std::process::Command::new(&rb).args(["create", "-q", "-f", "qcow2", "-o", &create_opts, &path_str(&img), &SIZE.to_string()]).status().unwrap();
     assert!(st.success());
     let fresh = std::fs::read(&img).unwrap();
     let new_disk = |crash_at: Option<u64>| {
-        Arc::new(CrashNode(Mutex::new(Disk {
-            current: fresh.clone(),
-            durable: fresh.clone(),
-            crash_at,
-            ..Default::default()
-        })))
+        Arc::new(CrashNode(Mutex::new(Disk { current: fresh.clone(), durable: fresh.clone(), crash_at, ..Default::default() })))
     };
     // A clean run tells how many file operations the workload makes.
     let disk = new_disk(None);
@@ -328,52 +266,29 @@ fn run(opts: &'static str, gran: u64, lazy: bool) {
             let path = dir.path().join("crashed.qcow2");
             std::fs::write(&path, &image).unwrap();
             let p = path_str(&path);
-            let what =
-                format!("{opts} lazy={lazy} crash at op {crash_at}/{total} keep_some={keep_some}");
+            let what = format!("{opts} lazy={lazy} crash at op {crash_at}/{total} keep_some={keep_some}");
             let w2 = what.clone();
             let flushed = out.flushed.clone();
             let since = out.since.clone();
             on_shard(move || async move {
                 // Opening repairs a dirty (lazy refcounts) image by itself; a
                 // check -r all then leaves anything else consistent.
-                let mut flags = OpenFlags {
-                    write: true,
-                    ..Default::default()
-                };
+                let mut flags = OpenFlags { write: true, ..Default::default() };
                 flags.follow_backing = false;
                 let ctx = OpenCtx::new(nbd::registry(), flags);
                 let mut o = OptionTree::new();
                 o.set("driver", "qcow2");
                 o.set("file.filename", &p);
-                let node = engine::block::open_image(&ctx, o)
-                    .await
-                    .unwrap_or_else(|e| panic!("{w2}: open after crash: {e}"));
+                let node = engine::block::open_image(&ctx, o).await.unwrap_or_else(|e| panic!("{w2}: open after crash: {e}"));
                 // The write ordering's promise: a crash may leak clusters,
                 // never corrupt (a dirty lazy-refcounts image was repaired
                 // when it opened).
-                let r = node
-                    .check(CheckFix::default())
-                    .await
-                    .unwrap_or_else(|e| panic!("{w2}: check: {e}"));
-                assert_eq!(
-                    r.corruptions, 0,
-                    "{w2}: corruption after a crash: {:?}",
-                    r.messages
-                );
-                let r = node
-                    .check(CheckFix {
-                        leaks: true,
-                        errors: true,
-                    })
-                    .await
-                    .unwrap_or_else(|e| panic!("{w2}: repair: {e}"));
+                let r = node.check(CheckFix::default()).await.unwrap_or_else(|e| panic!("{w2}: check: {e}"));
+                assert_eq!(r.corruptions, 0, "{w2}: corruption after a crash: {:?}", r.messages);
+                let r = node.check(CheckFix { leaks: true, errors: true }).await.unwrap_or_else(|e| panic!("{w2}: repair: {e}"));
                 assert_eq!(r.check_errors, 0, "{w2}");
                 let r = node.check(CheckFix::default()).await.unwrap();
-                assert!(
-                    r.corruptions == 0 && r.leaks == 0,
-                    "{w2}: still inconsistent after repair: {:?}",
-                    r.messages
-                );
+                assert!(r.corruptions == 0 && r.leaks == 0, "{w2}: still inconsistent after repair: {:?}", r.messages);
                 // Acknowledged-before-flush data is intact outside what changed since.
                 let (res, all) = node.read(0, IoBuf::new(SIZE)).await;
                 res.unwrap_or_else(|e| panic!("{w2}: read: {e}"));
@@ -382,23 +297,13 @@ fn run(opts: &'static str, gran: u64, lazy: bool) {
                     touched[r.clone()].iter_mut().for_each(|t| *t = true);
                 }
                 if let Some(i) = (0..SIZE).find(|&i| !touched[i] && all[i] != flushed[i]) {
-                    panic!(
-                        "{w2}: byte {i} reads {:#x}, flushed data was {:#x}",
-                        all[i], flushed[i]
-                    );
+                    panic!("{w2}: byte {i} reads {:#x}, flushed data was {:#x}", all[i], flushed[i]);
                 }
                 node.close().await.unwrap();
             });
             if crash_at % (step * 10) == 1 || step == 1 && crash_at % 10 == 1 {
-                let c = std::process::Command::new("qemu-img")
-                    .args(["check", &path_str(&path)])
-                    .output()
-                    .unwrap();
-                assert!(
-                    c.status.success(),
-                    "{what}: qemu-img check after repair: {}",
-                    String::from_utf8_lossy(&c.stdout)
-                );
+                let c = std::process::Command::new("qemu-img").args(["check", &path_str(&path)]).output().unwrap();
+                assert!(c.status.success(), "{what}: qemu-img check after repair: {}", String::from_utf8_lossy(&c.stdout));
             }
         }
     }

@@ -22,14 +22,7 @@ fn put(img: &mut [u8], at: usize, v: &[u8]) {
 /// Open (read-write unless `ro`), read everything, write a little, check,
 /// repair. Returns the first error; must never panic.
 async fn exercise(path: String, ro: bool) -> Result<()> {
-    let ctx = OpenCtx::new(
-        nbd::registry(),
-        OpenFlags {
-            write: !ro,
-            follow_backing: false,
-            ..Default::default()
-        },
-    );
+    let ctx = OpenCtx::new(nbd::registry(), OpenFlags { write: !ro, follow_backing: false, ..Default::default() });
     let mut o = OptionTree::new();
     o.set("driver", "qcow2");
     o.set("file.filename", &path);
@@ -44,19 +37,9 @@ async fn exercise(path: String, ro: bool) -> Result<()> {
         off += n;
     }
     if !ro && size > 0 {
-        let (r, _) = node
-            .write(
-                size / 2,
-                IoBuf::from_slice(&[7u8; 5000][..(size - size / 2).min(5000) as usize]),
-                WriteFlags::default(),
-            )
-            .await;
+        let (r, _) = node.write(size / 2, IoBuf::from_slice(&[7u8; 5000][..(size - size / 2).min(5000) as usize]), WriteFlags::default()).await;
         r?;
-        node.check(CheckFix {
-            leaks: true,
-            errors: true,
-        })
-        .await?;
+        node.check(CheckFix { leaks: true, errors: true }).await?;
     } else {
         node.check(CheckFix::default()).await?;
     }
@@ -71,31 +54,9 @@ fn base_image(dir: &Path) -> Vec<u8> {
     data[512 << 10..1 << 20].fill(0);
     std::fs::write(&raw, &data).unwrap();
     // Small clusters: many tables in little space. Some clusters compressed.
-    let st = Command::new("qemu-img")
-        .args([
-            "convert",
-            "-q",
-            "-O",
-            "qcow2",
-            "-o",
-            "cluster_size=4096",
-            &path_str(&raw),
-            &path_str(&img),
-        ])
-        .status()
-        .unwrap();
+    let st = Command::new("qemu-img").args(["convert", "-q", "-O", "qcow2", "-o", "cluster_size=4096", &path_str(&raw), &path_str(&img)]).status().unwrap();
     assert!(st.success());
-    let st = Command::new("qemu-io")
-        .args([
-            "-f",
-            "qcow2",
-            "-c",
-            "write -c -P 0x33 512k 64k",
-            &path_str(&img),
-        ])
-        .stdout(std::process::Stdio::null())
-        .status()
-        .unwrap();
+    let st = Command::new("qemu-io").args(["-f", "qcow2", "-c", "write -c -P 0x33 512k 64k", &path_str(&img)]).stdout(std::process::Stdio::null()).status().unwrap();
     assert!(st.success());
     std::fs::read(&img).unwrap()
 }
@@ -110,70 +71,22 @@ fn damaged_headers_and_tables_give_clear_errors() {
     let path = d.path().join("bad.qcow2");
     type Damage = (&'static str, fn(&mut Vec<u8>), &'static str);
     let cases: &[Damage] = &[
-        (
-            "cluster_bits 30",
-            |i| put(i, 20, &30u32.to_be_bytes()),
-            "cluster size",
-        ),
-        (
-            "cluster_bits 8",
-            |i| put(i, 20, &8u32.to_be_bytes()),
-            "cluster size",
-        ),
+        ("cluster_bits 30", |i| put(i, 20, &30u32.to_be_bytes()), "cluster size"),
+        ("cluster_bits 8", |i| put(i, 20, &8u32.to_be_bytes()), "cluster size"),
         ("version 9", |i| put(i, 4, &9u32.to_be_bytes()), "version"),
-        (
-            "huge L1",
-            |i| put(i, 36, &u32::MAX.to_be_bytes()),
-            "L1 table",
-        ),
-        (
-            "L1 too small",
-            |i| put(i, 36, &0u32.to_be_bytes()),
-            "L1 table is too small",
-        ),
-        (
-            "L1 past EOF",
-            |i| put(i, 40, &(1u64 << 40).to_be_bytes()),
-            "past the end",
-        ),
-        (
-            "L1 misaligned",
-            |i| put(i, 40, &0x3_0100u64.to_be_bytes()),
-            "aligned",
-        ),
-        (
-            "huge refcount table",
-            |i| put(i, 56, &u32::MAX.to_be_bytes()),
-            "Reference count table",
-        ),
-        (
-            "no refcount table",
-            |i| put(i, 56, &0u32.to_be_bytes()),
-            "reference count table",
-        ),
-        (
-            "unknown incompatible",
-            |i| put(i, 72, &(1u64 << 33).to_be_bytes()),
-            "Unknown incompatible feature",
-        ),
-        (
-            "refcount order 7",
-            |i| put(i, 96, &7u32.to_be_bytes()),
-            "Reference count entry width",
-        ),
-        (
-            "header length 13",
-            |i| put(i, 100, &13u32.to_be_bytes()),
-            "header length",
-        ),
-        (
-            "backing name overflow",
-            |i| {
-                put(i, 8, &4090u64.to_be_bytes());
-                put(i, 16, &100u32.to_be_bytes());
-            },
-            "Backing file name",
-        ),
+        ("huge L1", |i| put(i, 36, &u32::MAX.to_be_bytes()), "L1 table"),
+        ("L1 too small", |i| put(i, 36, &0u32.to_be_bytes()), "L1 table is too small"),
+        ("L1 past EOF", |i| put(i, 40, &(1u64 << 40).to_be_bytes()), "past the end"),
+        ("L1 misaligned", |i| put(i, 40, &0x3_0100u64.to_be_bytes()), "aligned"),
+        ("huge refcount table", |i| put(i, 56, &u32::MAX.to_be_bytes()), "Reference count table"),
+        ("no refcount table", |i| put(i, 56, &0u32.to_be_bytes()), "reference count table"),
+        ("unknown incompatible", |i| put(i, 72, &(1u64 << 33).to_be_bytes()), "Unknown incompatible feature"),
+        ("refcount order 7", |i| put(i, 96, &7u32.to_be_bytes()), "Reference count entry width"),
+        ("header length 13", |i| put(i, 100, &13u32.to_be_bytes()), "header length"),
+        ("backing name overflow", |i| {
+            put(i, 8, &4090u64.to_be_bytes());
+            put(i, 16, &100u32.to_be_bytes());
+        }, "Backing file name"),
         ("not qcow2", |i| put(i, 0, b"XXXX"), "not in qcow2 format"),
     ];
     for (what, damage, expect) in cases {
@@ -183,15 +96,8 @@ fn damaged_headers_and_tables_give_clear_errors() {
         let p = path_str(&path);
         let e = on_shard(move || async move { exercise(p, true).await }).expect_err(what);
         let msg = e.to_string();
-        assert!(
-            msg.to_lowercase().contains(&expect.to_lowercase()),
-            "{what}: message '{msg}' lacks '{expect}'"
-        );
-        assert_eq!(
-            e.file(),
-            Some(path_str(&path).as_str()),
-            "{what}: error names the file: {msg}"
-        );
+        assert!(msg.to_lowercase().contains(&expect.to_lowercase()), "{what}: message '{msg}' lacks '{expect}'");
+        assert_eq!(e.file(), Some(path_str(&path).as_str()), "{what}: error names the file: {msg}");
     }
 }
 
@@ -205,61 +111,18 @@ fn tables_pointing_outside_the_file_are_corruption_not_crashes() {
     let path = d.path().join("bad.qcow2");
     let l1_off = u64::from_be_bytes(base[40..48].try_into().unwrap()) as usize;
     let rt_off = u64::from_be_bytes(base[48..56].try_into().unwrap()) as usize;
-    let l2_off = (u64::from_be_bytes(base[l1_off..l1_off + 8].try_into().unwrap())
-        & 0x00ff_ffff_ffff_fe00) as usize;
+    let l2_off = (u64::from_be_bytes(base[l1_off..l1_off + 8].try_into().unwrap()) & 0x00ff_ffff_ffff_fe00) as usize;
     type Pokes = Vec<(usize, Vec<u8>)>;
     let cases: Vec<(&str, Pokes)> = vec![
-        (
-            "L2 table past EOF",
-            vec![(l1_off, ((1u64 << 50) | (1 << 63)).to_be_bytes().to_vec())],
-        ),
-        (
-            "L2 table misaligned",
-            vec![(l1_off, (0x1200u64 | (1 << 63)).to_be_bytes().to_vec())],
-        ),
-        (
-            "data cluster past EOF",
-            vec![(
-                l2_off + 8 * 20,
-                ((1u64 << 48) | (1 << 63)).to_be_bytes().to_vec(),
-            )],
-        ),
-        (
-            "data cluster misaligned",
-            vec![(
-                l2_off + 8 * 20,
-                (0x5_0200u64 | (1 << 63)).to_be_bytes().to_vec(),
-            )],
-        ),
-        (
-            "reserved bits",
-            vec![(
-                l2_off + 8 * 21,
-                (0x5_0000u64 | (1 << 60) | (1 << 63)).to_be_bytes().to_vec(),
-            )],
-        ),
-        (
-            "garbage compressed data",
-            vec![(
-                l2_off + 8 * 22,
-                ((1u64 << 62) | (3 << 58) | 0x200).to_be_bytes().to_vec(),
-            )],
-        ),
-        (
-            "refcount block is the header",
-            vec![
-                (rt_off, 0u64.to_be_bytes().to_vec()),
-                (rt_off + 8, 0u64.to_be_bytes().to_vec()),
-            ],
-        ),
-        (
-            "refcount blocks pointing at each other",
-            vec![(rt_off + 8, (rt_off as u64).to_be_bytes().to_vec())],
-        ),
-        (
-            "L2 table is the L1 table",
-            vec![(l1_off, ((l1_off as u64) | (1 << 63)).to_be_bytes().to_vec())],
-        ),
+        ("L2 table past EOF", vec![(l1_off, ((1u64 << 50) | (1 << 63)).to_be_bytes().to_vec())]),
+        ("L2 table misaligned", vec![(l1_off, (0x1200u64 | (1 << 63)).to_be_bytes().to_vec())]),
+        ("data cluster past EOF", vec![(l2_off + 8 * 20, ((1u64 << 48) | (1 << 63)).to_be_bytes().to_vec())]),
+        ("data cluster misaligned", vec![(l2_off + 8 * 20, (0x5_0200u64 | (1 << 63)).to_be_bytes().to_vec())]),
+        ("reserved bits", vec![(l2_off + 8 * 21, (0x5_0000u64 | (1 << 60) | (1 << 63)).to_be_bytes().to_vec())]),
+        ("garbage compressed data", vec![(l2_off + 8 * 22, ((1u64 << 62) | (3 << 58) | 0x200).to_be_bytes().to_vec())]),
+        ("refcount block is the header", vec![(rt_off, 0u64.to_be_bytes().to_vec()), (rt_off + 8, 0u64.to_be_bytes().to_vec())]),
+        ("refcount blocks pointing at each other", vec![(rt_off + 8, (rt_off as u64).to_be_bytes().to_vec())]),
+        ("L2 table is the L1 table", vec![(l1_off, ((l1_off as u64) | (1 << 63)).to_be_bytes().to_vec())]),
     ];
     for (what, pokes) in cases {
         let mut img = base.clone();
@@ -296,11 +159,7 @@ fn random_metadata_mutations_never_panic() {
     for i in 0..300 {
         let mut img = base.clone();
         for _ in 0..1 + rng.below(6) {
-            let at = if rng.below(3) == 0 {
-                rng.below(128) as usize
-            } else {
-                rng.below(meta_end as u64) as usize
-            };
+            let at = if rng.below(3) == 0 { rng.below(128) as usize } else { rng.below(meta_end as u64) as usize };
             match rng.below(3) {
                 0 => img[at] ^= 1 << rng.below(8),
                 1 => img[at] = rng.below(256) as u8,

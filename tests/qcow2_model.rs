@@ -22,10 +22,7 @@ struct Case {
 }
 
 fn qemu(args: &[&str]) -> std::process::Output {
-    Command::new("qemu-img")
-        .args(args)
-        .output()
-        .expect("qemu-img runs")
+    Command::new("qemu-img").args(args).output().expect("qemu-img runs")
 }
 
 fn ringblk(args: &[&str]) -> std::process::Output {
@@ -58,15 +55,7 @@ async fn run_ops(node: &dyn BlockNode, model: &mut Vec<u8>, case: &Case, seed: u
                     eprintln!("write {off} {len}");
                 }
                 let data = rng.bytes(len as usize);
-                let (r, _) = node
-                    .write(
-                        off,
-                        IoBuf::from_slice(&data),
-                        WriteFlags {
-                            fua: rng.below(10) == 0,
-                        },
-                    )
-                    .await;
+                let (r, _) = node.write(off, IoBuf::from_slice(&data), WriteFlags { fua: rng.below(10) == 0 }).await;
                 r.unwrap_or_else(|e| panic!("{}: step {step}: write {len}@{off}: {e}", case.opts));
                 model[off as usize..(off + len) as usize].copy_from_slice(&data);
             }
@@ -75,13 +64,8 @@ async fn run_ops(node: &dyn BlockNode, model: &mut Vec<u8>, case: &Case, seed: u
                 if std::env::var_os("QCOW2_MODEL_EVERY_STEP").is_some() {
                     eprintln!("zero {off} {len}");
                 }
-                let f = ZeroFlags {
-                    may_unmap: rng.below(2) == 0,
-                    ..Default::default()
-                };
-                node.write_zeroes(off, len, f).await.unwrap_or_else(|e| {
-                    panic!("{}: step {step}: zero {len}@{off}: {e}", case.opts)
-                });
+                let f = ZeroFlags { may_unmap: rng.below(2) == 0, ..Default::default() };
+                node.write_zeroes(off, len, f).await.unwrap_or_else(|e| panic!("{}: step {step}: zero {len}@{off}: {e}", case.opts));
                 model[off as usize..(off + len) as usize].fill(0);
             }
             65..=79 => {
@@ -89,20 +73,14 @@ async fn run_ops(node: &dyn BlockNode, model: &mut Vec<u8>, case: &Case, seed: u
                 if std::env::var_os("QCOW2_MODEL_EVERY_STEP").is_some() {
                     eprintln!("discard {off} {len} size {size}");
                 }
-                node.discard(off, len)
-                    .await
-                    .unwrap_or_else(|e| panic!("{}: step {step}: discard: {e}", case.opts));
+                node.discard(off, len).await.unwrap_or_else(|e| panic!("{}: step {step}: discard: {e}", case.opts));
                 // Whole granules (the last, partial one counts when the range
                 // reaches the end) read as zeroes; the rest is untouched. v2
                 // cannot hide a backing file's data, so it keeps everything.
                 if !(case.v2 && case.backing) {
                     let end = off + len;
                     let a = off.next_multiple_of(case.gran);
-                    let b = if end == size {
-                        end.next_multiple_of(case.gran)
-                    } else {
-                        end - end % case.gran
-                    };
+                    let b = if end == size { end.next_multiple_of(case.gran) } else { end - end % case.gran };
                     if a < b {
                         model[a as usize..b.min(size) as usize].fill(0);
                     }
@@ -117,27 +95,17 @@ async fn run_ops(node: &dyn BlockNode, model: &mut Vec<u8>, case: &Case, seed: u
                 } else {
                     (size - 512 * rng.below(size / 1024)).max(512)
                 };
-                node.truncate(new, true, Prealloc::Off)
-                    .await
-                    .unwrap_or_else(|e| panic!("{}: step {step}: resize to {new}: {e}", case.opts));
+                node.truncate(new, true, Prealloc::Off).await.unwrap_or_else(|e| panic!("{}: step {step}: resize to {new}: {e}", case.opts));
                 // The grown part reads as zeroes, even where a longer backing
                 // file has data (QEMU zeroes it too).
                 model.resize(new as usize, 0);
             }
         }
-        assert_eq!(
-            node.size(),
-            model.len() as u64,
-            "{}: step {step}: size",
-            case.opts
-        );
+        assert_eq!(node.size(), model.len() as u64, "{}: step {step}: size", case.opts);
         if std::env::var_os("QCOW2_MODEL_EVERY_STEP").is_some() {
             let all = read_all(node).await;
             if let Some(i) = all.iter().zip(model.iter()).position(|(a, b)| a != b) {
-                panic!(
-                    "{}: after step {step} (op {op}): byte {i} reads {:#x}, model {:#x}",
-                    case.opts, all[i], model[i]
-                );
+                panic!("{}: after step {step} (op {op}): byte {i} reads {:#x}, model {:#x}", case.opts, all[i], model[i]);
             }
         }
     }
@@ -160,12 +128,7 @@ fn run_case(case: Case, dir: &Path, n: usize) {
     bs = START.to_string();
     args.push(&bs);
     let o = ringblk(&args);
-    assert!(
-        o.status.success(),
-        "{}: create: {}",
-        case.opts,
-        String::from_utf8_lossy(&o.stderr)
-    );
+    assert!(o.status.success(), "{}: create: {}", case.opts, String::from_utf8_lossy(&o.stderr));
 
     let p = img_s.clone();
     let opts = case.opts;
@@ -174,100 +137,40 @@ fn run_case(case: Case, dir: &Path, n: usize) {
         o.set("driver", "qcow2");
         o.set("file.filename", &p);
         o.set("discard", "unmap");
-        let node = ringblk_tests::open(ringblk_tests::IO_URING_WRITEBACK, o)
-            .await
-            .unwrap_or_else(|e| panic!("{opts}: open: {e}"));
+        let node = ringblk_tests::open(ringblk_tests::IO_URING_WRITEBACK, o).await.unwrap_or_else(|e| panic!("{opts}: open: {e}"));
         let mut model = vec![if case.backing { 0xb7u8 } else { 0 }; START as usize];
         run_ops(&*node, &mut model, &case, 0x5eed ^ n as u64).await;
         let all = read_all(&*node).await;
         if let Some(i) = all.iter().zip(&model).position(|(a, b)| a != b) {
-            panic!(
-                "{opts}: byte {i} reads {:#x}, model has {:#x}",
-                all[i], model[i]
-            );
+            panic!("{opts}: byte {i} reads {:#x}, model has {:#x}", all[i], model[i]);
         }
         let r = node.check(Default::default()).await.unwrap();
-        assert!(
-            r.corruptions == 0 && r.leaks == 0,
-            "{opts}: our check before close: {:?}",
-            r.messages
-        );
+        assert!(r.corruptions == 0 && r.leaks == 0, "{opts}: our check before close: {:?}", r.messages);
         node.close().await.unwrap();
         model
     });
     let model_path = dir.join(format!("m{n}.raw"));
     std::fs::write(&model_path, &model).unwrap();
     let c = qemu(&["check", &img_s]);
-    assert!(
-        c.status.success(),
-        "{}: qemu-img check: {}{}",
-        case.opts,
-        String::from_utf8_lossy(&c.stdout),
-        String::from_utf8_lossy(&c.stderr)
-    );
+    assert!(c.status.success(), "{}: qemu-img check: {}{}", case.opts, String::from_utf8_lossy(&c.stdout), String::from_utf8_lossy(&c.stderr));
     let c = ringblk(&["check", &img_s]);
-    assert!(
-        c.status.success(),
-        "{}: ringblk check: {}{}",
-        case.opts,
-        String::from_utf8_lossy(&c.stdout),
-        String::from_utf8_lossy(&c.stderr)
-    );
-    let c = qemu(&[
-        "compare",
-        "-f",
-        "raw",
-        "-F",
-        "qcow2",
-        &path_str(&model_path),
-        &img_s,
-    ]);
-    assert!(
-        c.status.success(),
-        "{}: qemu-img compare: {}",
-        case.opts,
-        String::from_utf8_lossy(&c.stdout)
-    );
+    assert!(c.status.success(), "{}: ringblk check: {}{}", case.opts, String::from_utf8_lossy(&c.stdout), String::from_utf8_lossy(&c.stderr));
+    let c = qemu(&["compare", "-f", "raw", "-F", "qcow2", &path_str(&model_path), &img_s]);
+    assert!(c.status.success(), "{}: qemu-img compare: {}", case.opts, String::from_utf8_lossy(&c.stdout));
 }
 
 fn cases(backing: bool) -> Vec<Case> {
     let mut v = Vec::new();
     for cs in [512u64, 4096, 65536] {
         for rb in [1, 16, 64] {
-            let opts: &'static str =
-                Box::leak(format!("cluster_size={cs},refcount_bits={rb}").into_boxed_str());
-            v.push(Case {
-                opts,
-                backing,
-                gran: cs,
-                v2: false,
-            });
+            let opts: &'static str = Box::leak(format!("cluster_size={cs},refcount_bits={rb}").into_boxed_str());
+            v.push(Case { opts, backing, gran: cs, v2: false });
         }
     }
-    v.push(Case {
-        opts: "cluster_size=2M,refcount_bits=8",
-        backing,
-        gran: 2 << 20,
-        v2: false,
-    });
-    v.push(Case {
-        opts: "extended_l2=on,cluster_size=32k",
-        backing,
-        gran: 1024,
-        v2: false,
-    });
-    v.push(Case {
-        opts: "compat=0.10,cluster_size=4096",
-        backing,
-        gran: 4096,
-        v2: true,
-    });
-    v.push(Case {
-        opts: "lazy_refcounts=on,cluster_size=4096",
-        backing,
-        gran: 4096,
-        v2: false,
-    });
+    v.push(Case { opts: "cluster_size=2M,refcount_bits=8", backing, gran: 2 << 20, v2: false });
+    v.push(Case { opts: "extended_l2=on,cluster_size=32k", backing, gran: 1024, v2: false });
+    v.push(Case { opts: "compat=0.10,cluster_size=4096", backing, gran: 4096, v2: true });
+    v.push(Case { opts: "lazy_refcounts=on,cluster_size=4096", backing, gran: 4096, v2: false });
     v
 }
 

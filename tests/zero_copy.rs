@@ -20,9 +20,7 @@ fn open_with(path: &str, flags: OpenFlags, extra: &[(&str, &str)]) -> Arc<dyn Bl
     let p = path.to_string();
     on_shard(move || async move {
         let ctx = OpenCtx::new(nbd::registry(), flags);
-        open_image(&ctx, o)
-            .await
-            .unwrap_or_else(|e| panic!("open {p}: {e:?}"))
+        open_image(&ctx, o).await.unwrap_or_else(|e| panic!("open {p}: {e:?}"))
     })
 }
 
@@ -46,22 +44,14 @@ fn map_cached_gives_cached_bytes_only_when_safe() {
     make_file(&path, 8 * MIB, Some(&data));
     let p = path_str(&path);
     // As convert opens sources: nobody else may write or resize the file.
-    let ro = OpenFlags {
-        write: false,
-        shared: Perm::ALL.without(Perm::WRITE.union(Perm::RESIZE)),
-        ..Default::default()
-    };
+    let ro = OpenFlags { write: false, shared: Perm::ALL.without(Perm::WRITE.union(Perm::RESIZE)), ..Default::default() };
     std_read(&path, 0, data.len()); // into the page cache
 
     let node = open_with(&p, ro.clone(), &[]);
     // Unaligned start, several pages: the bytes of the file.
     let off = MIB + 3 * 4096 + 100;
     let mut m = map(&node, off, 3 * MIB as usize).expect("a cached range of a read-only file maps");
-    assert_bytes_eq(
-        &m,
-        &data[off as usize..(off + 3 * MIB) as usize],
-        "mapped range",
-    );
+    assert_bytes_eq(&m, &data[off as usize..(off + 3 * MIB) as usize], "mapped range");
     // The mapping is private: writing to the buffer leaves the file alone.
     m[0] ^= 0xff;
     drop(m);
@@ -73,72 +63,31 @@ fn map_cached_gives_cached_bytes_only_when_safe() {
     drop(node);
     evict(&path);
     let node = open_with(&p, ro.clone(), &[]);
-    assert!(
-        map(&node, 0, MIB as usize).is_none(),
-        "an evicted range must not map"
-    );
+    assert!(map(&node, 0, MIB as usize).is_none(), "an evicted range must not map");
     drop(node);
     std_read(&path, 0, data.len());
 
     // raw's offset option shifts the mapping like a read.
     let node = open_with(&p, ro.clone(), &[("offset", "65536")]);
     let m = map(&node, 0, MIB as usize).expect("maps through raw's offset");
-    assert_bytes_eq(
-        &m,
-        &data[65536..65536 + MIB as usize],
-        "mapped range with offset",
-    );
+    assert_bytes_eq(&m, &data[65536..65536 + MIB as usize], "mapped range with offset");
     drop(m);
     drop(node);
 
     // Where another writer may change the file under the mapping, or where
     // there is no page cache, never.
     let cases: [(&str, OpenFlags); 4] = [
-        (
-            "writable",
-            OpenFlags {
-                write: true,
-                ..Default::default()
-            },
-        ),
-        (
-            "sharing writes with others",
-            OpenFlags {
-                write: false,
-                ..Default::default()
-            },
-        ),
-        (
-            "force-share",
-            OpenFlags {
-                write: false,
-                force_share: true,
-                shared: ro.shared,
-                ..Default::default()
-            },
-        ),
-        (
-            "cache=none",
-            OpenFlags {
-                write: false,
-                cache: "none".parse::<CacheMode>().unwrap(),
-                shared: ro.shared,
-                ..Default::default()
-            },
-        ),
+        ("writable", OpenFlags { write: true, ..Default::default() }),
+        ("sharing writes with others", OpenFlags { write: false, ..Default::default() }),
+        ("force-share", OpenFlags { write: false, force_share: true, shared: ro.shared, ..Default::default() }),
+        ("cache=none", OpenFlags { write: false, cache: "none".parse::<CacheMode>().unwrap(), shared: ro.shared, ..Default::default() }),
     ];
     for (what, flags) in cases {
         let node = open_with(&p, flags, &[]);
-        assert!(
-            map(&node, 0, MIB as usize).is_none(),
-            "{what} open must not map"
-        );
+        assert!(map(&node, 0, MIB as usize).is_none(), "{what} open must not map");
     }
     let node = open_with(&p, ro, &[("file.locking", "off")]);
-    assert!(
-        map(&node, 0, MIB as usize).is_none(),
-        "locking=off must not map"
-    );
+    assert!(map(&node, 0, MIB as usize).is_none(), "locking=off must not map");
 }
 
 /// 1 MiB writes from both shards at once, to a file opened on shard 0: every
@@ -149,11 +98,7 @@ fn large_writes_from_every_shard_land() {
     let path = dir.path().join("dst.img");
     make_file(&path, 64 * MIB, None);
     let p = path_str(&path);
-    let rt = Runtime::new(RuntimeConfig {
-        shards: 2,
-        ..Default::default()
-    })
-    .unwrap();
+    let rt = Runtime::new(RuntimeConfig { shards: 2, ..Default::default() }).unwrap();
     let node = rt.block_on(move || async move { open_raw(IO_URING_WRITEBACK, &p).await });
     let handles: Vec<_> = (0..8u64)
         .map(|t| {
@@ -162,9 +107,7 @@ fn large_writes_from_every_shard_land() {
                 for i in 0..8u64 {
                     let chunk = t * 8 + i;
                     let fill = vec![(chunk % 251) as u8 + 1; MIB as usize];
-                    write_at(&*n, chunk * MIB, &fill, WriteFlags::default())
-                        .await
-                        .unwrap();
+                    write_at(&*n, chunk * MIB, &fill, WriteFlags::default()).await.unwrap();
                 }
             })
         })
@@ -176,10 +119,7 @@ fn large_writes_from_every_shard_land() {
     drop(node);
     for chunk in 0..64u64 {
         let got = std_read(&path, chunk * MIB, MIB as usize);
-        assert!(
-            got.iter().all(|&b| b == (chunk % 251) as u8 + 1),
-            "chunk {chunk} holds the wrong bytes"
-        );
+        assert!(got.iter().all(|&b| b == (chunk % 251) as u8 + 1), "chunk {chunk} holds the wrong bytes");
     }
 }
 
@@ -194,19 +134,10 @@ fn large_writes_outlive_the_home_shard() {
     let node = on_shard(move || async move { open_raw(IO_URING_WRITEBACK, &p).await });
     let n = node.clone();
     on_shard(move || async move {
-        write_at(
-            &*n,
-            MIB,
-            &vec![0x5a; 2 * MIB as usize],
-            WriteFlags::default(),
-        )
-        .await
-        .unwrap();
+        write_at(&*n, MIB, &vec![0x5a; 2 * MIB as usize], WriteFlags::default()).await.unwrap();
     });
     drop(node);
-    assert!(std_read(&path, MIB, 2 * MIB as usize)
-        .iter()
-        .all(|&b| b == 0x5a));
+    assert!(std_read(&path, MIB, 2 * MIB as usize).iter().all(|&b| b == 0x5a));
     assert!(std_read(&path, 0, MIB as usize).iter().all(|&b| b == 0));
 }
 
@@ -227,23 +158,10 @@ fn reserve_ahead_reserves_past_eof_and_gives_back() {
         o.set("driver", "file");
         o.set("filename", p.as_str());
         o.set("x-reserve-ahead", "16M");
-        let ctx = OpenCtx::new(
-            nbd::registry(),
-            OpenFlags {
-                write: true,
-                ..Default::default()
-            },
-        );
+        let ctx = OpenCtx::new(nbd::registry(), OpenFlags { write: true, ..Default::default() });
         let node = ctx.open_protocol(o).await.unwrap();
         for i in 0..4u64 {
-            write_at(
-                &*node,
-                i * MIB,
-                &vec![i as u8 + 1; MIB as usize],
-                WriteFlags::default(),
-            )
-            .await
-            .unwrap();
+            write_at(&*node, i * MIB, &vec![i as u8 + 1; MIB as usize], WriteFlags::default()).await.unwrap();
         }
         let m = std::fs::metadata(&path2).unwrap();
         let r = (m.len(), m.blocks() * 512);
@@ -251,20 +169,11 @@ fn reserve_ahead_reserves_past_eof_and_gives_back() {
         r
     });
     assert_eq!(size_open, 4 * MIB, "reserving must not change the size");
-    assert!(
-        blocks_open >= 16 * MIB,
-        "blocks reserved past EOF while open: {blocks_open}"
-    );
+    assert!(blocks_open >= 16 * MIB, "blocks reserved past EOF while open: {blocks_open}");
     let m = std::fs::metadata(&path).unwrap();
     assert_eq!(m.len(), 4 * MIB);
-    assert!(
-        m.blocks() * 512 <= 4 * MIB + MIB,
-        "reserved blocks given back on close: {}",
-        m.blocks() * 512
-    );
+    assert!(m.blocks() * 512 <= 4 * MIB + MIB, "reserved blocks given back on close: {}", m.blocks() * 512);
     for i in 0..4u64 {
-        assert!(std_read(&path, i * MIB, MIB as usize)
-            .iter()
-            .all(|&b| b == i as u8 + 1));
+        assert!(std_read(&path, i * MIB, MIB as usize).iter().all(|&b| b == i as u8 + 1));
     }
 }

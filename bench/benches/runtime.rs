@@ -36,11 +36,7 @@ fn nop_round_trip(c: &mut Criterion) {
     });
     g.throughput(Throughput::Elements(1));
     g.bench_function("block_on_cross_thread", |b| {
-        b.iter_batched(
-            || (),
-            |()| rt.block_on(|| async { nop().await }),
-            BatchSize::SmallInput,
-        )
+        b.iter_batched(|| (), |()| rt.block_on(|| async { nop().await }), BatchSize::SmallInput)
     });
     g.finish();
 }

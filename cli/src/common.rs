@@ -74,30 +74,18 @@ pub async fn open(spec: OptionTree, flags: OpenFlags) -> Result<Arc<dyn BlockNod
 
 /// A runtime with one shard, for commands that do little I/O.
 pub fn small_runtime() -> Result<Runtime> {
-    Runtime::new(RuntimeConfig {
-        shards: 1,
-        pin: false,
-        buffers: 16,
-        ..Default::default()
-    })
+    Runtime::new(RuntimeConfig { shards: 1, pin: false, buffers: 16, ..Default::default() })
 }
 
 /// A runtime with a shard per core, for copy commands (which use their own
 /// large buffers, so each shard's registered pool stays tiny).
 pub fn full_runtime() -> Result<Runtime> {
-    Runtime::new(RuntimeConfig {
-        buffers: 8,
-        ..Default::default()
-    })
+    Runtime::new(RuntimeConfig { buffers: 8, ..Default::default() })
 }
 
 /// Flags for opening an image per the shared arguments.
 pub fn flags(args: &OpenArgs, write: bool) -> OpenFlags {
-    OpenFlags {
-        write,
-        force_share: args.force_share,
-        ..Default::default()
-    }
+    OpenFlags { write, force_share: args.force_share, ..Default::default() }
 }
 
 pub fn parse_size_arg(s: &str) -> std::result::Result<u64, String> {

@@ -8,11 +8,7 @@ mod progress;
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(
-    name = "ringblk",
-    version,
-    about = "Disk image tool on io_uring (qemu-img compatible)"
-)]
+#[command(name = "ringblk", version, about = "Disk image tool on io_uring (qemu-img compatible)")]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,

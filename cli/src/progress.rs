@@ -40,28 +40,16 @@ impl Progress {
             let b = ProgressBar::with_draw_target(Some(total.max(1)), ProgressDrawTarget::stdout());
             // qemu-img's "    (12.34/100%)", followed by a bar and a rate.
             b.set_style(
-                ProgressStyle::with_template(
-                    "    ({pct}/100%) [{bar:40}] {bytes}/{total_bytes} {binary_bytes_per_sec}",
-                )
-                .expect("static template")
-                .with_key(
-                    "pct",
-                    |s: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+                ProgressStyle::with_template("    ({pct}/100%) [{bar:40}] {bytes}/{total_bytes} {binary_bytes_per_sec}")
+                    .expect("static template")
+                    .with_key("pct", |s: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
                         let _ = write!(w, "{:.2}", s.fraction() * 100.0);
-                    },
-                )
-                .progress_chars("=> "),
+                    })
+                    .progress_chars("=> "),
             );
             b
         });
-        let p = Arc::new(Progress {
-            total,
-            done: AtomicU64::new(0),
-            bar,
-            quiet: false,
-            plain,
-            shown: AtomicU64::new(u64::MAX),
-        });
+        let p = Arc::new(Progress { total, done: AtomicU64::new(0), bar, quiet: false, plain, shown: AtomicU64::new(u64::MAX) });
         p.print_plain(0);
         p
     }
@@ -88,11 +76,7 @@ impl Progress {
         }
         self.print_plain(done);
         if usr1_flag().swap(false, Ordering::Relaxed) {
-            let pct = if self.total == 0 {
-                100.0
-            } else {
-                done as f64 * 100.0 / self.total as f64
-            };
+            let pct = if self.total == 0 { 100.0 } else { done as f64 * 100.0 / self.total as f64 };
             println!("    ({pct:.2}/100%)");
         }
     }
@@ -113,31 +97,17 @@ impl Progress {
         if !self.plain {
             return;
         }
-        let hundredths = if self.total == 0 {
-            10_000
-        } else {
-            (done as u128 * 10_000 / self.total as u128) as u64
-        };
+        let hundredths = if self.total == 0 { 10_000 } else { (done as u128 * 10_000 / self.total as u128) as u64 };
         let last = self.shown.load(Ordering::Relaxed);
         if last != u64::MAX && hundredths < last + 100 && hundredths != 10_000 {
             return;
         }
-        if last == hundredths
-            || self
-                .shown
-                .compare_exchange(last, hundredths, Ordering::Relaxed, Ordering::Relaxed)
-                .is_err()
-        {
+        if last == hundredths || self.shown.compare_exchange(last, hundredths, Ordering::Relaxed, Ordering::Relaxed).is_err() {
             return;
         }
         use std::io::Write;
         let mut out = std::io::stdout().lock();
-        let _ = write!(
-            out,
-            "    ({}.{:02}/100%)\r",
-            hundredths / 100,
-            hundredths % 100
-        );
+        let _ = write!(out, "    ({}.{:02}/100%)\r", hundredths / 100, hundredths % 100);
         let _ = out.flush();
     }
 }

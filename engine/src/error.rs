@@ -63,27 +63,13 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
     pub fn new(kind: ErrorKind, msg: impl Into<String>) -> Error {
-        Error {
-            kind,
-            msg: msg.into(),
-            file: None,
-            offset: None,
-            source: None,
-        }
+        Error { kind, msg: msg.into(), file: None, offset: None, source: None }
     }
 
     /// An OS error from `op` (e.g. "read", "fallocate"), kind derived from errno.
     pub fn os(op: &str, err: io::Error) -> Error {
-        let kind = err
-            .raw_os_error()
-            .map_or(ErrorKind::Io, ErrorKind::from_errno);
-        Error {
-            kind,
-            msg: op.to_string(),
-            file: None,
-            offset: None,
-            source: Some(err),
-        }
+        let kind = err.raw_os_error().map_or(ErrorKind::Io, ErrorKind::from_errno);
+        Error { kind, msg: op.to_string(), file: None, offset: None, source: Some(err) }
     }
 
     /// A negative errno returned by io_uring, Linux AIO or a syscall wrapper.
@@ -119,10 +105,7 @@ impl Error {
 
     /// The OS errno underneath, or the kind's default.
     pub fn to_errno(&self) -> i32 {
-        self.source
-            .as_ref()
-            .and_then(|e| e.raw_os_error())
-            .unwrap_or_else(|| self.kind.errno())
+        self.source.as_ref().and_then(|e| e.raw_os_error()).unwrap_or_else(|| self.kind.errno())
     }
 
     /// The message without the file prefix, for callers that print the file themselves.
@@ -174,9 +157,7 @@ mod tests {
 
     #[test]
     fn context_is_in_message_and_errno_kept() {
-        let e = Error::errno("write", libc::ENOSPC)
-            .with_file("/x.img")
-            .at(4096);
+        let e = Error::errno("write", libc::ENOSPC).with_file("/x.img").at(4096);
         assert_eq!(e.kind(), ErrorKind::NoSpace);
         assert_eq!(e.to_errno(), libc::ENOSPC);
         let s = e.to_string();

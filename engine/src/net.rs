@@ -78,10 +78,7 @@ struct MsgRes {
 
 impl Socket {
     pub fn new(fd: OwnedFd) -> Socket {
-        Socket {
-            fd,
-            pipe: std::cell::OnceCell::new(),
-        }
+        Socket { fd, pipe: std::cell::OnceCell::new() }
     }
 
     pub fn fd(&self) -> RawFd {
@@ -95,11 +92,7 @@ impl Socket {
     /// Receive what is available (at least one byte) into `buf[range]`; 0 is
     /// end of stream.
     pub async fn recv(&self, mut buf: IoBuf, range: Range<usize>) -> (io::Result<usize>, IoBuf) {
-        assert!(
-            range.end <= buf.len(),
-            "recv range {range:?} outside buffer of {}",
-            buf.len()
-        );
+        assert!(range.end <= buf.len(), "recv range {range:?} outside buffer of {}", buf.len());
         let len = u32::try_from(range.len()).unwrap_or(u32::MAX);
         let shard = expect_current();
         // SAFETY: range is inside the buffer (asserted); the Op owns the buffer
@@ -112,11 +105,7 @@ impl Socket {
     }
 
     /// Fill `buf[range]` completely; an early end of stream is UnexpectedEof.
-    pub async fn recv_exact(
-        &self,
-        mut buf: IoBuf,
-        mut range: Range<usize>,
-    ) -> (io::Result<()>, IoBuf) {
+    pub async fn recv_exact(&self, mut buf: IoBuf, mut range: Range<usize>) -> (io::Result<()>, IoBuf) {
         while !range.is_empty() {
             let (r, b) = self.recv(buf, range.clone()).await;
             buf = b;
@@ -175,26 +164,13 @@ impl Socket {
         // SAFETY: both fds are new and ours.
         let p = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
         // SAFETY: fcntl on a pipe we own; a smaller pipe (the limit) still works.
-        unsafe {
-            libc::fcntl(
-                p.1.as_raw_fd(),
-                libc::F_SETPIPE_SZ,
-                PIPE_SIZE as libc::c_int,
-            )
-        };
+        unsafe { libc::fcntl(p.1.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_SIZE as libc::c_int) };
         Ok(self.pipe.get_or_init(|| p))
     }
 
-    async fn splice_op(
-        &self,
-        fd_in: RawFd,
-        off_in: i64,
-        fd_out: RawFd,
-        len: usize,
-    ) -> io::Result<usize> {
+    async fn splice_op(&self, fd_in: RawFd, off_in: i64, fd_out: RawFd, len: usize) -> io::Result<usize> {
         let shard = expect_current();
-        let sqe = opcode::Splice::new(types::Fd(fd_in), off_in, types::Fd(fd_out), -1, len as u32)
-            .build();
+        let sqe = opcode::Splice::new(types::Fd(fd_in), off_in, types::Fd(fd_out), -1, len as u32).build();
         let key = shard.submit_op(sqe);
         errno_result(Op::new(shard, key, ()).await.0)
     }
@@ -204,14 +180,9 @@ impl Socket {
         let (rd, wr) = self.pipe()?;
         let (rd, wr) = (rd.as_raw_fd(), wr.as_raw_fd());
         while len > 0 {
-            let n = self
-                .splice_op(fd, offset as i64, wr, len.min(PIPE_SIZE))
-                .await?;
+            let n = self.splice_op(fd, offset as i64, wr, len.min(PIPE_SIZE)).await?;
             if n == 0 {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "file ended before the data to send",
-                ));
+                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "file ended before the data to send"));
             }
             let mut left = n;
             while left > 0 {
@@ -226,11 +197,7 @@ impl Socket {
         Ok(())
     }
 
-    async fn send_mem(
-        &self,
-        mut parts: Vec<SendPart>,
-        more: bool,
-    ) -> (io::Result<()>, Vec<SendPart>) {
+    async fn send_mem(&self, mut parts: Vec<SendPart>, more: bool) -> (io::Result<()>, Vec<SendPart>) {
         assert!(parts.len() <= MAX_IOV, "{} iovecs in one send", parts.len());
         let total: usize = parts.iter().map(SendPart::len).sum();
         let mut sent = 0usize;
@@ -244,10 +211,7 @@ impl Socket {
                     skip -= s.len();
                     continue;
                 }
-                iov.push(libc::iovec {
-                    iov_base: s[skip..].as_ptr() as *mut libc::c_void,
-                    iov_len: s.len() - skip,
-                });
+                iov.push(libc::iovec { iov_base: s[skip..].as_ptr() as *mut libc::c_void, iov_len: s.len() - skip });
                 skip = 0;
             }
             // SAFETY: msghdr is plain data; zeroed is a valid empty header.
@@ -256,23 +220,13 @@ impl Socket {
             hdr.msg_iovlen = iov.len();
             let shard = expect_current();
             let flags = libc::MSG_NOSIGNAL | if more { libc::MSG_MORE } else { 0 };
-            let sqe = opcode::SendMsg::new(types::Fd(self.fd()), &*hdr as *const libc::msghdr)
-                .flags(flags as u32)
-                .build();
+            let sqe =
+                opcode::SendMsg::new(types::Fd(self.fd()), &*hdr as *const libc::msghdr).flags(flags as u32).build();
             let key = shard.submit_op(sqe);
             // The iovecs point into `parts`' heap memory, which moving the
             // Vec (and the IoBufs in it) does not move; the Op keeps all of
             // it alive until the kernel is done.
-            let (res, r) = Op::new(
-                shard,
-                key,
-                MsgRes {
-                    _hdr: hdr,
-                    _iov: iov,
-                    parts,
-                },
-            )
-            .await;
+            let (res, r) = Op::new(shard, key, MsgRes { _hdr: hdr, _iov: iov, parts }).await;
             parts = r.parts;
             match errno_result(res) {
                 Ok(0) => return (Err(io::ErrorKind::WriteZero.into()), parts),

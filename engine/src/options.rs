@@ -35,11 +35,7 @@ impl OptionTree {
                     Some(key) if i == 0 => {
                         t.0.insert(key.to_string(), item);
                     }
-                    _ => {
-                        return Err(invalid(format!(
-                            "invalid option '{item}': expected key=value"
-                        )))
-                    }
+                    _ => return Err(invalid(format!("invalid option '{item}': expected key=value"))),
                 },
             }
         }
@@ -48,8 +44,8 @@ impl OptionTree {
 
     /// Parse the JSON object of a `json:{...}` filename (the prefix already removed).
     pub fn from_json(s: &str) -> Result<OptionTree> {
-        let v: serde_json::Value = serde_json::from_str(s)
-            .map_err(|e| invalid(format!("could not parse json: filename: {e}")))?;
+        let v: serde_json::Value =
+            serde_json::from_str(s).map_err(|e| invalid(format!("could not parse json: filename: {e}")))?;
         let serde_json::Value::Object(obj) = v else {
             return Err(invalid("json: filename must be a JSON object"));
         };
@@ -64,9 +60,7 @@ impl OptionTree {
 
     /// Set unless already present.
     pub fn set_default(&mut self, key: &str, value: impl Into<String>) {
-        self.0
-            .entry(key.to_string())
-            .or_insert_with(|| value.into());
+        self.0.entry(key.to_string()).or_insert_with(|| value.into());
     }
 
     pub fn get(&self, key: &str) -> Option<&str> {
@@ -86,9 +80,7 @@ impl OptionTree {
         match self.take(key) {
             None => Ok(None),
             Some(v) => parse_bool(&v).map(Some).ok_or_else(|| {
-                invalid(format!(
-                    "parameter '{key}' expects 'on' or 'off', got '{v}'"
-                ))
+                invalid(format!("parameter '{key}' expects 'on' or 'off', got '{v}'"))
             }),
         }
     }
@@ -104,22 +96,14 @@ impl OptionTree {
     }
 
     /// Take a parsed value (enums with FromStr).
-    pub fn take_parsed<T: std::str::FromStr<Err = Error>>(
-        &mut self,
-        key: &str,
-    ) -> Result<Option<T>> {
+    pub fn take_parsed<T: std::str::FromStr<Err = Error>>(&mut self, key: &str) -> Result<Option<T>> {
         self.take(key).map(|v| v.parse()).transpose()
     }
 
     /// Remove and return every key under `prefix.`, with the prefix stripped.
     pub fn take_subtree(&mut self, prefix: &str) -> OptionTree {
         let p = format!("{prefix}.");
-        let keys: Vec<String> = self
-            .0
-            .keys()
-            .filter(|k| k.starts_with(&p))
-            .cloned()
-            .collect();
+        let keys: Vec<String> = self.0.keys().filter(|k| k.starts_with(&p)).cloned().collect();
         let mut sub = OptionTree::new();
         for k in keys {
             let v = self.0.remove(&k).expect("key listed above");
@@ -162,11 +146,7 @@ impl OptionTree {
 
     /// Back to `key=val,...` with commas escaped (for messages like "Formatting ...").
     pub fn to_kv_string(&self) -> String {
-        self.0
-            .iter()
-            .map(|(k, v)| format!("{k}={}", v.replace(',', ",,")))
-            .collect::<Vec<_>>()
-            .join(",")
+        self.0.iter().map(|(k, v)| format!("{k}={}", v.replace(',', ",,"))).collect::<Vec<_>>().join(",")
     }
 }
 
@@ -197,17 +177,9 @@ fn split_commas(s: &str) -> Vec<String> {
     out
 }
 
-fn flatten(
-    prefix: &str,
-    obj: &serde_json::Map<String, serde_json::Value>,
-    out: &mut BTreeMap<String, String>,
-) -> Result<()> {
+fn flatten(prefix: &str, obj: &serde_json::Map<String, serde_json::Value>, out: &mut BTreeMap<String, String>) -> Result<()> {
     for (k, v) in obj {
-        let key = if prefix.is_empty() {
-            k.clone()
-        } else {
-            format!("{prefix}.{k}")
-        };
+        let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
         match v {
             serde_json::Value::Object(o) => flatten(&key, o, out)?,
             serde_json::Value::String(s) => {
@@ -220,11 +192,7 @@ fn flatten(
                 out.insert(key, n.to_string());
             }
             serde_json::Value::Null => {}
-            serde_json::Value::Array(_) => {
-                return Err(invalid(format!(
-                    "json: option '{key}': arrays are not supported"
-                )))
-            }
+            serde_json::Value::Array(_) => return Err(invalid(format!("json: option '{key}': arrays are not supported"))),
         }
     }
     Ok(())
@@ -236,11 +204,7 @@ mod tests {
 
     #[test]
     fn kv_with_escaped_commas_and_subtrees() {
-        let mut t = OptionTree::parse(
-            "driver=raw,file.driver=file,file.filename=a,,b.img,file.aio=native",
-            None,
-        )
-        .unwrap();
+        let mut t = OptionTree::parse("driver=raw,file.driver=file,file.filename=a,,b.img,file.aio=native", None).unwrap();
         assert_eq!(t.take("driver").as_deref(), Some("raw"));
         let mut f = t.take_subtree("file");
         assert!(t.is_empty());

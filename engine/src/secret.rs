@@ -16,38 +16,22 @@ impl Secrets {
     /// Add one `--object` definition. Only `secret` objects are known.
     pub fn add_object(&mut self, def: &str) -> Result<()> {
         let mut o = OptionTree::parse(def, Some("qom-type"))?;
-        let ty = o
-            .take("qom-type")
-            .ok_or_else(|| invalid(format!("--object '{def}': missing object type")))?;
+        let ty = o.take("qom-type").ok_or_else(|| invalid(format!("--object '{def}': missing object type")))?;
         if ty != "secret" {
-            return Err(invalid(format!(
-                "--object '{def}': unknown object type '{ty}' (only 'secret' is supported)"
-            )));
+            return Err(invalid(format!("--object '{def}': unknown object type '{ty}' (only 'secret' is supported)")));
         }
-        let id = o
-            .take("id")
-            .ok_or_else(|| invalid(format!("--object '{def}': parameter 'id' is missing")))?;
+        let id = o.take("id").ok_or_else(|| invalid(format!("--object '{def}': parameter 'id' is missing")))?;
         let raw = match (o.take("data"), o.take("file")) {
             (Some(d), None) => d.into_bytes(),
-            (None, Some(f)) => {
-                std::fs::read(&f).map_err(|e| Error::os("reading secret", e).with_file(f))?
-            }
-            _ => {
-                return Err(invalid(format!(
-                    "secret '{id}': exactly one of 'data' or 'file' must be given"
-                )))
-            }
+            (None, Some(f)) => std::fs::read(&f).map_err(|e| Error::os("reading secret", e).with_file(f))?,
+            _ => return Err(invalid(format!("secret '{id}': exactly one of 'data' or 'file' must be given"))),
         };
         let value = match o.take("format").as_deref() {
             None | Some("raw") => raw,
             Some("base64") => base64::engine::general_purpose::STANDARD
                 .decode(raw.trim_ascii())
                 .map_err(|e| invalid(format!("secret '{id}': invalid base64: {e}")))?,
-            Some(f) => {
-                return Err(invalid(format!(
-                    "secret '{id}': invalid format '{f}': expected raw or base64"
-                )))
-            }
+            Some(f) => return Err(invalid(format!("secret '{id}': invalid format '{f}': expected raw or base64"))),
         };
         o.take("keyid");
         o.take("iv");
@@ -69,12 +53,10 @@ mod tests {
     fn parses_raw_base64_and_file_secrets() {
         let mut s = Secrets::default();
         s.add_object("secret,id=a,data=hunter2").unwrap();
-        s.add_object("secret,id=b,data=aHVudGVyMg==,format=base64")
-            .unwrap();
+        s.add_object("secret,id=b,data=aHVudGVyMg==,format=base64").unwrap();
         let f = tempfile::NamedTempFile::new().unwrap();
         std::fs::write(f.path(), "filepw").unwrap();
-        s.add_object(&format!("secret,id=c,file={}", f.path().display()))
-            .unwrap();
+        s.add_object(&format!("secret,id=c,file={}", f.path().display())).unwrap();
         assert_eq!(s.get("a"), Some(&b"hunter2"[..]));
         assert_eq!(s.get("b"), Some(&b"hunter2"[..]));
         assert_eq!(s.get("c"), Some(&b"filepw"[..]));

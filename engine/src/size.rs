@@ -7,23 +7,14 @@ use crate::error::{invalid, Result};
 /// optional trailing "iB"/"B" is accepted). A fraction is allowed with a suffix.
 pub fn parse_size(s: &str) -> Result<u64> {
     let t = s.trim();
-    let err = || {
-        invalid(format!(
-            "invalid size '{s}': expected a number with an optional k, M, G, T, P or E suffix"
-        ))
-    };
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
+    let err = || invalid(format!("invalid size '{s}': expected a number with an optional k, M, G, T, P or E suffix"));
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
     let (num, suffix) = t.split_at(split);
     if num.is_empty() {
         return Err(err());
     }
     let suffix = suffix.trim();
-    let suffix = suffix
-        .strip_suffix("iB")
-        .or_else(|| suffix.strip_suffix('B').filter(|s| !s.is_empty()))
-        .unwrap_or(suffix);
+    let suffix = suffix.strip_suffix("iB").or_else(|| suffix.strip_suffix('B').filter(|s| !s.is_empty())).unwrap_or(suffix);
     let mult: u64 = match suffix {
         "" | "b" | "B" => 1,
         "k" | "K" => 1 << 10,
@@ -70,11 +61,7 @@ pub fn human_size(n: u64) -> String {
     } else {
         format!("{:.2}", v)
     };
-    let s = if s.contains('.') {
-        s.trim_end_matches('0').trim_end_matches('.').to_string()
-    } else {
-        s
-    };
+    let s = if s.contains('.') { s.trim_end_matches('0').trim_end_matches('.').to_string() } else { s };
     format!("{s} {}", UNITS[i])
 }
 

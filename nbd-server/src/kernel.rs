@@ -35,11 +35,7 @@ fn ioctl(dev: &str, f: &std::fs::File, req: u64, arg: u64) -> Result<()> {
     // SAFETY: the NBD ioctls take an integer argument, no memory.
     let r = unsafe { libc::ioctl(f.as_raw_fd(), req as _, arg as libc::c_ulong) };
     if r < 0 {
-        return Err(Error::os(
-            &format!("NBD ioctl {req:#x}"),
-            std::io::Error::last_os_error(),
-        )
-        .with_file(dev));
+        return Err(Error::os(&format!("NBD ioctl {req:#x}"), std::io::Error::last_os_error()).with_file(dev));
     }
     Ok(())
 }
@@ -49,35 +45,25 @@ fn own_addr(listeners: &[OwnedFd], socket: Option<&str>) -> Result<Addr> {
     if let Some(p) = socket {
         return Ok(Addr::Unix(p.to_string()));
     }
-    let l = listeners
-        .first()
-        .ok_or_else(|| invalid("no listening socket"))?;
+    let l = listeners.first().ok_or_else(|| invalid("no listening socket"))?;
     // SAFETY: sockaddr_storage is plain data; getsockname fills at most len bytes.
     let port = unsafe {
         let mut ss: libc::sockaddr_storage = std::mem::zeroed();
         let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-        if libc::getsockname(
-            l.as_raw_fd(),
-            (&mut ss as *mut libc::sockaddr_storage).cast(),
-            &mut len,
-        ) != 0
-        {
+        if libc::getsockname(l.as_raw_fd(), (&mut ss as *mut libc::sockaddr_storage).cast(), &mut len) != 0 {
             return Err(Error::os("getsockname", std::io::Error::last_os_error()));
         }
         match ss.ss_family as i32 {
-            libc::AF_INET => u16::from_be(
-                (*(&ss as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>()).sin_port,
-            ),
-            libc::AF_INET6 => u16::from_be(
-                (*(&ss as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>()).sin6_port,
-            ),
+            libc::AF_INET => {
+                u16::from_be((*(&ss as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>()).sin_port)
+            }
+            libc::AF_INET6 => {
+                u16::from_be((*(&ss as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>()).sin6_port)
+            }
             _ => return Err(invalid("-c needs a TCP or unix listener")),
         }
     };
-    Ok(Addr::Tcp {
-        host: "localhost".into(),
-        port,
-    })
+    Ok(Addr::Tcp { host: "localhost".into(), port })
 }
 
 /// The kernel side of `-c`: runs until the device is disconnected.
@@ -120,9 +106,7 @@ pub fn connect(dev: &str, listeners: &[OwnedFd], socket: Option<&str>) -> Result
             eprintln!("ringblk-nbd: {e}");
         }
     });
-    Ok(KernelClient {
-        thread: Some(thread),
-    })
+    Ok(KernelClient { thread: Some(thread) })
 }
 
 /// `-d DEV`: tell the kernel to drop the device's connection.

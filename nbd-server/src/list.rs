@@ -40,19 +40,10 @@ pub fn format(exports: &[ExportInfo]) -> String {
         }
         s += " )\n";
         if e.min_block != 0 {
-            s += &format!(
-                "  min block: {}\n  opt block: {}\n  max block: {}\n",
-                e.min_block, e.pref_block, e.max_block
-            );
+            s +=
+                &format!("  min block: {}\n  opt block: {}\n  max block: {}\n", e.min_block, e.pref_block, e.max_block);
         }
-        s += &format!(
-            "  transaction size: {}\n",
-            if e.mode == ReplyMode::Extended {
-                "64-bit"
-            } else {
-                "32-bit"
-            }
-        );
+        s += &format!("  transaction size: {}\n", if e.mode == ReplyMode::Extended { "64-bit" } else { "32-bit" });
         s += &format!("  available meta contexts: {}\n", e.contexts.len());
         for (_, c) in &e.contexts {
             s += &format!("   {c}\n");
@@ -68,17 +59,9 @@ pub fn run(host: &str, port: u16, socket: Option<&str>, tls: bool) -> Result<()>
     }
     let addr = match socket {
         Some(p) => Addr::Unix(p.to_string()),
-        None => Addr::Tcp {
-            host: if host == "0.0.0.0" {
-                "localhost".into()
-            } else {
-                host.to_string()
-            },
-            port,
-        },
+        None => Addr::Tcp { host: if host == "0.0.0.0" { "localhost".into() } else { host.to_string() }, port },
     };
-    let exports = list(&addr, Some(Duration::from_secs(30)))
-        .map_err(|e| Error::os("Failed to list exports", e))?;
+    let exports = list(&addr, Some(Duration::from_secs(30))).map_err(|e| Error::os("Failed to list exports", e))?;
     print!("{}", format(&exports));
     Ok(())
 }

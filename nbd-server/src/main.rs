@@ -22,11 +22,7 @@ use ringblk_nbd::server::tls::Objects;
 use ringblk_nbd::server::{DetectZeroes, Export, Server, DEFAULT_MAX_REQUEST};
 
 #[derive(Parser)]
-#[command(
-    name = "ringblk-nbd",
-    version,
-    about = "Export a disk image over NBD (qemu-nbd compatible)"
-)]
+#[command(name = "ringblk-nbd", version, about = "Export a disk image over NBD (qemu-nbd compatible)")]
 struct Args {
     /// Image to export (image options with --image-opts)
     filename: Option<String>,
@@ -153,28 +149,17 @@ fn real_main(args: Args) -> Result<ExitCode> {
         }
     }
     if args.list {
-        return ringblk_nbd::list::run(
-            &args.bind,
-            args.port,
-            args.socket.as_deref(),
-            args.tls_creds.is_some(),
-        )
-        .map(|()| ExitCode::SUCCESS);
+        return ringblk_nbd::list::run(&args.bind, args.port, args.socket.as_deref(), args.tls_creds.is_some())
+            .map(|()| ExitCode::SUCCESS);
     }
     if args.disconnect {
-        let dev = args
-            .filename
-            .as_deref()
-            .ok_or_else(|| invalid("-d needs the device to disconnect"))?;
+        let dev = args.filename.as_deref().ok_or_else(|| invalid("-d needs the device to disconnect"))?;
         return ringblk_nbd::kernel::disconnect(dev).map(|()| {
             println!("{dev} disconnected");
             ExitCode::SUCCESS
         });
     }
-    let filename = args
-        .filename
-        .clone()
-        .ok_or_else(|| invalid("Expecting one image file name"))?;
+    let filename = args.filename.clone().ok_or_else(|| invalid("Expecting one image file name"))?;
     if !args.bitmap.is_empty() {
         return Err(invalid(format!(
             "Bitmap '{}' is not found (persistent bitmaps are not exported yet)",
@@ -182,24 +167,22 @@ fn real_main(args: Args) -> Result<ExitCode> {
         )));
     }
     if args.load_snapshot.is_some() {
-        return Err(invalid(
-            "--load-snapshot: internal snapshots cannot be exported yet",
-        ));
+        return Err(invalid("--load-snapshot: internal snapshots cannot be exported yet"));
     }
     let discard = match args.discard.as_str() {
         "ignore" | "off" => false,
         "unmap" | "on" => true,
-        d => {
-            return Err(invalid(format!(
-                "Invalid discard mode '{d}': expected ignore, off, unmap or on"
-            )))
-        }
+        d => return Err(invalid(format!("Invalid discard mode '{d}': expected ignore, off, unmap or on"))),
     };
     let detect_zeroes = match args.detect_zeroes.as_str() {
         "off" => DetectZeroes::Off,
         "on" => DetectZeroes::On,
         "unmap" if discard => DetectZeroes::Unmap,
-        "unmap" => return Err(invalid("setting detect-zeroes to unmap is not allowed without setting discard operation to unmap")),
+        "unmap" => {
+            return Err(invalid(
+                "setting detect-zeroes to unmap is not allowed without setting discard operation to unmap",
+            ))
+        }
         d => return Err(invalid(format!("Invalid detect-zeroes mode '{d}': expected off, on or unmap"))),
     };
     let cache: CacheMode = match (&args.cache, args.nocache) {
@@ -245,24 +228,12 @@ fn real_main(args: Args) -> Result<ExitCode> {
 
     // Sockets come first: inherited ones (systemd), else the ones we bind.
     let listeners = listeners(&args)?;
-    let ready_pipe = if args.fork {
-        Some(fork_server(args.verbose)?)
-    } else {
-        None
-    };
+    let ready_pipe = if args.fork { Some(fork_server(args.verbose)?) } else { None };
 
     // (shards, buffers) sized for a server: pool buffers receive every
     // payload up to 64 KiB and hold every read of that size.
-    let rt = Runtime::new(RuntimeConfig {
-        buffers: 256,
-        ..Default::default()
-    })?;
-    let flags = OpenFlags {
-        write: !args.read_only,
-        cache,
-        aio,
-        ..Default::default()
-    };
+    let rt = Runtime::new(RuntimeConfig { buffers: 256, ..Default::default() })?;
+    let flags = OpenFlags { write: !args.read_only, cache, aio, ..Default::default() };
     let registry = ringblk_nbd::registry();
     let snapshot = args.snapshot;
     let node: Arc<dyn BlockNode> = rt.block_on(move || async move {
@@ -276,9 +247,7 @@ fn real_main(args: Args) -> Result<ExitCode> {
     let size = node.size();
     let offset = args.offset.unwrap_or(0);
     if offset > size {
-        return Err(invalid(format!(
-            "Offset {offset} is beyond the image's size of {size} bytes"
-        )));
+        return Err(invalid(format!("Offset {offset} is beyond the image's size of {size} bytes")));
     }
     let read_only = args.read_only || node.read_only();
     let export = Arc::new(Export {
@@ -298,8 +267,7 @@ fn real_main(args: Args) -> Result<ExitCode> {
     let server = Arc::new(Server {
         export,
         tls,
-        handshake_limit: (args.handshake_limit > 0)
-            .then(|| Duration::from_secs(args.handshake_limit)),
+        handshake_limit: (args.handshake_limit > 0).then(|| Duration::from_secs(args.handshake_limit)),
         max_request: DEFAULT_MAX_REQUEST,
         stats: Default::default(),
         verbose: args.verbose,
@@ -307,29 +275,17 @@ fn real_main(args: Args) -> Result<ExitCode> {
 
     let stop = Arc::new(AtomicBool::new(false));
     let waker = Arc::new(Waker::new().map_err(|e| engine::Error::os("socketpair", e))?);
-    for sig in [
-        signal_hook::consts::SIGTERM,
-        signal_hook::consts::SIGINT,
-        signal_hook::consts::SIGHUP,
-    ] {
-        signal_hook::flag::register(sig, stop.clone())
-            .map_err(|e| engine::Error::os("signal", e))?;
-        let tx = waker
-            .sender()
-            .map_err(|e| engine::Error::os("socketpair", e))?;
-        signal_hook::low_level::pipe::register(sig, tx)
-            .map_err(|e| engine::Error::os("signal", e))?;
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT, signal_hook::consts::SIGHUP] {
+        signal_hook::flag::register(sig, stop.clone()).map_err(|e| engine::Error::os("signal", e))?;
+        let tx = waker.sender().map_err(|e| engine::Error::os("socketpair", e))?;
+        signal_hook::low_level::pipe::register(sig, tx).map_err(|e| engine::Error::os("signal", e))?;
     }
     if let Some(p) = &args.pid_file {
         std::fs::write(p, format!("{}\n", std::process::id()))
             .map_err(|e| engine::Error::os("writing pid file", e).with_file(p.clone()))?;
     }
     let kernel = match &args.connect {
-        Some(dev) => Some(ringblk_nbd::kernel::connect(
-            dev,
-            &listeners,
-            args.socket.as_deref(),
-        )?),
+        Some(dev) => Some(ringblk_nbd::kernel::connect(dev, &listeners, args.socket.as_deref())?),
         None => None,
     };
     if let Some(fd) = ready_pipe {
@@ -337,10 +293,7 @@ fn real_main(args: Args) -> Result<ExitCode> {
         unsafe { libc::write(fd.as_raw_fd(), [1u8].as_ptr().cast(), 1) };
         drop(fd);
     }
-    let opts = ListenOpts {
-        shared: args.shared,
-        persistent: args.persistent,
-    };
+    let opts = ListenOpts { shared: args.shared, persistent: args.persistent };
     listen::run(server.clone(), &rt, &listeners, &opts, waker, stop);
     drop(kernel);
 
@@ -364,13 +317,9 @@ async fn snapshot_overlay(ctx: &OpenCtx, spec: OptionTree) -> Result<Arc<dyn Blo
     let base = open_image(&ro, spec.clone()).await?;
     let size = base.size();
     let fmt = base.driver();
-    let base_name = base
-        .children()
-        .into_iter()
-        .find(|c| c.role == "file")
-        .map_or_else(|| base.filename(), |c| c.node.filename());
     let base_name =
-        std::fs::canonicalize(&base_name).map_or(base_name, |p| p.to_string_lossy().into_owned());
+        base.children().into_iter().find(|c| c.role == "file").map_or_else(|| base.filename(), |c| c.node.filename());
+    let base_name = std::fs::canonicalize(&base_name).map_or(base_name, |p| p.to_string_lossy().into_owned());
     drop(base);
     let dir = std::env::var("TMPDIR").unwrap_or_else(|_| "/var/tmp".into());
     let tmp = tempfile_path(&dir);
@@ -378,10 +327,7 @@ async fn snapshot_overlay(ctx: &OpenCtx, spec: OptionTree) -> Result<Arc<dyn Blo
     opts.set("size", size.to_string());
     opts.set("backing_file", base_name);
     opts.set("backing_fmt", fmt);
-    let qcow2 = ctx
-        .registry
-        .get("qcow2")
-        .ok_or_else(|| invalid("qcow2 driver missing"))?;
+    let qcow2 = ctx.registry.get("qcow2").ok_or_else(|| invalid("qcow2 driver missing"))?;
     qcow2.create(ctx, &tmp, opts).await?;
     let mut o = OptionTree::new();
     o.set("driver", "qcow2");
@@ -392,9 +338,7 @@ async fn snapshot_overlay(ctx: &OpenCtx, spec: OptionTree) -> Result<Arc<dyn Blo
 }
 
 fn tempfile_path(dir: &str) -> String {
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
     format!("{dir}/ringblk-nbd-snapshot.{}.{t}", std::process::id())
 }
 
@@ -403,17 +347,13 @@ fn tempfile_path(dir: &str) -> String {
 fn listeners(args: &Args) -> Result<Vec<OwnedFd>> {
     if let Some(fds) = socket_activation()? {
         if args.socket.is_some() || args.port != 10809 || args.bind != "0.0.0.0" {
-            return Err(invalid(
-                "-k, -p and -b cannot be used with socket activation",
-            ));
+            return Err(invalid("-k, -p and -b cannot be used with socket activation"));
         }
         return Ok(fds);
     }
     if let Some(path) = &args.socket {
         // A stale socket from an earlier run would make bind fail.
-        if std::fs::symlink_metadata(path)
-            .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()))
-        {
+        if std::fs::symlink_metadata(path).is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type())) {
             let _ = std::fs::remove_file(path);
         }
         let l = std::os::unix::net::UnixListener::bind(path)
@@ -423,24 +363,14 @@ fn listeners(args: &Args) -> Result<Vec<OwnedFd>> {
     use std::net::ToSocketAddrs;
     let addrs: Vec<_> = (args.bind.as_str(), args.port)
         .to_socket_addrs()
-        .map_err(|e| {
-            engine::Error::os(
-                &format!("address resolution failed for {}:{}", args.bind, args.port),
-                e,
-            )
-        })?
+        .map_err(|e| engine::Error::os(&format!("address resolution failed for {}:{}", args.bind, args.port), e))?
         .collect();
     let mut out = Vec::new();
     let mut last = None;
     for a in addrs {
         match std::net::TcpListener::bind(a) {
             Ok(l) => out.push(l.into()),
-            Err(e) => {
-                last = Some(engine::Error::os(
-                    &format!("Failed to bind socket to {a}"),
-                    e,
-                ))
-            }
+            Err(e) => last = Some(engine::Error::os(&format!("Failed to bind socket to {a}"), e)),
         }
     }
     match (out.is_empty(), last) {
@@ -457,9 +387,7 @@ fn socket_activation() -> Result<Option<Vec<OwnedFd>>> {
     if pid.parse::<u32>().ok() != Some(std::process::id()) {
         return Ok(None);
     }
-    let n: i32 = n
-        .parse()
-        .map_err(|_| invalid(format!("invalid LISTEN_FDS '{n}'")))?;
+    let n: i32 = n.parse().map_err(|_| invalid(format!("invalid LISTEN_FDS '{n}'")))?;
     if !(1..=64).contains(&n) {
         return Err(invalid(format!("LISTEN_FDS={n}: expected 1 to 64 sockets")));
     }
@@ -467,9 +395,7 @@ fn socket_activation() -> Result<Option<Vec<OwnedFd>>> {
     std::env::remove_var("LISTEN_FDS");
     std::env::remove_var("LISTEN_FDNAMES");
     // SAFETY: systemd passes fds 3..3+n open and ours; we take each once.
-    let fds = (3..3 + n)
-        .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) })
-        .collect::<Vec<_>>();
+    let fds = (3..3 + n).map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }).collect::<Vec<_>>();
     for fd in &fds {
         // SAFETY: fcntl on an fd we now own.
         unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };

@@ -186,11 +186,7 @@ impl Request {
     /// Parse a header of `header_len(extended)` bytes; Err names the bad magic.
     pub fn parse(b: &[u8], extended: bool) -> Result<Request, u32> {
         let magic = be32(&b[0..4]);
-        let want = if extended {
-            EXTENDED_REQUEST_MAGIC
-        } else {
-            REQUEST_MAGIC
-        };
+        let want = if extended { EXTENDED_REQUEST_MAGIC } else { REQUEST_MAGIC };
         if magic != want {
             return Err(magic);
         }
@@ -199,24 +195,13 @@ impl Request {
             ty: be16(&b[6..8]),
             cookie: be64(&b[8..16]),
             offset: be64(&b[16..24]),
-            len: if extended {
-                be64(&b[24..32])
-            } else {
-                u64::from(be32(&b[24..28]))
-            },
+            len: if extended { be64(&b[24..32]) } else { u64::from(be32(&b[24..28])) },
         })
     }
 
     pub fn encode(&self, extended: bool) -> Vec<u8> {
         let mut v = Vec::with_capacity(EXTENDED_REQUEST_LEN);
-        v.extend_from_slice(
-            &(if extended {
-                EXTENDED_REQUEST_MAGIC
-            } else {
-                REQUEST_MAGIC
-            })
-            .to_be_bytes(),
-        );
+        v.extend_from_slice(&(if extended { EXTENDED_REQUEST_MAGIC } else { REQUEST_MAGIC }).to_be_bytes());
         v.extend_from_slice(&self.flags.to_be_bytes());
         v.extend_from_slice(&self.ty.to_be_bytes());
         v.extend_from_slice(&self.cookie.to_be_bytes());
@@ -254,15 +239,7 @@ pub fn simple_reply(cookie: u64, error: u32) -> Vec<u8> {
 /// A structured chunk header: magic (4), flags (2), type (2), cookie (8),
 /// length (4); or with extended headers magic (4), flags (2), type (2),
 /// cookie (8), offset (8), length (8).
-pub fn chunk_header(
-    out: &mut Vec<u8>,
-    mode: ReplyMode,
-    flags: u16,
-    ty: u16,
-    cookie: u64,
-    offset: u64,
-    len: u64,
-) {
+pub fn chunk_header(out: &mut Vec<u8>, mode: ReplyMode, flags: u16, ty: u16, cookie: u64, offset: u64, len: u64) {
     if mode == ReplyMode::Extended {
         out.extend_from_slice(&EXTENDED_REPLY_MAGIC.to_be_bytes());
         out.extend_from_slice(&flags.to_be_bytes());
@@ -353,57 +330,27 @@ mod tests {
 
     #[test]
     fn request_round_trips_in_both_forms() {
-        let r = Request {
-            flags: CMD_FLAG_FUA,
-            ty: CMD_WRITE,
-            cookie: 0x0102_0304_0506_0708,
-            offset: 1 << 40,
-            len: 4096,
-        };
+        let r =
+            Request { flags: CMD_FLAG_FUA, ty: CMD_WRITE, cookie: 0x0102_0304_0506_0708, offset: 1 << 40, len: 4096 };
         for ext in [false, true] {
             let b = r.encode(ext);
             assert_eq!(b.len(), Request::header_len(ext));
             assert_eq!(Request::parse(&b, ext), Ok(r));
-            assert!(
-                Request::parse(&b, !ext).is_err(),
-                "the other form's magic is refused"
-            );
+            assert!(Request::parse(&b, !ext).is_err(), "the other form's magic is refused");
         }
         let big = Request { len: 1 << 33, ..r };
-        assert_eq!(
-            Request::parse(&big.encode(true), true).unwrap().len,
-            1 << 33
-        );
+        assert_eq!(Request::parse(&big.encode(true), true).unwrap().len, 1 << 33);
     }
 
     #[test]
     fn headers_have_the_spec_layout() {
-        assert_eq!(
-            simple_reply(7, EIO),
-            [0x67, 0x44, 0x66, 0x98, 0, 0, 0, 5, 0, 0, 0, 0, 0, 0, 0, 7]
-        );
+        assert_eq!(simple_reply(7, EIO), [0x67, 0x44, 0x66, 0x98, 0, 0, 0, 5, 0, 0, 0, 0, 0, 0, 0, 7]);
         let mut v = Vec::new();
-        chunk_header(
-            &mut v,
-            ReplyMode::Structured,
-            REPLY_FLAG_DONE,
-            REPLY_TYPE_NONE,
-            9,
-            0,
-            0,
-        );
+        chunk_header(&mut v, ReplyMode::Structured, REPLY_FLAG_DONE, REPLY_TYPE_NONE, 9, 0, 0);
         assert_eq!(v.len(), 20);
         assert_eq!(&v[..4], &STRUCTURED_REPLY_MAGIC.to_be_bytes());
         v.clear();
-        chunk_header(
-            &mut v,
-            ReplyMode::Extended,
-            0,
-            REPLY_TYPE_OFFSET_DATA,
-            9,
-            512,
-            8 + 4096,
-        );
+        chunk_header(&mut v, ReplyMode::Extended, 0, REPLY_TYPE_OFFSET_DATA, 9, 512, 8 + 4096);
         assert_eq!(v.len(), 32);
         assert_eq!(be64(&v[16..24]), 512);
         assert_eq!(be64(&v[24..32]), 4104);
@@ -417,11 +364,7 @@ mod tests {
         let mut c = Cursor::new(&[0, 0, 0, 9, b'a']);
         assert_eq!(c.string32(), None);
         let mut c = Cursor::new(&[0xff, 0xff, 0xff, 0xff]);
-        assert_eq!(
-            c.string32(),
-            None,
-            "a huge length is refused, not allocated"
-        );
+        assert_eq!(c.string32(), None, "a huge length is refused, not allocated");
         assert_eq!(wire_errno(libc::ENOENT), EIO);
         assert_eq!(wire_errno(libc::EROFS), EPERM);
     }

@@ -14,8 +14,7 @@ impl Read for FdStream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         loop {
             // SAFETY: reads at most buf.len() bytes into buf.
-            let n =
-                unsafe { libc::recv(self.0.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+            let n = unsafe { libc::recv(self.0.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
             if n >= 0 {
                 return Ok(n as usize);
             }
@@ -32,14 +31,7 @@ impl Write for FdStream {
         loop {
             // SAFETY: sends at most buf.len() bytes from buf; MSG_NOSIGNAL turns
             // a closed peer into EPIPE instead of killing the process.
-            let n = unsafe {
-                libc::send(
-                    self.0.as_raw_fd(),
-                    buf.as_ptr().cast(),
-                    buf.len(),
-                    libc::MSG_NOSIGNAL,
-                )
-            };
+            let n = unsafe { libc::send(self.0.as_raw_fd(), buf.as_ptr().cast(), buf.len(), libc::MSG_NOSIGNAL) };
             if n >= 0 {
                 return Ok(n as usize);
             }
@@ -62,10 +54,7 @@ impl FdStream {
                 tv_sec: d.as_secs() as libc::time_t,
                 tv_usec: d.subsec_micros().max(1) as libc::suseconds_t,
             },
-            None => libc::timeval {
-                tv_sec: 0,
-                tv_usec: 0,
-            },
+            None => libc::timeval { tv_sec: 0, tv_usec: 0 },
         };
         for opt in [libc::SO_RCVTIMEO, libc::SO_SNDTIMEO] {
             // SAFETY: setsockopt with a live timeval of the right size.

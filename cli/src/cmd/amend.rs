@@ -35,9 +35,7 @@ pub fn run(a: AmendArgs) -> i32 {
             return super::create::print_help(a.open.format.as_deref().unwrap_or("qcow2"));
         }
         if a.open.force_share {
-            return Err(invalid(
-                "force-share=on can only be used with read-only images",
-            ));
+            return Err(invalid("force-share=on can only be used with read-only images"));
         }
         let mut flags = common::flags(&a.open, true);
         flags.extra_perm = engine::block::Perm::RESIZE;

@@ -129,9 +129,7 @@ async fn shard_run(node: Arc<dyn BlockNode>, w: Workload, shard: u64, shards: u6
     let draining = Rc::new(Cell::new(0u32));
     let span = node.size().saturating_sub(w.offset);
     if span < w.bufsize {
-        return Err(invalid(
-            "image too small for the requested buffer size and offset",
-        ));
+        return Err(invalid("image too small for the requested buffer size and offset"));
     }
     let positions = (span - w.bufsize) / w.step + 1;
     let mut tasks = Vec::new();
@@ -141,8 +139,7 @@ async fn shard_run(node: Arc<dyn BlockNode>, w: Workload, shard: u64, shards: u6
         tasks.push(spawn_local(async move {
             let mut buf = IoBuf::new(w.bufsize as usize);
             buf.fill(w.fill);
-            let mut rng = 0x9e37_79b9_7f4a_7c15u64
-                ^ (shard << 32 | u64::from(t)).wrapping_mul(0x2545_f491_4f6c_dd1d);
+            let mut rng = 0x9e37_79b9_7f4a_7c15u64 ^ (shard << 32 | u64::from(t)).wrapping_mul(0x2545_f491_4f6c_dd1d);
             loop {
                 let i = next.get();
                 if i >= mine {
@@ -162,11 +159,7 @@ async fn shard_run(node: Arc<dyn BlockNode>, w: Workload, shard: u64, shards: u6
                     yield_now().await;
                 }
                 inflight.set(inflight.get() + 1);
-                let (r, b) = if w.write {
-                    node.write(off, buf, WriteFlags::default()).await
-                } else {
-                    node.read(off, buf).await
-                };
+                let (r, b) = if w.write { node.write(off, buf, WriteFlags::default()).await } else { node.read(off, buf).await };
                 buf = b;
                 inflight.set(inflight.get() - 1);
                 let r = match r {
@@ -204,18 +197,8 @@ async fn shard_run(node: Arc<dyn BlockNode>, w: Workload, shard: u64, shards: u6
     }
 }
 
-fn run_one(
-    spec: &engine::options::OptionTree,
-    flags: OpenFlags,
-    w: &Workload,
-    shards: usize,
-    poll: bool,
-) -> Result<f64> {
-    let rt = Runtime::new(RuntimeConfig {
-        shards,
-        poll,
-        ..Default::default()
-    })?;
+fn run_one(spec: &engine::options::OptionTree, flags: OpenFlags, w: &Workload, shards: usize, poll: bool) -> Result<f64> {
+    let rt = Runtime::new(RuntimeConfig { shards, poll, ..Default::default() })?;
     let spec = spec.clone();
     let node = rt.block_on(move || async move { common::open(spec, flags).await })?;
     let start = Instant::now();
@@ -242,25 +225,15 @@ fn run_one(
 /// The temporary image of the default run: 1 GiB of non-zero data.
 fn make_default_image() -> Result<tempfile::TempPath> {
     use std::io::Write;
-    let mut f = tempfile::Builder::new()
-        .prefix("ringblk-bench-")
-        .suffix(".raw")
-        .tempfile()
-        .map_err(|e| Error::os("creating temporary image", e))?;
-    let block: Vec<u8> = (0..1 << 20)
-        .map(|i: u32| (i.wrapping_mul(2_654_435_761) >> 24) as u8 | 1)
-        .collect();
+    let mut f = tempfile::Builder::new().prefix("ringblk-bench-").suffix(".raw").tempfile().map_err(|e| Error::os("creating temporary image", e))?;
+    let block: Vec<u8> = (0..1 << 20).map(|i: u32| (i.wrapping_mul(2_654_435_761) >> 24) as u8 | 1).collect();
     for _ in 0..1024 {
-        f.write_all(&block)
-            .map_err(|e| Error::os("writing temporary image", e))?;
+        f.write_all(&block).map_err(|e| Error::os("writing temporary image", e))?;
     }
-    f.flush()
-        .map_err(|e| Error::os("writing temporary image", e))?;
+    f.flush().map_err(|e| Error::os("writing temporary image", e))?;
     // Write it back now, so the kernel's writeback of our setup does not land
     // in the middle of one backend's run and skew the comparison.
-    f.as_file()
-        .sync_all()
-        .map_err(|e| Error::os("syncing temporary image", e))?;
+    f.as_file().sync_all().map_err(|e| Error::os("syncing temporary image", e))?;
     Ok(f.into_temp_path())
 }
 
@@ -291,17 +264,10 @@ fn bench(a: BenchArgs) -> Result<()> {
         None => (default_run, 0xa5),
         Some("rand") | Some("random") => (true, 0xa5),
         Some("seq") | Some("sequential") => (false, 0xa5),
-        Some(n) => (
-            false,
-            n.parse::<u8>()
-                .map_err(|_| invalid(format!("Invalid pattern specified: '{n}'")))?,
-        ),
+        Some(n) => (false, n.parse::<u8>().map_err(|_| invalid(format!("Invalid pattern specified: '{n}'")))?),
     };
     let backends: Vec<Backend> = if !a.aio_list.is_empty() {
-        a.aio_list
-            .iter()
-            .map(|s| s.parse())
-            .collect::<Result<_>>()?
+        a.aio_list.iter().map(|s| s.parse()).collect::<Result<_>>()?
     } else if let Some(i) = &a.aio {
         vec![i.parse()?]
     } else if default_run {
@@ -321,9 +287,7 @@ fn bench(a: BenchArgs) -> Result<()> {
     }
     let base = Workload {
         write: a.write,
-        count: a
-            .count
-            .unwrap_or(if default_run { 400_000 } else { 75_000 }),
+        count: a.count.unwrap_or(if default_run { 400_000 } else { 75_000 }),
         depth: a.depth.unwrap_or(if default_run { 32 } else { 64 }),
         bufsize,
         offset: a.offset,
@@ -333,17 +297,9 @@ fn bench(a: BenchArgs) -> Result<()> {
         flush_interval: a.flush_interval,
         no_drain: a.no_drain,
     };
-    let ops: Vec<bool> = if default_run {
-        vec![false, true]
-    } else {
-        vec![a.write]
-    };
+    let ops: Vec<bool> = if default_run { vec![false, true] } else { vec![a.write] };
     let shards = a.shards.unwrap_or_else(|| RuntimeConfig::default().shards);
-    let spec = common::image_spec(
-        &filename,
-        a.open.format.as_deref().or(default_run.then_some("raw")),
-        a.open.image_opts,
-    )?;
+    let spec = common::image_spec(&filename, a.open.format.as_deref().or(default_run.then_some("raw")), a.open.image_opts)?;
     let mut outcomes = Vec::new();
     for &write in &ops {
         for &backend in &backends {
@@ -351,26 +307,13 @@ fn bench(a: BenchArgs) -> Result<()> {
             w.write = write;
             // Linux AIO is only asynchronous with O_DIRECT; QEMU refuses it otherwise.
             let (cache, cname) = if backend == Backend::Native && !cache.direct {
-                (
-                    CacheMode {
-                        direct: true,
-                        ..cache
-                    },
-                    "none".to_string(),
-                )
+                (CacheMode { direct: true, ..cache }, "none".to_string())
             } else {
                 (cache, cache_name.clone())
             };
-            if backends.len() == 1 && ops.len() == 1 && !a.quiet && a.output == OutputFormat::Human
-            {
+            if backends.len() == 1 && ops.len() == 1 && !a.quiet && a.output == OutputFormat::Human {
                 if w.random {
-                    println!(
-                        "Sending {} random {} requests, {} bytes each, {} in parallel",
-                        w.count,
-                        if write { "write" } else { "read" },
-                        w.bufsize,
-                        w.depth
-                    );
+                    println!("Sending {} random {} requests, {} bytes each, {} in parallel", w.count, if write { "write" } else { "read" }, w.bufsize, w.depth);
                 } else {
                     println!(
                         "Sending {} {} requests, {} bytes each, {} in parallel (starting at offset {}, step size {})",
@@ -378,30 +321,13 @@ fn bench(a: BenchArgs) -> Result<()> {
                     );
                 }
             }
-            let flags = OpenFlags {
-                write,
-                aio: backend,
-                cache,
-                force_share: a.open.force_share,
-                ..Default::default()
-            };
+            let flags = OpenFlags { write, aio: backend, cache, force_share: a.open.force_share, ..Default::default() };
             let seconds = run_one(&spec, flags, &w, shards, a.poll)?;
-            outcomes.push(Outcome {
-                backend,
-                cache: cname,
-                workload: w,
-                shards,
-                seconds,
-            });
+            outcomes.push(Outcome { backend, cache: cname, workload: w, shards, seconds });
         }
     }
     if a.output == OutputFormat::Json {
-        println!(
-            "{}",
-            super::info::to_qemu_json(&serde_json::Value::Array(
-                outcomes.iter().map(Outcome::json).collect()
-            ))
-        );
+        println!("{}", super::info::to_qemu_json(&serde_json::Value::Array(outcomes.iter().map(Outcome::json).collect())));
         return Ok(());
     }
     if a.quiet {
@@ -411,10 +337,7 @@ fn bench(a: BenchArgs) -> Result<()> {
         println!("Run completed in {:.3} seconds.", outcomes[0].seconds);
         return Ok(());
     }
-    println!(
-        "{:<10} {:<10} {:<6} {:<5} {:>6} {:>6} {:>10} {:>10} {:>9}",
-        "backend", "cache", "op", "pat", "shards", "depth", "requests", "IOPS", "MiB/s"
-    );
+    println!("{:<10} {:<10} {:<6} {:<5} {:>6} {:>6} {:>10} {:>10} {:>9}", "backend", "cache", "op", "pat", "shards", "depth", "requests", "IOPS", "MiB/s");
     for o in &outcomes {
         println!(
             "{:<10} {:<10} {:<6} {:<5} {:>6} {:>6} {:>10} {:>10.0} {:>9.1}",

@@ -47,16 +47,10 @@ fn print_human(r: &CheckReport, quiet: bool) {
             ));
         }
         if r.check_errors > 0 {
-            out.push_str(&format!(
-                "\n{} internal errors have occurred during the check.\n",
-                r.check_errors
-            ));
+            out.push_str(&format!("\n{} internal errors have occurred during the check.\n", r.check_errors));
         }
     }
-    let (total, alloc) = (
-        r.total_clusters.unwrap_or(0),
-        r.allocated_clusters.unwrap_or(0),
-    );
+    let (total, alloc) = (r.total_clusters.unwrap_or(0), r.allocated_clusters.unwrap_or(0));
     if total != 0 && alloc != 0 {
         let pct = |a: u64, b: u64| a as f64 * 100.0 / b as f64;
         out.push_str(&format!(
@@ -113,14 +107,8 @@ fn to_json(r: &CheckReport, filename: &str, format: &str) -> Value {
 pub fn run(a: CheckArgs) -> i32 {
     let fix = match a.repair.as_deref() {
         None => CheckFix::default(),
-        Some("leaks") => CheckFix {
-            leaks: true,
-            errors: false,
-        },
-        Some("all") => CheckFix {
-            leaks: true,
-            errors: true,
-        },
+        Some("leaks") => CheckFix { leaks: true, errors: false },
+        Some("all") => CheckFix { leaks: true, errors: true },
         Some(o) => {
             eprintln!("ringblk: Unknown option for -r: '{o}' (expected leaks or all)");
             return 1;
@@ -170,10 +158,7 @@ pub fn run(a: CheckArgs) -> i32 {
     });
     let (report, filename, format) = match r {
         Ok(x) => x,
-        Err(e)
-            if e.kind() == ErrorKind::Unsupported
-                && e.to_string().contains("does not support checks") =>
-        {
+        Err(e) if e.kind() == ErrorKind::Unsupported && e.to_string().contains("does not support checks") => {
             eprintln!("ringblk: This image format does not support checks");
             return 63;
         }

@@ -66,39 +66,15 @@ pub fn run(a: CommitArgs) -> i32 {
                     let want = std::fs::canonicalize(b).ok();
                     1 + chain
                         .iter()
-                        .position(|n| {
-                            n.filename() == *b
-                                || (want.is_some()
-                                    && std::fs::canonicalize(n.filename()).ok() == want)
-                        })
-                        .ok_or_else(|| {
-                            invalid(format!(
-                                "'{b}' is not in the backing chain of '{}'",
-                                top.filename()
-                            ))
-                        })?
+                        .position(|n| n.filename() == *b || (want.is_some() && std::fs::canonicalize(n.filename()).ok() == want))
+                        .ok_or_else(|| invalid(format!("'{b}' is not in the backing chain of '{}'", top.filename())))?
                 }
             } as u32;
             let base_ro = &chain[depth as usize - 1];
             let mut o = OptionTree::new();
             o.set("driver", base_ro.driver());
-            o.set(
-                "file.filename",
-                base_ro
-                    .children()
-                    .iter()
-                    .find(|c| c.role == "file")
-                    .map_or_else(|| base_ro.filename(), |c| c.node.filename()),
-            );
-            let base = common::open(
-                o,
-                OpenFlags {
-                    write: true,
-                    cache,
-                    ..Default::default()
-                },
-            )
-            .await?;
+            o.set("file.filename", base_ro.children().iter().find(|c| c.role == "file").map_or_else(|| base_ro.filename(), |c| c.node.filename()));
+            let base = common::open(o, OpenFlags { write: true, cache, ..Default::default() }).await?;
             let size = top.size().min(base.size());
             let mut off = 0;
             while off < size {
@@ -106,15 +82,7 @@ pub fn run(a: CommitArgs) -> i32 {
                 let n = e.len.min(size - off);
                 if e.allocated && d < depth {
                     if e.is_zero_hole() {
-                        base.write_zeroes(
-                            off,
-                            n,
-                            ZeroFlags {
-                                may_unmap: true,
-                                ..Default::default()
-                            },
-                        )
-                        .await?;
+                        base.write_zeroes(off, n, ZeroFlags { may_unmap: true, ..Default::default() }).await?;
                     } else {
                         let mut pos = off;
                         while pos < off + n {
@@ -136,15 +104,7 @@ pub fn run(a: CommitArgs) -> i32 {
             if !keep {
                 let mut spec = top_spec;
                 spec.set("backing", "null");
-                let top = common::open(
-                    spec,
-                    OpenFlags {
-                        write: true,
-                        cache,
-                        ..Default::default()
-                    },
-                )
-                .await?;
+                let top = common::open(spec, OpenFlags { write: true, cache, ..Default::default() }).await?;
                 top.make_empty().await?;
                 top.close().await?;
             }

@@ -54,23 +54,12 @@ fn first_diff(a: &[u8], b: &[u8]) -> Option<usize> {
 
 /// Read [off, off+len) of `node` into the buffer kept in `slot` (taken for the
 /// read and always put back), naming the file and offset on error.
-async fn read_into<'b>(
-    node: &dyn BlockNode,
-    off: u64,
-    len: u64,
-    slot: &'b mut Option<IoBuf>,
-) -> Result<&'b IoBuf> {
+async fn read_into<'b>(node: &dyn BlockNode, off: u64, len: u64, slot: &'b mut Option<IoBuf>) -> Result<&'b IoBuf> {
     let mut buf = slot.take().expect("compare buffers are always put back");
     buf.set_len(len as usize);
     let (r, buf) = node.read(off, buf).await;
     let buf = slot.insert(buf);
-    r.map_err(|e| {
-        Error::new(
-            e.kind(),
-            format!("error while reading offset {off}: {}", e.detail()),
-        )
-        .with_file(node.filename())
-    })?;
+    r.map_err(|e| Error::new(e.kind(), format!("error while reading offset {off}: {}", e.detail())).with_file(node.filename()))?;
     Ok(buf)
 }
 
@@ -79,22 +68,12 @@ fn chunk_buf() -> Option<IoBuf> {
 }
 
 /// Check that [off, end) of `node` reads as zeroes; returns the first non-zero offset.
-async fn check_zero(
-    node: &dyn BlockNode,
-    mut off: u64,
-    end: u64,
-    p: &Progress,
-) -> std::result::Result<Option<u64>, (i32, Error)> {
+async fn check_zero(node: &dyn BlockNode, mut off: u64, end: u64, p: &Progress) -> std::result::Result<Option<u64>, (i32, Error)> {
     let mut buf = chunk_buf();
     while off < end {
-        let e = node
-            .block_status(off, (end - off).min(CHUNK))
-            .await
-            .map_err(|e| (3, e))?;
+        let e = node.block_status(off, (end - off).min(CHUNK)).await.map_err(|e| (3, e))?;
         if !e.is_zero_hole() {
-            let b = read_into(node, off, e.len, &mut buf)
-                .await
-                .map_err(|e| (4, e))?;
+            let b = read_into(node, off, e.len, &mut buf).await.map_err(|e| (4, e))?;
             if let Some(i) = b.iter().position(|&x| x != 0) {
                 return Ok(Some(off + (i as u64 / 512 * 512)));
             }
@@ -105,12 +84,7 @@ async fn check_zero(
     Ok(None)
 }
 
-async fn compare(
-    n1: Arc<dyn BlockNode>,
-    n2: Arc<dyn BlockNode>,
-    strict: bool,
-    p: Arc<Progress>,
-) -> Outcome {
+async fn compare(n1: Arc<dyn BlockNode>, n2: Arc<dyn BlockNode>, strict: bool, p: Arc<Progress>) -> Outcome {
     let (s1, s2) = (n1.size(), n2.size());
     if strict && s1 != s2 {
         return Outcome::Differ("Strict mode: Image size mismatch!".into());
@@ -124,11 +98,7 @@ async fn compare(
     while off < common {
         // Strict mode compares whole extents, as qemu-img does: the status and
         // the extent length must agree.
-        let lim = if strict {
-            common - off
-        } else {
-            (common - off).min(CHUNK)
-        };
+        let lim = if strict { common - off } else { (common - off).min(CHUNK) };
         let e1 = match n1.block_status(off, lim).await {
             Ok(e) => e,
             Err(e) => return Outcome::Fail(3, e),
@@ -138,9 +108,7 @@ async fn compare(
             Err(e) => return Outcome::Fail(3, e),
         };
         let n = e1.len.min(e2.len).min(CHUNK);
-        if strict
-            && (e1.allocated, e1.data, e1.zero, e1.len) != (e2.allocated, e2.data, e2.zero, e2.len)
-        {
+        if strict && (e1.allocated, e1.data, e1.zero, e1.len) != (e2.allocated, e2.data, e2.zero, e2.len) {
             return Outcome::Differ(format!("Strict mode: Offset {off} block status mismatch!"));
         }
         let (z1, z2) = (e1.is_zero_hole(), e2.is_zero_hole());
@@ -164,10 +132,7 @@ async fn compare(
                 first_diff(x, y)
             };
             if let Some(i) = mismatch {
-                return Outcome::Differ(format!(
-                    "Content mismatch at offset {}!",
-                    off + (i as u64 / 512 * 512)
-                ));
+                return Outcome::Differ(format!("Content mismatch at offset {}!", off + (i as u64 / 512 * 512)));
             }
         }
         p.add(n);
@@ -202,11 +167,7 @@ pub fn run(a: CompareArgs) -> i32 {
             return 2;
         }
     };
-    let flags = OpenFlags {
-        force_share: a.force_share,
-        cache,
-        ..Default::default()
-    };
+    let flags = OpenFlags { force_share: a.force_share, cache, ..Default::default() };
     let (strict, show, quiet) = (a.strict, a.progress && !a.quiet, a.quiet);
     let out = rt.block_on(move || async move {
         let n1 = match common::open(s1, flags.clone()).await {

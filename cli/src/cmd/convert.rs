@@ -5,8 +5,8 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::task::{Poll, Waker};
+use std::sync::{Arc, Mutex};
 
 use clap::Args;
 use engine::block::{BlockNode, Extent, OpenFlags, Perm, WriteFlags, ZeroFlags};
@@ -110,11 +110,7 @@ fn segments(sizes: &[u64]) -> Vec<Segment> {
     let mut dst = 0;
     while dst < total {
         let len = CHUNK.min(total - dst);
-        out.push(Segment {
-            dst_off: dst,
-            len,
-            pieces: Vec::new(),
-        });
+        out.push(Segment { dst_off: dst, len, pieces: Vec::new() });
         dst += len;
     }
     let mut base = 0;
@@ -124,12 +120,7 @@ fn segments(sizes: &[u64]) -> Vec<Segment> {
             let d = base + o;
             let seg = &mut out[(d / CHUNK) as usize];
             let len = (seg.dst_off + seg.len - d).min(size - o);
-            seg.pieces.push(Piece {
-                src,
-                src_off: o,
-                dst_off: d,
-                len,
-            });
+            seg.pieces.push(Piece { src, src_off: o, dst_off: d, len });
             o += len;
         }
         base += size;
@@ -178,9 +169,7 @@ fn is_zero(b: &[u8]) -> bool {
         // SAFETY: any bit pattern is a valid u64; align_to handles the edges.
         unsafe { b.align_to::<u64>() }
     };
-    pre.iter().all(|&x| x == 0)
-        && post.iter().all(|&x| x == 0)
-        && mid.iter().fold(0, |a, &x| a | x) == 0
+    pre.iter().all(|&x| x == 0) && post.iter().all(|&x| x == 0) && mid.iter().fold(0, |a, &x| a | x) == 0
 }
 
 /// Split `buf` into (offset, len, is_zero) runs; zero runs shorter than `min` or
@@ -219,13 +208,7 @@ impl Job {
     fn fail(&self, e: Error) {
         self.failed.store(true, Ordering::SeqCst);
         // Release everyone parked in wait_turn.
-        let parked: Vec<_> = self
-            .waiters
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .drain()
-            .map(|(_, w)| w)
-            .collect();
+        let parked: Vec<_> = self.waiters.lock().unwrap_or_else(|p| p.into_inner()).drain().map(|(_, w)| w).collect();
         for w in parked {
             w.wake();
         }
@@ -268,29 +251,17 @@ impl Job {
         if self.target_zero && self.sparse > 0 {
             return Ok(());
         }
-        let flags = ZeroFlags {
-            may_unmap: self.sparse > 0,
-            ..Default::default()
-        };
+        let flags = ZeroFlags { may_unmap: self.sparse > 0, ..Default::default() };
         self.dst.write_zeroes(off, len, flags).await
     }
 
     /// Read `buf[range]` from `src` at `off`; with --salvage, sectors that
     /// fail read as zeroes.
-    async fn read(
-        &self,
-        src: &dyn BlockNode,
-        off: u64,
-        buf: IoBuf,
-        range: std::ops::Range<usize>,
-    ) -> (Result<()>, IoBuf) {
+    async fn read(&self, src: &dyn BlockNode, off: u64, buf: IoBuf, range: std::ops::Range<usize>) -> (Result<()>, IoBuf) {
         let (r, mut buf) = src.read_part(off, buf, range.clone()).await;
         match r {
             Err(e) if self.salvage => {
-                eprintln!(
-                    "ringblk: error while reading at byte {off}: {}; salvaging sector by sector",
-                    e.detail()
-                );
+                eprintln!("ringblk: error while reading at byte {off}: {}; salvaging sector by sector", e.detail());
                 let mut sector = IoBuf::new(512);
                 let mut i = range.start;
                 while i < range.end {
@@ -308,30 +279,16 @@ impl Job {
                 (Ok(()), buf)
             }
             Err(e) => {
-                let e = Error::new(
-                    e.kind(),
-                    format!("error while reading at byte {off}: {}", e.detail()),
-                )
-                .with_file(src.filename());
+                let e = Error::new(e.kind(), format!("error while reading at byte {off}: {}", e.detail())).with_file(src.filename());
                 (Err(e), buf)
             }
             Ok(()) => (Ok(()), buf),
         }
     }
 
-    async fn copy_data(
-        &self,
-        src: &dyn BlockNode,
-        src_off: u64,
-        dst_off: u64,
-        len: u64,
-        buf: IoBuf,
-    ) -> (Result<()>, IoBuf) {
+    async fn copy_data(&self, src: &dyn BlockNode, src_off: u64, dst_off: u64, len: u64, buf: IoBuf) -> (Result<()>, IoBuf) {
         if let Some((sfd, sbase, dfd, dbase)) = self.offload {
-            let r = engine::aio::blocking(move || {
-                copy_file_range(sfd, sbase + src_off, dfd, dbase + dst_off, len)
-            })
-            .await;
+            let r = engine::aio::blocking(move || copy_file_range(sfd, sbase + src_off, dfd, dbase + dst_off, len)).await;
             return (r.map_err(|e| Error::os("copy offload", e).at(src_off)), buf);
         }
         // A cached source is mapped rather than copied into our buffer: the
@@ -351,19 +308,12 @@ impl Job {
     /// Write what was read at `dst_off`: compressed with -c, else with its
     /// zero runs (`-S`) written as zeroes.
     async fn write_data(&self, dst_off: u64, mut buf: IoBuf) -> (Result<()>, IoBuf) {
-        let runs = if self.sparse > 0 {
-            zero_runs(&buf, self.sparse)
-        } else {
-            vec![(0, buf.len(), false)]
-        };
+        let runs = if self.sparse > 0 { zero_runs(&buf, self.sparse) } else { vec![(0, buf.len(), false)] };
         for (o, n, z) in runs {
             let r = if z {
                 self.zero(dst_off + o as u64, n as u64).await
             } else {
-                let (r, b) = self
-                    .dst
-                    .write_part(dst_off + o as u64, buf, o..o + n, WriteFlags::default())
-                    .await;
+                let (r, b) = self.dst.write_part(dst_off + o as u64, buf, o..o + n, WriteFlags::default()).await;
                 buf = b;
                 r
             };
@@ -377,30 +327,17 @@ impl Job {
     /// -c: each cluster of `buf` (at `dst_off`, cluster aligned) compressed,
     /// but those `skip` marks (nothing to copy under -B); all-zero clusters
     /// are left out when the target already reads zero.
-    async fn write_compressed(
-        &self,
-        dst_off: u64,
-        cs: u64,
-        buf: IoBuf,
-        skip: &[bool],
-    ) -> (Result<()>, IoBuf) {
+    async fn write_compressed(&self, dst_off: u64, cs: u64, buf: IoBuf, skip: &[bool]) -> (Result<()>, IoBuf) {
         let mut o = 0usize;
         while o < buf.len() {
             let n = (cs as usize).min(buf.len() - o);
             let piece = &buf[o..o + n];
-            let r = if skip.get(o / cs as usize).copied().unwrap_or(false)
-                || (is_zero(piece) && self.target_zero)
-            {
+            let r = if skip.get(o / cs as usize).copied().unwrap_or(false) || (is_zero(piece) && self.target_zero) {
                 Ok(())
             } else if is_zero(piece) {
-                self.dst
-                    .write_zeroes(dst_off + o as u64, n as u64, ZeroFlags::default())
-                    .await
+                self.dst.write_zeroes(dst_off + o as u64, n as u64, ZeroFlags::default()).await
             } else {
-                self.dst
-                    .write_compressed(dst_off + o as u64, IoBuf::from_slice(piece))
-                    .await
-                    .0
+                self.dst.write_compressed(dst_off + o as u64, IoBuf::from_slice(piece)).await.0
             };
             if let Err(e) = r {
                 return (Err(e), buf);
@@ -446,9 +383,7 @@ impl Job {
                 } else if e.is_zero_hole() {
                     self.zero(p.dst_off + o, e.len).await
                 } else {
-                    let (r, b) = self
-                        .copy_data(src, p.src_off + o, p.dst_off + o, e.len, buf)
-                        .await;
+                    let (r, b) = self.copy_data(src, p.src_off + o, p.dst_off + o, e.len, buf).await;
                     buf = b;
                     r
                 };
@@ -464,13 +399,7 @@ impl Job {
 
     /// -c: gather the whole segment (holes as zeroes), then write it cluster
     /// by cluster, whatever the sources' boundaries and holes inside clusters.
-    async fn compress_segment(
-        &self,
-        seg: &Segment,
-        plans: &[Vec<(u64, Extent)>],
-        cs: u64,
-        buf: IoBuf,
-    ) -> (Result<()>, IoBuf) {
+    async fn compress_segment(&self, seg: &Segment, plans: &[Vec<(u64, Extent)>], cs: u64, buf: IoBuf) -> (Result<()>, IoBuf) {
         let mut buf = chunk_buf(buf);
         buf.set_len(seg.len as usize);
         let mut skip = vec![self.target_backing; seg.len.div_ceil(cs) as usize];
@@ -480,11 +409,7 @@ impl Job {
                 let at = (p.dst_off + o - seg.dst_off) as usize;
                 let range = at..at + e.len as usize;
                 if e.allocated || !self.target_backing {
-                    for c in skip
-                        .iter_mut()
-                        .take(range.end.div_ceil(cs as usize))
-                        .skip(at / cs as usize)
-                    {
+                    for c in skip.iter_mut().take(range.end.div_ceil(cs as usize)).skip(at / cs as usize) {
                         *c = false;
                     }
                 }
@@ -527,13 +452,7 @@ impl Job {
     }
 }
 
-fn copy_file_range(
-    sfd: i32,
-    mut soff: u64,
-    dfd: i32,
-    mut doff: u64,
-    mut len: u64,
-) -> std::io::Result<()> {
+fn copy_file_range(sfd: i32, mut soff: u64, dfd: i32, mut doff: u64, mut len: u64) -> std::io::Result<()> {
     while len > 0 {
         let mut si = soff as libc::loff_t;
         let mut di = doff as libc::loff_t;
@@ -565,9 +484,7 @@ fn convert(a: ConvertArgs) -> Result<()> {
         secrets.add_object(o)?;
     }
     if !(1..=16).contains(&a.coroutines) {
-        return Err(invalid(
-            "Invalid number of coroutines. Allowed number of coroutines is between 1 and 16",
-        ));
+        return Err(invalid("Invalid number of coroutines. Allowed number of coroutines is between 1 and 16"));
     }
     if a.target_image_opts && !a.no_create {
         return Err(invalid("--target-image-opts requires use of -n flag"));
@@ -613,28 +530,12 @@ fn convert(a: ConvertArgs) -> Result<()> {
         shared: Perm::ALL.without(Perm::WRITE.union(Perm::RESIZE)),
         ..Default::default()
     };
-    let dst_flags = OpenFlags {
-        write: true,
-        cache: dst_cache,
-        ..Default::default()
-    };
-    let (no_create, fmt, out_name, quiet, progress) = (
-        a.no_create,
-        a.out_format.clone(),
-        out.clone(),
-        a.quiet,
-        a.progress,
-    );
+    let dst_flags = OpenFlags { write: true, cache: dst_cache, ..Default::default() };
+    let (no_create, fmt, out_name, quiet, progress) = (a.no_create, a.out_format.clone(), out.clone(), a.quiet, a.progress);
     let has_backing = create_opts.contains("backing_file");
     let prealloc_off = create_opts.get("preallocation").is_none_or(|p| p == "off");
-    let (sparse, in_order, salvage, offload, target_is_zero, m) = (
-        a.sparse,
-        !a.out_of_order,
-        a.salvage,
-        a.copy_offload,
-        a.target_is_zero,
-        a.coroutines,
-    );
+    let (sparse, in_order, salvage, offload, target_is_zero, m) =
+        (a.sparse, !a.out_of_order, a.salvage, a.copy_offload, a.target_is_zero, a.coroutines);
     let compress_flag = a.compress;
     // Compression is the slow part: keeping writes in order would run it on
     // one core at a time. Compressed clusters are packed wherever they land,
@@ -649,21 +550,16 @@ fn convert(a: ConvertArgs) -> Result<()> {
         let total: u64 = nodes.iter().map(|n| n.size()).sum();
         if !no_create {
             let reg = nbd::registry();
-            let d = reg
-                .get(&fmt)
-                .ok_or_else(|| invalid(format!("Unknown file format '{fmt}'")))?;
+            let d = reg.get(&fmt).ok_or_else(|| invalid(format!("Unknown file format '{fmt}'")))?;
             if has_backing && !d.create_opts().iter().any(|o| o.name == "backing_file") {
-                return Err(invalid(format!(
-                    "Backing file not supported for file format '{fmt}'"
-                )));
+                return Err(invalid(format!("Backing file not supported for file format '{fmt}'")));
             }
             let mut o = create_opts;
             o.set("size", total.to_string());
             super::create::create_image(&fmt, &out_name, o, true).await?;
         }
         let mut dst_spec = dst_spec;
-        if !no_create && !out_name.starts_with("json:") && std::path::Path::new(&out_name).is_file()
-        {
+        if !no_create && !out_name.starts_with("json:") && std::path::Path::new(&out_name).is_file() {
             // A target we created grows as we write it: have the filesystem
             // allocate its blocks ahead, in big pieces (released at close).
             dst_spec.set_default("file.x-reserve-ahead", RESERVE_AHEAD.to_string());
@@ -678,14 +574,10 @@ fn convert(a: ConvertArgs) -> Result<()> {
     let total: u64 = srcs.iter().map(|n| n.size()).sum();
     let segments = segments(&srcs.iter().map(|n| n.size()).collect::<Vec<_>>());
     let compress = if compress_flag {
-        let cs = dst
-            .cluster_size()
-            .ok_or_else(|| invalid("Compression not supported for this file format"))?;
+        let cs = dst.cluster_size().ok_or_else(|| invalid("Compression not supported for this file format"))?;
         // Chunks must hold whole clusters.
         if !CHUNK.is_multiple_of(cs) {
-            return Err(invalid(format!(
-                "cluster size {cs} does not divide the copy chunk"
-            )));
+            return Err(invalid(format!("cluster size {cs} does not divide the copy chunk")));
         }
         Some(cs)
     } else {
@@ -693,9 +585,7 @@ fn convert(a: ConvertArgs) -> Result<()> {
     };
     let offload = if offload {
         match (srcs.as_slice(), dst.passthrough_fd()) {
-            ([s], Some((dfd, dbase))) => s
-                .passthrough_fd()
-                .map(|(sfd, sbase)| (sfd, sbase, dfd, dbase)),
+            ([s], Some((dfd, dbase))) => s.passthrough_fd().map(|(sfd, sbase)| (sfd, sbase, dfd, dbase)),
             _ => None,
         }
     } else {
@@ -750,10 +640,7 @@ mod tests {
         b.extend(vec![0u8; 4096]);
         b.extend(vec![2u8; 100]);
         let r = zero_runs(&b, 4096);
-        assert_eq!(
-            r,
-            vec![(0, 512, false), (512, 4096, true), (4608, 100, false)]
-        );
+        assert_eq!(r, vec![(0, 512, false), (512, 4096, true), (4608, 100, false)]);
         let r = zero_runs(&b, 8192);
         assert_eq!(r, vec![(0, b.len(), false)]);
     }

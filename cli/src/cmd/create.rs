@@ -37,9 +37,7 @@ pub struct CreateArgs {
 /// Print a driver's create options as `-o help` does.
 pub fn print_help(fmt: &str) -> Result<()> {
     let reg = nbd::registry();
-    let d = reg
-        .get(fmt)
-        .ok_or_else(|| invalid(format!("Unknown file format '{fmt}'")))?;
+    let d = reg.get(fmt).ok_or_else(|| invalid(format!("Unknown file format '{fmt}'")))?;
     println!("Supported {fmt} options:");
     for o in d.create_opts() {
         println!("  {:<24}- {}", format!("{}=<{}>", o.name, o.ty), o.help);
@@ -49,24 +47,10 @@ pub fn print_help(fmt: &str) -> Result<()> {
 
 /// Create `filename` as `fmt` with options `opts` (size included).
 /// `open_backing` false is `-u`: the backing file is not opened to check it.
-pub async fn create_image(
-    fmt: &str,
-    filename: &str,
-    opts: OptionTree,
-    open_backing: bool,
-) -> Result<()> {
+pub async fn create_image(fmt: &str, filename: &str, opts: OptionTree, open_backing: bool) -> Result<()> {
     let reg = nbd::registry();
-    let d = reg
-        .get(fmt)
-        .ok_or_else(|| invalid(format!("Unknown file format '{fmt}'")))?;
-    let ctx = OpenCtx::new(
-        reg.clone(),
-        OpenFlags {
-            write: true,
-            follow_backing: open_backing,
-            ..Default::default()
-        },
-    );
+    let d = reg.get(fmt).ok_or_else(|| invalid(format!("Unknown file format '{fmt}'")))?;
+    let ctx = OpenCtx::new(reg.clone(), OpenFlags { write: true, follow_backing: open_backing, ..Default::default() });
     d.create(&ctx, filename, opts).await
 }
 
@@ -97,10 +81,7 @@ pub fn formatting_line(fmt: &str, filename: &str, opts: &OptionTree) -> String {
                     engine::size::parse_size(v).map_or_else(|_| v.to_string(), |n| n.to_string())
                 }
                 (_, Some(v)) => match engine::options::parse_bool(v) {
-                    Some(b)
-                        if ["extended_l2", "lazy_refcounts", "data_file_raw", "nocow"]
-                            .contains(k) =>
-                    {
+                    Some(b) if ["extended_l2", "lazy_refcounts", "data_file_raw", "nocow"].contains(k) => {
                         (if b { "on" } else { "off" }).to_string()
                     }
                     _ => v.to_string(),
@@ -137,10 +118,7 @@ pub fn run(a: CreateArgs) -> i32 {
             print_help(&a.format)?;
             return Ok(0);
         }
-        let filename = a
-            .filename
-            .clone()
-            .ok_or_else(|| invalid("Expecting image file name"))?;
+        let filename = a.filename.clone().ok_or_else(|| invalid("Expecting image file name"))?;
         if let Some(b) = &a.backing {
             opts.set("backing_file", b.clone());
         }
@@ -159,16 +137,9 @@ pub fn run(a: CreateArgs) -> i32 {
             None => return Err(invalid("Image creation needs a size parameter")),
         }
         let reg = nbd::registry();
-        let d = reg
-            .get(&a.format)
-            .ok_or_else(|| invalid(format!("Unknown file format '{}'", a.format)))?;
-        if opts.contains("backing_file")
-            && !d.create_opts().iter().any(|o| o.name == "backing_file")
-        {
-            return Err(invalid(format!(
-                "Backing file not supported for file format '{}'",
-                a.format
-            )));
+        let d = reg.get(&a.format).ok_or_else(|| invalid(format!("Unknown file format '{}'", a.format)))?;
+        if opts.contains("backing_file") && !d.create_opts().iter().any(|o| o.name == "backing_file") {
+            return Err(invalid(format!("Backing file not supported for file format '{}'", a.format)));
         }
         if !a.quiet {
             println!("{}", formatting_line(&a.format, &filename, &opts));

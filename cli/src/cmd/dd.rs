@@ -33,9 +33,7 @@ struct Operands {
 fn parse(ops: &[String]) -> Result<Operands> {
     let (mut bs, mut count, mut skip, mut input, mut output) = (512, None, 0, None, None);
     for op in ops {
-        let (k, v) = op
-            .split_once('=')
-            .ok_or_else(|| invalid(format!("unrecognized operand {op}")))?;
+        let (k, v) = op.split_once('=').ok_or_else(|| invalid(format!("unrecognized operand {op}")))?;
         match k {
             "bs" => {
                 bs = engine::size::parse_size(v)?;
@@ -69,33 +67,18 @@ pub fn run(a: DdArgs) -> i32 {
         let rt = common::small_runtime()?;
         rt.block_on(move || async move {
             let src = common::open(spec, src_flags).await?;
-            let start = ops
-                .skip
-                .checked_mul(ops.bs)
-                .ok_or_else(|| invalid("skip overflows"))?;
+            let start = ops.skip.checked_mul(ops.bs).ok_or_else(|| invalid("skip overflows"))?;
             if start > src.size() {
-                return Err(invalid(format!(
-                    "cannot skip to specified offset ({start} > {})",
-                    src.size()
-                )));
+                return Err(invalid(format!("cannot skip to specified offset ({start} > {})", src.size())));
             }
             // As qemu-img dd does, `count` blocks are counted from the start of
             // the input, skipped ones included.
-            let end = ops
-                .count
-                .map_or(src.size(), |c| c.saturating_mul(ops.bs).min(src.size()));
+            let end = ops.count.map_or(src.size(), |c| c.saturating_mul(ops.bs).min(src.size()));
             let len = end.saturating_sub(start);
             let mut o = OptionTree::new();
             o.set("size", len.to_string());
             super::create::create_image(&fmt, &ops.output, o, true).await?;
-            let dst = common::open(
-                common::image_spec(&ops.output, Some(&fmt), false)?,
-                OpenFlags {
-                    write: true,
-                    ..Default::default()
-                },
-            )
-            .await?;
+            let dst = common::open(common::image_spec(&ops.output, Some(&fmt), false)?, OpenFlags { write: true, ..Default::default() }).await?;
             let step = (1u64 << 20).div_ceil(ops.bs) * ops.bs;
             let mut buf = IoBuf::heap(step as usize);
             let mut done = 0;

@@ -53,10 +53,7 @@ pub async fn image_info(node: &Arc<dyn BlockNode>) -> Result<Value> {
         m.insert("format-specific".into(), fs);
     }
     if let Some((name, _)) = &backing {
-        m.insert(
-            "full-backing-filename".into(),
-            json!(engine::block::resolve_relative(&node.filename(), name)),
-        );
+        m.insert("full-backing-filename".into(), json!(engine::block::resolve_relative(&node.filename(), name)));
         m.insert("backing-filename".into(), json!(name));
     }
     m.insert("dirty-flag".into(), json!(node.dirty()));
@@ -65,27 +62,15 @@ pub async fn image_info(node: &Arc<dyn BlockNode>) -> Result<Value> {
 
 fn print_human(info: &Value, out: &mut String) {
     let size = info["virtual-size"].as_u64().unwrap_or(0);
-    out.push_str(&format!(
-        "image: {}\n",
-        info["filename"].as_str().unwrap_or("")
-    ));
-    out.push_str(&format!(
-        "file format: {}\n",
-        info["format"].as_str().unwrap_or("")
-    ));
-    out.push_str(&format!(
-        "virtual size: {} ({size} bytes)\n",
-        human_size(size)
-    ));
+    out.push_str(&format!("image: {}\n", info["filename"].as_str().unwrap_or("")));
+    out.push_str(&format!("file format: {}\n", info["format"].as_str().unwrap_or("")));
+    out.push_str(&format!("virtual size: {} ({size} bytes)\n", human_size(size)));
     out.push_str(&format!("disk size: {}\n", disk_size(info)));
     if let Some(cs) = info.get("cluster-size").and_then(Value::as_u64) {
         out.push_str(&format!("cluster_size: {cs}\n"));
     }
     if let Some(b) = info.get("backing-filename").and_then(Value::as_str) {
-        let full = info
-            .get("full-backing-filename")
-            .and_then(Value::as_str)
-            .unwrap_or(b);
+        let full = info.get("full-backing-filename").and_then(Value::as_str).unwrap_or(b);
         if full != b {
             out.push_str(&format!("backing file: {b} (actual path: {full})\n"));
         } else {
@@ -98,10 +83,7 @@ fn print_human(info: &Value, out: &mut String) {
     if info.get("dirty-flag").and_then(Value::as_bool) == Some(true) {
         out.push_str("cleanly shut down: no\n");
     }
-    if let Some(data) = info
-        .pointer("/format-specific/data")
-        .and_then(Value::as_object)
-    {
+    if let Some(data) = info.pointer("/format-specific/data").and_then(Value::as_object) {
         if !data.is_empty() && info["format"] != "file" && info["format"] != "host_device" {
             out.push_str("Format specific information:\n");
             for (k, v) in data {
@@ -117,15 +99,11 @@ fn print_human(info: &Value, out: &mut String) {
 }
 
 fn disk_size(info: &Value) -> String {
-    info.get("actual-size")
-        .and_then(Value::as_u64)
-        .map_or_else(|| "unavailable".to_string(), human_size)
+    info.get("actual-size").and_then(Value::as_u64).map_or_else(|| "unavailable".to_string(), human_size)
 }
 
 fn print_children(info: &Value, path: &str, depth: usize, out: &mut String) {
-    let Some(children) = info["children"].as_array() else {
-        return;
-    };
+    let Some(children) = info["children"].as_array() else { return };
     for c in children {
         let name = c["name"].as_str().unwrap_or("");
         let ci = &c["info"];
@@ -134,28 +112,13 @@ fn print_children(info: &Value, path: &str, depth: usize, out: &mut String) {
         out.push_str(&format!("{indent}Child node '{p}':\n"));
         let ind = "    ".repeat(depth + 1);
         let size = ci["virtual-size"].as_u64().unwrap_or(0);
-        out.push_str(&format!(
-            "{ind}filename: {}\n",
-            ci["filename"].as_str().unwrap_or("")
-        ));
+        out.push_str(&format!("{ind}filename: {}\n", ci["filename"].as_str().unwrap_or("")));
         if ci["children"].as_array().is_none_or(Vec::is_empty) {
-            out.push_str(&format!(
-                "{ind}protocol type: {}\n",
-                ci["format"].as_str().unwrap_or("")
-            ));
-            out.push_str(&format!(
-                "{ind}file length: {} ({size} bytes)\n",
-                human_size(size)
-            ));
+            out.push_str(&format!("{ind}protocol type: {}\n", ci["format"].as_str().unwrap_or("")));
+            out.push_str(&format!("{ind}file length: {} ({size} bytes)\n", human_size(size)));
         } else {
-            out.push_str(&format!(
-                "{ind}file format: {}\n",
-                ci["format"].as_str().unwrap_or("")
-            ));
-            out.push_str(&format!(
-                "{ind}virtual size: {} ({size} bytes)\n",
-                human_size(size)
-            ));
+            out.push_str(&format!("{ind}file format: {}\n", ci["format"].as_str().unwrap_or("")));
+            out.push_str(&format!("{ind}virtual size: {} ({size} bytes)\n", human_size(size)));
         }
         out.push_str(&format!("{ind}disk size: {}\n", disk_size(ci)));
         print_children(ci, &p, depth + 1, out);

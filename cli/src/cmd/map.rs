@@ -149,13 +149,7 @@ pub fn run(a: MapArgs) -> i32 {
             println!("{:<16}{:<16}{:<16}File", "Offset", "Length", "Mapped to");
             for r in runs.iter().filter(|r| r.data) {
                 if let Some(o) = r.offset {
-                    println!(
-                        "{:<16}{:<16}{:<16}{}",
-                        hex(r.start),
-                        hex(r.length),
-                        hex(o),
-                        r.filename
-                    );
+                    println!("{:<16}{:<16}{:<16}{}", hex(r.start), hex(r.length), hex(o), r.filename);
                 }
             }
         }

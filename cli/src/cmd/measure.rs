@@ -41,9 +41,7 @@ fn measure(fmt: &str, opts: &mut OptionTree, size: u64, data: u64) -> Result<(u6
             opts.ensure_consumed("Block format 'raw'")?;
             Ok((size, size))
         }
-        other => Err(invalid(format!(
-            "Format driver '{other}' does not support measure"
-        ))),
+        other => Err(invalid(format!("Format driver '{other}' does not support measure"))),
     }
 }
 
@@ -58,24 +56,13 @@ pub fn run(a: MeasureArgs) -> i32 {
             return Err(invalid(format!("Unknown file format '{}'", a.out_format)));
         }
         if a.snapshot.is_some() {
-            return Err(invalid(
-                "snapshots are not supported by this image's format",
-            ));
+            return Err(invalid("snapshots are not supported by this image's format"));
         }
-        let cluster = opts
-            .get("cluster_size")
-            .map(engine::size::parse_size)
-            .transpose()?
-            .unwrap_or(65536)
-            .max(512);
+        let cluster = opts.get("cluster_size").map(engine::size::parse_size).transpose()?.unwrap_or(65536).max(512);
         let (size, data) = match (a.size, &a.filename) {
-            (Some(_), Some(_)) => {
-                return Err(invalid("--size N cannot be used together with a filename"))
-            }
+            (Some(_), Some(_)) => return Err(invalid("--size N cannot be used together with a filename")),
             (Some(s), None) => (s, 0),
-            (None, None) => {
-                return Err(invalid("Either --size N or one filename must be specified"))
-            }
+            (None, None) => return Err(invalid("Either --size N or one filename must be specified")),
             (None, Some(f)) => {
                 let spec = common::image_spec(f, a.open.format.as_deref(), a.open.image_opts)?;
                 let flags = common::flags(&a.open, false);
@@ -96,25 +83,14 @@ pub fn run(a: MeasureArgs) -> i32 {
         Ok((req, full)) => {
             match a.output {
                 // qemu-img adds the size of persistent bitmaps for qcow2 sources.
-                OutputFormat::Human if bitmaps => {
-                    println!("required size: {req}\nfully allocated size: {full}\nbitmaps size: 0")
-                }
-                OutputFormat::Human => {
-                    println!("required size: {req}\nfully allocated size: {full}")
-                }
+                OutputFormat::Human if bitmaps => println!("required size: {req}\nfully allocated size: {full}\nbitmaps size: 0"),
+                OutputFormat::Human => println!("required size: {req}\nfully allocated size: {full}"),
                 OutputFormat::Json if bitmaps => println!(
                     "{}",
-                    super::info::to_qemu_json(
-                        &json!({ "bitmaps": 0, "required": req, "fully-allocated": full })
-                    )
+                    super::info::to_qemu_json(&json!({ "bitmaps": 0, "required": req, "fully-allocated": full }))
                 ),
                 OutputFormat::Json => {
-                    println!(
-                        "{}",
-                        super::info::to_qemu_json(
-                            &json!({ "required": req, "fully-allocated": full })
-                        )
-                    )
+                    println!("{}", super::info::to_qemu_json(&json!({ "required": req, "fully-allocated": full })))
                 }
             }
             0

@@ -78,9 +78,7 @@ pub fn run(a: RebaseArgs) -> i32 {
     let r = (|| -> Result<()> {
         let spec = common::spec(&a.open, &a.filename)?;
         if a.open.force_share {
-            return Err(invalid(
-                "force-share=on can only be used with read-only images",
-            ));
+            return Err(invalid("force-share=on can only be used with read-only images"));
         }
         let mut flags: OpenFlags = common::flags(&a.open, true);
         if let Some(c) = &a.cache {
@@ -111,10 +109,7 @@ pub fn run(a: RebaseArgs) -> i32 {
                         if let Some(f) = &fmt {
                             o.set("driver", f.clone());
                         }
-                        let mut bflags = OpenFlags {
-                            force_share: false,
-                            ..Default::default()
-                        };
+                        let mut bflags = OpenFlags { force_share: false, ..Default::default() };
                         if let Some(c) = &src_cache {
                             bflags.cache = c.parse()?;
                         }

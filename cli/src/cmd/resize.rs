@@ -28,12 +28,7 @@ pub struct ResizeArgs {
 pub fn run(a: ResizeArgs) -> i32 {
     let r = (|| -> Result<()> {
         let spec = common::spec(&a.open, &a.filename)?;
-        let prealloc: Prealloc = a
-            .preallocation
-            .as_deref()
-            .map(str::parse)
-            .transpose()?
-            .unwrap_or_default();
+        let prealloc: Prealloc = a.preallocation.as_deref().map(str::parse).transpose()?.unwrap_or_default();
         let (rel, num) = match a.size.as_bytes().first() {
             Some(b'+') => (1i8, &a.size[1..]),
             Some(b'-') => (-1i8, &a.size[1..]),
@@ -43,9 +38,7 @@ pub fn run(a: ResizeArgs) -> i32 {
         let mut flags = common::flags(&a.open, true);
         flags.extra_perm = Perm::RESIZE;
         if a.open.force_share {
-            return Err(invalid(
-                "force-share=on can only be used with read-only images",
-            ));
+            return Err(invalid("force-share=on can only be used with read-only images"));
         }
         let shrink = a.shrink;
         let rt = common::small_runtime()?;

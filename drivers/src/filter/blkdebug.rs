@@ -10,8 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use engine::block::{
-    open_image, BlockNode, BoxFuture, Child, Driver, DriverKind, Extent, Limits, OpenCtx, Prealloc,
-    WriteFlags, ZeroFlags,
+    open_image, BlockNode, BoxFuture, Child, Driver, DriverKind, Extent, Limits, OpenCtx, Prealloc, WriteFlags, ZeroFlags,
 };
 use engine::error::{invalid, Error, Result};
 use engine::options::OptionTree;
@@ -70,9 +69,7 @@ impl BlkdebugNode {
             };
             if hit && !(r.once && r.spent.swap(true, Ordering::Relaxed)) {
                 let at = r.sector.map_or(offset, |s| (s * 512).max(offset));
-                return Err(Error::errno("injected error", r.errno)
-                    .with_file(self.image.filename())
-                    .at(at));
+                return Err(Error::errno("injected error", r.errno).with_file(self.image.filename()).at(at));
             }
         }
         Ok(())
@@ -96,10 +93,7 @@ impl BlockNode for BlkdebugNode {
         self.image.read_only()
     }
     fn children(&self) -> Vec<Child> {
-        vec![Child {
-            role: "image",
-            node: self.image.clone(),
-        }]
+        vec![Child { role: "image", node: self.image.clone() }]
     }
     fn read(&self, offset: u64, buf: IoBuf) -> BoxFuture<'_, (Result<()>, IoBuf)> {
         Box::pin(async move {
@@ -109,12 +103,7 @@ impl BlockNode for BlkdebugNode {
             self.image.read(offset, buf).await
         })
     }
-    fn write(
-        &self,
-        offset: u64,
-        buf: IoBuf,
-        flags: WriteFlags,
-    ) -> BoxFuture<'_, (Result<()>, IoBuf)> {
+    fn write(&self, offset: u64, buf: IoBuf, flags: WriteFlags) -> BoxFuture<'_, (Result<()>, IoBuf)> {
         Box::pin(async move {
             if let Err(e) = self.check(IoType::Write, offset, buf.len() as u64) {
                 return (Err(e), buf);
@@ -163,11 +152,7 @@ impl Driver for BlkdebugDriver {
     fn kind(&self) -> DriverKind {
         DriverKind::Filter
     }
-    fn open_filter<'a>(
-        &'a self,
-        ctx: &'a OpenCtx,
-        mut opts: OptionTree,
-    ) -> BoxFuture<'a, Result<Arc<dyn BlockNode>>> {
+    fn open_filter<'a>(&'a self, ctx: &'a OpenCtx, mut opts: OptionTree) -> BoxFuture<'a, Result<Arc<dyn BlockNode>>> {
         Box::pin(async move {
             let mut rules = Vec::new();
             for i in 0..MAX_RULES {
@@ -183,29 +168,14 @@ impl Driver for BlkdebugDriver {
                     Some(t) => vec![t.parse()?],
                     None => vec![IoType::Read, IoType::Write],
                 };
-                let sector = r
-                    .take("sector")
-                    .map(|s| s.parse::<u64>())
-                    .transpose()
-                    .map_err(|_| invalid("blkdebug: invalid sector"))?;
-                let errno = r
-                    .take("errno")
-                    .map(|s| s.parse::<i32>())
-                    .transpose()
-                    .map_err(|_| invalid("blkdebug: invalid errno"))?
-                    .unwrap_or(libc::EIO);
+                let sector = r.take("sector").map(|s| s.parse::<u64>()).transpose().map_err(|_| invalid("blkdebug: invalid sector"))?;
+                let errno = r.take("errno").map(|s| s.parse::<i32>()).transpose().map_err(|_| invalid("blkdebug: invalid errno"))?.unwrap_or(libc::EIO);
                 if errno <= 0 {
                     return Err(invalid("blkdebug: errno must be positive"));
                 }
                 let once = r.take_bool("once")?.unwrap_or(false);
                 r.ensure_consumed(&format!("blkdebug rule inject-error.{i}"))?;
-                rules.push(Rule {
-                    iotypes,
-                    sector,
-                    errno,
-                    once,
-                    spent: AtomicBool::new(false),
-                });
+                rules.push(Rule { iotypes, sector, errno, once, spent: AtomicBool::new(false) });
             }
             let image_opts = opts.take_subtree("image");
             opts.ensure_consumed("The 'blkdebug' filter")?;

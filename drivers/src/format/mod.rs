@@ -1,4 +1,4 @@
 //! Image format drivers.
 
-pub mod qcow2;
 pub mod raw;
+pub mod qcow2;

@@ -7,8 +7,8 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use engine::block::{
-    check_request, check_write, BlockNode, BoxFuture, Child, CreateOpt, Driver, DriverKind, Extent,
-    Limits, OpenCtx, Prealloc, Registry, WriteFlags, ZeroFlags,
+    check_request, check_write, BlockNode, BoxFuture, Child, CreateOpt, Driver, DriverKind, Extent, Limits, OpenCtx,
+    Prealloc, Registry, WriteFlags, ZeroFlags,
 };
 use engine::error::{invalid, Error, ErrorKind, Result};
 use engine::options::OptionTree;
@@ -61,8 +61,7 @@ impl BlockNode for RawNode {
         self.file.filename()
     }
     fn size(&self) -> u64 {
-        self.fixed_size
-            .unwrap_or_else(|| self.file.size().saturating_sub(self.offset))
+        self.fixed_size.unwrap_or_else(|| self.file.size().saturating_sub(self.offset))
     }
     fn limits(&self) -> Limits {
         self.file.limits()
@@ -71,10 +70,7 @@ impl BlockNode for RawNode {
         self.file.read_only()
     }
     fn children(&self) -> Vec<Child> {
-        vec![Child {
-            role: "file",
-            node: self.file.clone(),
-        }]
+        vec![Child { role: "file", node: self.file.clone() }]
     }
 
     fn read(&self, offset: u64, buf: IoBuf) -> BoxFuture<'_, (Result<()>, IoBuf)> {
@@ -86,12 +82,7 @@ impl BlockNode for RawNode {
         })
     }
 
-    fn write(
-        &self,
-        offset: u64,
-        buf: IoBuf,
-        flags: WriteFlags,
-    ) -> BoxFuture<'_, (Result<()>, IoBuf)> {
+    fn write(&self, offset: u64, buf: IoBuf, flags: WriteFlags) -> BoxFuture<'_, (Result<()>, IoBuf)> {
         Box::pin(async move {
             if let Err(e) = check_write(self, offset, buf.len() as u64) {
                 return (Err(e), buf);
@@ -103,12 +94,7 @@ impl BlockNode for RawNode {
         })
     }
 
-    fn read_part(
-        &self,
-        offset: u64,
-        buf: IoBuf,
-        range: Range<usize>,
-    ) -> BoxFuture<'_, (Result<()>, IoBuf)> {
+    fn read_part(&self, offset: u64, buf: IoBuf, range: Range<usize>) -> BoxFuture<'_, (Result<()>, IoBuf)> {
         Box::pin(async move {
             if let Err(e) = check_request(self, offset, range.len() as u64) {
                 return (Err(e), buf);
@@ -117,13 +103,7 @@ impl BlockNode for RawNode {
         })
     }
 
-    fn write_part(
-        &self,
-        offset: u64,
-        buf: IoBuf,
-        range: Range<usize>,
-        flags: WriteFlags,
-    ) -> BoxFuture<'_, (Result<()>, IoBuf)> {
+    fn write_part(&self, offset: u64, buf: IoBuf, range: Range<usize>, flags: WriteFlags) -> BoxFuture<'_, (Result<()>, IoBuf)> {
         Box::pin(async move {
             if let Err(e) = check_write(self, offset, range.len() as u64) {
                 return (Err(e), buf);
@@ -131,18 +111,14 @@ impl BlockNode for RawNode {
             if let Err(e) = self.check_sector0(offset, &buf[range.clone()]).await {
                 return (Err(e), buf);
             }
-            self.file
-                .write_part(offset + self.offset, buf, range, flags)
-                .await
+            self.file.write_part(offset + self.offset, buf, range, flags).await
         })
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> BoxFuture<'_, Result<()>> {
         Box::pin(async move {
             check_write(self, offset, len)?;
-            self.file
-                .write_zeroes(offset + self.offset, len, flags)
-                .await
+            self.file.write_zeroes(offset + self.offset, len, flags).await
         })
     }
 
@@ -161,23 +137,16 @@ impl BlockNode for RawNode {
         Box::pin(async move {
             let size = self.size();
             if offset >= size {
-                return Err(invalid(format!(
-                    "block status at offset {offset} beyond end ({size})"
-                )));
+                return Err(invalid(format!("block status at offset {offset} beyond end ({size})")));
             }
-            let mut e = self
-                .file
-                .block_status(offset + self.offset, len.min(size - offset))
-                .await?;
+            let mut e = self.file.block_status(offset + self.offset, len.min(size - offset)).await?;
             e.offset = Some(offset + self.offset);
             Ok(e)
         })
     }
 
     fn passthrough_fd(&self) -> Option<(std::os::fd::RawFd, u64)> {
-        self.file
-            .passthrough_fd()
-            .map(|(fd, base)| (fd, base + self.offset))
+        self.file.passthrough_fd().map(|(fd, base)| (fd, base + self.offset))
     }
 
     fn map_cached(&self, offset: u64, len: usize) -> Option<IoBuf> {
@@ -190,15 +159,9 @@ impl BlockNode for RawNode {
     fn truncate(&self, size: u64, exact: bool, prealloc: Prealloc) -> BoxFuture<'_, Result<()>> {
         Box::pin(async move {
             if self.fixed_size.is_some() {
-                return Err(Error::new(
-                    ErrorKind::Unsupported,
-                    "Cannot resize fixed-size raw disks",
-                )
-                .with_file(self.filename()));
+                return Err(Error::new(ErrorKind::Unsupported, "Cannot resize fixed-size raw disks").with_file(self.filename()));
             }
-            let total = size
-                .checked_add(self.offset)
-                .ok_or_else(|| invalid("size overflows with the raw offset"))?;
+            let total = size.checked_add(self.offset).ok_or_else(|| invalid("size overflows with the raw offset"))?;
             self.file.truncate(total, exact, prealloc).await
         })
     }
@@ -248,13 +211,7 @@ impl Driver for RawDriver {
                     file.filename()
                 ));
             }
-            Ok(Arc::new(RawNode {
-                file,
-                offset,
-                fixed_size,
-                probed,
-                registry: ctx.registry.clone(),
-            }) as Arc<dyn BlockNode>)
+            Ok(Arc::new(RawNode { file, offset, fixed_size, probed, registry: ctx.registry.clone() }) as Arc<dyn BlockNode>)
         })
     }
 
@@ -263,12 +220,7 @@ impl Driver for RawDriver {
         crate::protocol::file::FILE_CREATE_OPTS
     }
 
-    fn create<'a>(
-        &'a self,
-        ctx: &'a OpenCtx,
-        filename: &'a str,
-        opts: OptionTree,
-    ) -> BoxFuture<'a, Result<()>> {
+    fn create<'a>(&'a self, ctx: &'a OpenCtx, filename: &'a str, opts: OptionTree) -> BoxFuture<'a, Result<()>> {
         Box::pin(async move {
             let proto = ctx
                 .registry

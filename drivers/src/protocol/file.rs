@@ -12,9 +12,8 @@ use std::sync::Arc;
 
 use engine::aio::{AioFile, Backend};
 use engine::block::{
-    check_request, check_writable, check_write, write_zero_buffers, BlockNode, BoxFuture,
-    CreateOpt, Driver, DriverKind, Extent, ImageLock, Limits, OpenCtx, Perm, Prealloc,
-    RangeTracker, Tracked, WriteFlags, ZeroFlags,
+    check_request, check_write, check_writable, write_zero_buffers, BlockNode, BoxFuture, CreateOpt, Driver, DriverKind, Extent,
+    ImageLock, Limits, OpenCtx, Perm, Prealloc, RangeTracker, Tracked, WriteFlags, ZeroFlags,
 };
 use engine::error::{invalid, unsupported, Error, ErrorKind, Result};
 use engine::options::OptionTree;
@@ -90,30 +89,19 @@ impl FileNode {
             return check_request(self, off, len);
         }
         if off.checked_add(len).is_none_or(|end| end > i64::MAX as u64) {
-            return Err(Error::new(
-                ErrorKind::OutOfBounds,
-                format!("request of {len} bytes at offset {off} overflows"),
-            )
-            .with_file(&self.filename));
+            return Err(Error::new(ErrorKind::OutOfBounds, format!("request of {len} bytes at offset {off} overflows"))
+                .with_file(&self.filename));
         }
         Ok(())
     }
 
     fn aligned(&self, off: u64, len: usize, ptr: *const u8) -> bool {
         let a = self.align as u64;
-        off.is_multiple_of(a)
-            && (len as u64).is_multiple_of(a)
-            && (ptr as usize).is_multiple_of(self.mem_align as usize)
+        off.is_multiple_of(a) && (len as u64).is_multiple_of(a) && (ptr as usize).is_multiple_of(self.mem_align as usize)
     }
 
     /// Read exactly `len` bytes into `buf[at..]` (zeroes past EOF).
-    async fn read_exact(
-        &self,
-        mut buf: IoBuf,
-        at: usize,
-        len: usize,
-        off: u64,
-    ) -> (Result<()>, IoBuf) {
+    async fn read_exact(&self, mut buf: IoBuf, at: usize, len: usize, off: u64) -> (Result<()>, IoBuf) {
         let mut done = 0;
         while done < len {
             let n = (len - done).min(MAX_IO);
@@ -133,31 +121,14 @@ impl FileNode {
         (Ok(()), buf)
     }
 
-    async fn write_all(
-        &self,
-        mut buf: IoBuf,
-        at: usize,
-        len: usize,
-        off: u64,
-        fua: bool,
-    ) -> (Result<()>, IoBuf) {
+    async fn write_all(&self, mut buf: IoBuf, at: usize, len: usize, off: u64, fua: bool) -> (Result<()>, IoBuf) {
         let mut done = 0;
         while done < len {
             let n = (len - done).min(MAX_IO);
-            let (r, b) = self
-                .file
-                .write(buf, at + done, n, off + done as u64, fua)
-                .await;
+            let (r, b) = self.file.write(buf, at + done, n, off + done as u64, fua).await;
             buf = b;
             match r {
-                Ok(0) => {
-                    return (
-                        Err(Error::errno("write", libc::ENOSPC)
-                            .with_file(&self.filename)
-                            .at(off)),
-                        buf,
-                    )
-                }
+                Ok(0) => return (Err(Error::errno("write", libc::ENOSPC).with_file(&self.filename).at(off)), buf),
                 Ok(k) => done += k,
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
                 Err(e) => return (Err(self.err(e, "write", off + done as u64)), buf),
@@ -167,12 +138,7 @@ impl FileNode {
     }
 
     /// Misaligned O_DIRECT read: read the aligned cover into a bounce buffer.
-    async fn read_bounce(
-        &self,
-        off: u64,
-        mut buf: IoBuf,
-        range: Range<usize>,
-    ) -> (Result<()>, IoBuf) {
+    async fn read_bounce(&self, off: u64, mut buf: IoBuf, range: Range<usize>) -> (Result<()>, IoBuf) {
         let a = self.align as u64;
         let start = off / a * a;
         let end = (off + range.len() as u64).next_multiple_of(a);
@@ -189,13 +155,7 @@ impl FileNode {
 
     /// Misaligned O_DIRECT write: read-modify-write of the aligned cover, with
     /// overlapping writes held off so no update is lost.
-    async fn write_rmw(
-        &self,
-        off: u64,
-        buf: IoBuf,
-        range: Range<usize>,
-        fua: bool,
-    ) -> (Result<()>, IoBuf) {
+    async fn write_rmw(&self, off: u64, buf: IoBuf, range: Range<usize>, fua: bool) -> (Result<()>, IoBuf) {
         let a = self.align as u64;
         let start = off / a * a;
         let end = (off + range.len() as u64).next_multiple_of(a);
@@ -249,19 +209,12 @@ impl FileNode {
         }
         let _r = Reserving(&self.reserving);
         let from = have.max(self.size.load(Ordering::Acquire));
-        let to = end
-            .max(from)
-            .saturating_add(self.reserve_ahead)
-            .saturating_add((1 << 20) - 1)
-            & !((1 << 20) - 1);
+        let to = end.max(from).saturating_add(self.reserve_ahead).saturating_add((1 << 20) - 1) & !((1 << 20) - 1);
         if to <= from {
             return;
         }
         self.reserve_tried.store(true, Ordering::Release);
-        match self
-            .fallocate(libc::FALLOC_FL_KEEP_SIZE, from, to - from)
-            .await
-        {
+        match self.fallocate(libc::FALLOC_FL_KEEP_SIZE, from, to - from).await {
             Ok(()) => {
                 self.reserved_end.fetch_max(to, Ordering::AcqRel);
             }
@@ -292,24 +245,11 @@ impl FileNode {
         if flags.may_unmap {
             // A punched hole reads as zeroes in files; on block devices the kernel
             // only succeeds when the device guarantees zeroes afterwards.
-            let r = self
-                .fallocate(
-                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                    off,
-                    len,
-                )
-                .await;
+            let r = self.fallocate(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, off, len).await;
             done = r.is_ok();
         }
         if !done {
-            match self
-                .fallocate(
-                    libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
-                    off,
-                    len,
-                )
-                .await
-            {
+            match self.fallocate(libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE, off, len).await {
                 Ok(()) => done = true,
                 Err(e) if is_unsupported(&e) => {}
                 Err(e) => return Err(self.err(e, "write zeroes", off)),
@@ -317,8 +257,7 @@ impl FileNode {
         }
         if !done {
             if flags.no_fallback {
-                return Err(unsupported("efficient zeroing is not supported here")
-                    .with_file(&self.filename));
+                return Err(unsupported("efficient zeroing is not supported here").with_file(&self.filename));
             }
             return write_zero_buffers(self, off, len, flags.fua).await;
         }
@@ -332,10 +271,7 @@ impl FileNode {
         if self.no_flush {
             return Ok(());
         }
-        self.file
-            .fsync(true)
-            .await
-            .map_err(|e| Error::os("flush", e).with_file(&self.filename))
+        self.file.fsync(true).await.map_err(|e| Error::os("flush", e).with_file(&self.filename))
     }
 
     async fn do_truncate(&self, size: u64, exact: bool, prealloc: Prealloc) -> Result<()> {
@@ -348,9 +284,7 @@ impl FileNode {
             return Ok(());
         }
         if size < cur && prealloc != Prealloc::Off {
-            return Err(
-                invalid("Cannot use preallocation for shrinking files").with_file(&self.filename)
-            );
+            return Err(invalid("Cannot use preallocation for shrinking files").with_file(&self.filename));
         }
         self.file
             .blocking(move |fd| {
@@ -373,15 +307,10 @@ impl FileNode {
             match prealloc {
                 Prealloc::Off => {}
                 Prealloc::Metadata => {
-                    return Err(unsupported(
-                        "Preallocation mode 'metadata' unsupported for this storage",
-                    )
-                    .with_file(&self.filename))
+                    return Err(unsupported("Preallocation mode 'metadata' unsupported for this storage")
+                        .with_file(&self.filename))
                 }
-                Prealloc::Falloc => self
-                    .fallocate(0, cur, size - cur)
-                    .await
-                    .map_err(|e| self.err(e, "fallocate", cur))?,
+                Prealloc::Falloc => self.fallocate(0, cur, size - cur).await.map_err(|e| self.err(e, "fallocate", cur))?,
                 Prealloc::Full => write_zero_buffers(self, cur, size - cur, false).await?,
             }
         }
@@ -397,10 +326,7 @@ impl Drop for FileNode {
 }
 
 fn is_unsupported(e: &std::io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::EINVAL)
-    )
+    matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::EINVAL))
 }
 
 impl BlockNode for FileNode {
@@ -417,11 +343,7 @@ impl BlockNode for FileNode {
         self.read_only
     }
     fn limits(&self) -> Limits {
-        Limits {
-            request_alignment: self.align,
-            mem_alignment: self.mem_align,
-            max_transfer: 0,
-        }
+        Limits { request_alignment: self.align, mem_alignment: self.mem_align, max_transfer: 0 }
     }
 
     fn read(&self, offset: u64, buf: IoBuf) -> BoxFuture<'_, (Result<()>, IoBuf)> {
@@ -429,22 +351,12 @@ impl BlockNode for FileNode {
         self.read_part(offset, buf, 0..n)
     }
 
-    fn write(
-        &self,
-        offset: u64,
-        buf: IoBuf,
-        flags: WriteFlags,
-    ) -> BoxFuture<'_, (Result<()>, IoBuf)> {
+    fn write(&self, offset: u64, buf: IoBuf, flags: WriteFlags) -> BoxFuture<'_, (Result<()>, IoBuf)> {
         let n = buf.len();
         self.write_part(offset, buf, 0..n, flags)
     }
 
-    fn read_part(
-        &self,
-        offset: u64,
-        buf: IoBuf,
-        range: Range<usize>,
-    ) -> BoxFuture<'_, (Result<()>, IoBuf)> {
+    fn read_part(&self, offset: u64, buf: IoBuf, range: Range<usize>) -> BoxFuture<'_, (Result<()>, IoBuf)> {
         Box::pin(async move {
             let len = range.len();
             if let Err(e) = self.check_io(offset, len as u64, false) {
@@ -457,13 +369,7 @@ impl BlockNode for FileNode {
         })
     }
 
-    fn write_part(
-        &self,
-        offset: u64,
-        buf: IoBuf,
-        range: Range<usize>,
-        flags: WriteFlags,
-    ) -> BoxFuture<'_, (Result<()>, IoBuf)> {
+    fn write_part(&self, offset: u64, buf: IoBuf, range: Range<usize>, flags: WriteFlags) -> BoxFuture<'_, (Result<()>, IoBuf)> {
         Box::pin(async move {
             let len = range.len();
             if let Err(e) = self.check_io(offset, len as u64, true) {
@@ -474,8 +380,7 @@ impl BlockNode for FileNode {
                 self.write_rmw(offset, buf, range, fua).await
             } else {
                 let _t = self.track(offset, offset + len as u64, false).await;
-                if self.reserve_ahead > 0 && offset + len as u64 > self.size.load(Ordering::Acquire)
-                {
+                if self.reserve_ahead > 0 && offset + len as u64 > self.size.load(Ordering::Acquire) {
                     self.reserve_for(offset + len as u64).await;
                 }
                 self.write_all(buf, range.start, len, offset, fua).await
@@ -507,19 +412,8 @@ impl BlockNode for FileNode {
             }
             let _t = self.track(offset, offset + len, false).await;
             let r = match self.kind {
-                Kind::File => {
-                    self.fallocate(
-                        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                        offset,
-                        len,
-                    )
-                    .await
-                }
-                Kind::HostDevice => {
-                    self.file
-                        .blocking(move |fd| sys::block_device_discard(fd, offset, len))
-                        .await
-                }
+                Kind::File => self.fallocate(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, offset, len).await,
+                Kind::HostDevice => self.file.blocking(move |fd| sys::block_device_discard(fd, offset, len)).await,
             };
             match r {
                 // Discard is a hint: storage that cannot do it just keeps the data.
@@ -530,10 +424,7 @@ impl BlockNode for FileNode {
     }
 
     fn close(&self) -> BoxFuture<'_, Result<()>> {
-        Box::pin(async move {
-            self.release_reserved()
-                .map_err(|e| self.err(e, "truncate", 0))
-        })
+        Box::pin(async move { self.release_reserved().map_err(|e| self.err(e, "truncate", 0)) })
     }
 
     fn flush(&self) -> BoxFuture<'_, Result<()>> {
@@ -544,20 +435,10 @@ impl BlockNode for FileNode {
         Box::pin(async move {
             let size = self.size();
             if offset >= size || len == 0 {
-                return Err(invalid(format!(
-                    "block status at offset {offset} beyond end ({size})"
-                ))
-                .with_file(&self.filename));
+                return Err(invalid(format!("block status at offset {offset} beyond end ({size})")).with_file(&self.filename));
             }
             let len = len.min(size - offset);
-            let data = |n: u64| Extent {
-                len: n,
-                data: true,
-                zero: false,
-                allocated: true,
-                offset: Some(offset),
-                compressed: false,
-            };
+            let data = |n: u64| Extent { len: n, data: true, zero: false, allocated: true, offset: Some(offset), compressed: false };
             if self.kind == Kind::HostDevice {
                 return Ok(data(len));
             }
@@ -580,14 +461,7 @@ impl BlockNode for FileNode {
                     if a > 1 && n > a && !(offset + n).is_multiple_of(a) {
                         n -= (offset + n) % a;
                     }
-                    Ok(Extent {
-                        len: n,
-                        data: false,
-                        zero: true,
-                        allocated: true,
-                        offset: Some(offset),
-                        compressed: false,
-                    })
+                    Ok(Extent { len: n, data: false, zero: true, allocated: true, offset: Some(offset), compressed: false })
                 }
                 // No SEEK_DATA support: everything is data.
                 Err(e) if is_unsupported(&e) => Ok(data(len)),
@@ -630,8 +504,7 @@ impl BlockNode for FileNode {
 }
 
 fn open_fd(filename: &str, flags: libc::c_int, mode: libc::mode_t) -> std::io::Result<OwnedFd> {
-    let c = std::ffi::CString::new(filename)
-        .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+    let c = std::ffi::CString::new(filename).map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
     // SAFETY: c is a live NUL-terminated string.
     let fd = unsafe { libc::open(c.as_ptr(), flags | libc::O_CLOEXEC, mode as libc::c_uint) };
     if fd < 0 {
@@ -654,31 +527,19 @@ impl FileDriver {
         FileDriver { kind: Kind::File }
     }
     pub fn host_device() -> FileDriver {
-        FileDriver {
-            kind: Kind::HostDevice,
-        }
+        FileDriver { kind: Kind::HostDevice }
     }
 
     async fn open_node(&self, ctx: &OpenCtx, mut opts: OptionTree) -> Result<Arc<dyn BlockNode>> {
         let name = self.name();
-        let filename = opts
-            .take("filename")
-            .ok_or_else(|| invalid(format!("driver '{name}' needs a 'filename'")))?;
+        let filename = opts.take("filename").ok_or_else(|| invalid(format!("driver '{name}' needs a 'filename'")))?;
         let aio: Backend = opts.take_parsed("aio")?.unwrap_or(ctx.flags.aio);
-        let direct = opts
-            .take_bool("cache.direct")?
-            .unwrap_or(ctx.flags.cache.direct);
-        let no_flush = opts
-            .take_bool("cache.no-flush")?
-            .unwrap_or(ctx.flags.cache.no_flush);
+        let direct = opts.take_bool("cache.direct")?.unwrap_or(ctx.flags.cache.direct);
+        let no_flush = opts.take_bool("cache.no-flush")?.unwrap_or(ctx.flags.cache.no_flush);
         let locking = match opts.take("locking").as_deref() {
             None | Some("auto") | Some("on") => true,
             Some("off") => false,
-            Some(v) => {
-                return Err(invalid(format!(
-                    "invalid locking mode '{v}': expected on, off or auto"
-                )))
-            }
+            Some(v) => return Err(invalid(format!("invalid locking mode '{v}': expected on, off or auto"))),
         };
         // Accepted for compatibility; discard requests are honoured when sent.
         opts.take("discard");
@@ -704,11 +565,8 @@ impl FileDriver {
         let fd = match open_fd(&filename, flags, 0) {
             Ok(fd) => fd,
             Err(e) if direct && e.raw_os_error() == Some(libc::EINVAL) => {
-                return Err(Error::new(
-                    ErrorKind::Unsupported,
-                    "Could not open: the filesystem does not support O_DIRECT (cache.direct=on)",
-                )
-                .with_file(&filename))
+                return Err(Error::new(ErrorKind::Unsupported, "Could not open: the filesystem does not support O_DIRECT (cache.direct=on)")
+                    .with_file(&filename))
             }
             Err(e) => return Err(open_err(&filename, e)),
         };
@@ -717,24 +575,16 @@ impl FileDriver {
         let is_blk = sys::is_block_device(&st);
         match (self.kind, is_blk) {
             (Kind::File, true) => {
-                return Err(invalid(
-                    "'file' driver requires a regular file, not a block device: use 'host_device'",
-                )
-                .with_file(&filename))
+                return Err(invalid("'file' driver requires a regular file, not a block device: use 'host_device'")
+                    .with_file(&filename))
             }
             (Kind::HostDevice, false) => {
-                return Err(
-                    invalid("'host_device' driver requires a block device").with_file(&filename)
-                )
+                return Err(invalid("'host_device' driver requires a block device").with_file(&filename))
             }
             _ => {}
         }
         // Like QEMU, sizes are whole 512-byte sectors; the tail past EOF reads as zeroes.
-        let size = if is_blk {
-            sys::block_device_size(raw).map_err(|e| open_err(&filename, e))?
-        } else {
-            (st.st_size as u64).next_multiple_of(512)
-        };
+        let size = if is_blk { sys::block_device_size(raw).map_err(|e| open_err(&filename, e))? } else { (st.st_size as u64).next_multiple_of(512) };
         let (mem_align, align) = if !direct {
             (1, 1)
         } else if is_blk {
@@ -747,17 +597,8 @@ impl FileDriver {
             })
         };
         let lock = if locking {
-            let shared = if ctx.flags.force_share {
-                Perm::ALL
-            } else {
-                ctx.flags.shared
-            };
-            Some(ImageLock::acquire(
-                raw,
-                &filename,
-                ctx.flags.perm(),
-                shared,
-            )?)
+            let shared = if ctx.flags.force_share { Perm::ALL } else { ctx.flags.shared };
+            Some(ImageLock::acquire(raw, &filename, ctx.flags.perm(), shared)?)
         } else {
             None
         };
@@ -796,29 +637,16 @@ impl FileDriver {
         opts.take("extent_size_hint");
         opts.ensure_consumed(&format!("The '{}' protocol", self.name()))?;
         if prealloc == Prealloc::Metadata {
-            return Err(
-                unsupported("Preallocation mode 'metadata' unsupported for this storage")
-                    .with_file(filename),
-            );
+            return Err(unsupported("Preallocation mode 'metadata' unsupported for this storage").with_file(filename));
         }
         if self.kind == Kind::HostDevice {
-            let node = self
-                .open_node(
-                    ctx,
-                    OptionTree::parse(&format!("filename={}", filename.replace(',', ",,")), None)?,
-                )
-                .await?;
+            let node = self.open_node(ctx, OptionTree::parse(&format!("filename={}", filename.replace(',', ",,")), None)?).await?;
             if node.size() < size {
-                return Err(invalid(format!(
-                    "Image size {size} exceeds device size {}",
-                    node.size()
-                ))
-                .with_file(filename));
+                return Err(invalid(format!("Image size {size} exceeds device size {}", node.size())).with_file(filename));
             }
             return Ok(());
         }
-        let fd = open_fd(filename, libc::O_RDWR | libc::O_CREAT, 0o644)
-            .map_err(|e| open_err(filename, e))?;
+        let fd = open_fd(filename, libc::O_RDWR | libc::O_CREAT, 0o644).map_err(|e| open_err(filename, e))?;
         let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
         // Creating truncates: refuse if anyone else writes or resizes the file.
         let excl = Perm::WRITE.union(Perm::RESIZE);
@@ -857,26 +685,10 @@ impl FileDriver {
 
 /// Create options of the file protocol; raw passes its own through to these.
 pub const FILE_CREATE_OPTS: &[CreateOpt] = &[
-    CreateOpt {
-        name: "size",
-        ty: "size",
-        help: "Virtual disk size",
-    },
-    CreateOpt {
-        name: "preallocation",
-        ty: "str",
-        help: "Preallocation mode (allowed values: off, falloc, full)",
-    },
-    CreateOpt {
-        name: "nocow",
-        ty: "bool",
-        help: "Turn off copy-on-write (valid only on btrfs)",
-    },
-    CreateOpt {
-        name: "extent_size_hint",
-        ty: "size",
-        help: "Extent size hint for the image file, 0 to disable",
-    },
+    CreateOpt { name: "size", ty: "size", help: "Virtual disk size" },
+    CreateOpt { name: "preallocation", ty: "str", help: "Preallocation mode (allowed values: off, falloc, full)" },
+    CreateOpt { name: "nocow", ty: "bool", help: "Turn off copy-on-write (valid only on btrfs)" },
+    CreateOpt { name: "extent_size_hint", ty: "size", help: "Extent size hint for the image file, 0 to disable" },
 ];
 
 impl Driver for FileDriver {
@@ -897,22 +709,13 @@ impl Driver for FileDriver {
             _ => 0,
         }
     }
-    fn open_protocol<'a>(
-        &'a self,
-        ctx: &'a OpenCtx,
-        opts: OptionTree,
-    ) -> BoxFuture<'a, Result<Arc<dyn BlockNode>>> {
+    fn open_protocol<'a>(&'a self, ctx: &'a OpenCtx, opts: OptionTree) -> BoxFuture<'a, Result<Arc<dyn BlockNode>>> {
         Box::pin(self.open_node(ctx, opts))
     }
     fn create_opts(&self) -> &'static [CreateOpt] {
         FILE_CREATE_OPTS
     }
-    fn create<'a>(
-        &'a self,
-        ctx: &'a OpenCtx,
-        filename: &'a str,
-        opts: OptionTree,
-    ) -> BoxFuture<'a, Result<()>> {
+    fn create<'a>(&'a self, ctx: &'a OpenCtx, filename: &'a str, opts: OptionTree) -> BoxFuture<'a, Result<()>> {
         Box::pin(self.create_file(ctx, filename, opts))
     }
 }

@@ -63,13 +63,7 @@ pub fn dio_align(fd: RawFd) -> Option<(u32, u32)> {
     // names fd itself.
     unsafe {
         let mut stx: libc::statx = std::mem::zeroed();
-        let r = libc::statx(
-            fd,
-            c"".as_ptr(),
-            libc::AT_EMPTY_PATH,
-            libc::STATX_DIOALIGN,
-            &mut stx,
-        );
+        let r = libc::statx(fd, c"".as_ptr(), libc::AT_EMPTY_PATH, libc::STATX_DIOALIGN, &mut stx);
         if r != 0 || stx.stx_mask & libc::STATX_DIOALIGN == 0 || stx.stx_dio_offset_align == 0 {
             return None;
         }
@@ -130,17 +124,9 @@ pub fn set_nocow(fd: RawFd) -> io::Result<()> {
     let mut flags: libc::c_long = 0;
     // SAFETY: FS_IOC_GETFLAGS/SETFLAGS read and write one long from the live local.
     unsafe {
-        cvt(libc::ioctl(
-            fd,
-            FS_IOC_GETFLAGS,
-            &mut flags as *mut libc::c_long,
-        ))?;
+        cvt(libc::ioctl(fd, FS_IOC_GETFLAGS, &mut flags as *mut libc::c_long))?;
         flags |= FS_NOCOW_FL;
-        cvt(libc::ioctl(
-            fd,
-            FS_IOC_SETFLAGS,
-            &flags as *const libc::c_long,
-        ))?;
+        cvt(libc::ioctl(fd, FS_IOC_SETFLAGS, &flags as *const libc::c_long))?;
     }
     Ok(())
 }
@@ -170,15 +156,7 @@ fn all_cached(fd: RawFd, off: u64, len: u64) -> bool {
     let range = CachestatRange { off, len };
     let mut cs = Cachestat::default();
     // SAFETY: the kernel reads `range` and fills `cs`, both live locals.
-    let r = unsafe {
-        libc::syscall(
-            SYS_CACHESTAT,
-            fd,
-            &range as *const CachestatRange,
-            &mut cs as *mut Cachestat,
-            0u32,
-        )
-    };
+    let r = unsafe { libc::syscall(SYS_CACHESTAT, fd, &range as *const CachestatRange, &mut cs as *mut Cachestat, 0u32) };
     r == 0 && cs.nr_cache >= len / 4096
 }
 
@@ -191,11 +169,7 @@ fn all_cached(fd: RawFd, off: u64, len: u64) -> bool {
 /// short under us would raise SIGBUS. Returns (base, mapping
 /// length, offset of `off` in the mapping), or None when some page is not
 /// cached or the kernel refuses. The caller owns the mapping (munmap).
-pub fn map_resident(
-    fd: RawFd,
-    off: u64,
-    len: usize,
-) -> Option<(std::ptr::NonNull<u8>, usize, usize)> {
+pub fn map_resident(fd: RawFd, off: u64, len: usize) -> Option<(std::ptr::NonNull<u8>, usize, usize)> {
     const PAGE: u64 = 4096;
     let start = off - off % PAGE;
     let delta = (off - start) as usize;
@@ -206,14 +180,7 @@ pub fn map_resident(
     // SAFETY: a fresh private mapping at an address of the kernel's choosing;
     // it aliases nothing of ours.
     let p = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            map_len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE,
-            fd,
-            start as libc::off_t,
-        )
+        libc::mmap(std::ptr::null_mut(), map_len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE, fd, start as libc::off_t)
     };
     if p == libc::MAP_FAILED {
         return None;

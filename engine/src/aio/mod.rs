@@ -46,9 +46,7 @@ impl FromStr for Backend {
             "threads" => Ok(Backend::Threads),
             "native" => Ok(Backend::Native),
             "io_uring" => Ok(Backend::IoUring),
-            _ => Err(invalid(format!(
-                "invalid aio mode '{s}': expected threads, native or io_uring"
-            ))),
+            _ => Err(invalid(format!("invalid aio mode '{s}': expected threads, native or io_uring"))),
         }
     }
 }
@@ -106,10 +104,7 @@ impl AioFile {
         let buffered_regular = unsafe {
             let fl = libc::fcntl(raw, libc::F_GETFL);
             let mut st: libc::stat = std::mem::zeroed();
-            fl >= 0
-                && fl & libc::O_DIRECT == 0
-                && libc::fstat(raw, &mut st) == 0
-                && st.st_mode & libc::S_IFMT == libc::S_IFREG
+            fl >= 0 && fl & libc::O_DIRECT == 0 && libc::fstat(raw, &mut st) == 0 && st.st_mode & libc::S_IFMT == libc::S_IFREG
         };
         AioFile {
             serial_writes: buffered_regular.then(|| Arc::new(threads::SerialQueue::default())),
@@ -135,65 +130,24 @@ impl AioFile {
 
     /// Read up to `len` bytes at file offset `off` into `buf[at..at+len]`.
     /// Returns the byte count (short at EOF) and the buffer.
-    pub async fn read(
-        &self,
-        buf: IoBuf,
-        at: usize,
-        len: usize,
-        off: u64,
-    ) -> (io::Result<usize>, IoBuf) {
-        self.rw(
-            buf,
-            Rw {
-                at,
-                len,
-                off,
-                write: false,
-                fua: false,
-            },
-        )
-        .await
+    pub async fn read(&self, buf: IoBuf, at: usize, len: usize, off: u64) -> (io::Result<usize>, IoBuf) {
+        self.rw(buf, Rw { at, len, off, write: false, fua: false }).await
     }
 
     /// Write `buf[at..at+len]` at `off`; `fua` makes it durable before completion.
-    pub async fn write(
-        &self,
-        buf: IoBuf,
-        at: usize,
-        len: usize,
-        off: u64,
-        fua: bool,
-    ) -> (io::Result<usize>, IoBuf) {
-        self.rw(
-            buf,
-            Rw {
-                at,
-                len,
-                off,
-                write: true,
-                fua,
-            },
-        )
-        .await
+    pub async fn write(&self, buf: IoBuf, at: usize, len: usize, off: u64, fua: bool) -> (io::Result<usize>, IoBuf) {
+        self.rw(buf, Rw { at, len, off, write: true, fua }).await
     }
 
     async fn rw(&self, buf: IoBuf, rw: Rw) -> (io::Result<usize>, IoBuf) {
-        assert!(
-            rw.at + rw.len <= buf.len(),
-            "I/O range {}+{} outside buffer of {}",
-            rw.at,
-            rw.len,
-            buf.len()
-        );
+        assert!(rw.at + rw.len <= buf.len(), "I/O range {}+{} outside buffer of {}", rw.at, rw.len, buf.len());
         match self.backend {
             Backend::IoUring => match self.remote_home(&rw) {
                 Some(home) => {
                     let fd = self.fd.clone();
                     let (tx, rx) = crate::runtime::join_channel();
                     home.post(Box::new(move || {
-                        crate::runtime::spawn_local(async move {
-                            tx.send(uring::rw_fd(&fd, buf, rw).await)
-                        });
+                        crate::runtime::spawn_local(async move { tx.send(uring::rw_fd(&fd, buf, rw).await) });
                     }));
                     rx.await
                 }
@@ -201,11 +155,7 @@ impl AioFile {
             },
             Backend::Native => native::rw(self, buf, rw).await,
             Backend::Threads => {
-                let serial = if rw.write {
-                    self.serial_writes.as_ref()
-                } else {
-                    None
-                };
+                let serial = if rw.write { self.serial_writes.as_ref() } else { None };
                 threads::rw(self.fd.clone(), serial, buf, rw).await
             }
         }
@@ -219,8 +169,7 @@ impl AioFile {
         }
         let home = self.write_home.as_ref()?.upgrade()?;
         let here = crate::runtime::shard::current()?;
-        (!Arc::ptr_eq(&here.shared, &home) && !home.shutdown.load(Ordering::Acquire))
-            .then_some(home)
+        (!Arc::ptr_eq(&here.shared, &home) && !home.shutdown.load(Ordering::Acquire)).then_some(home)
     }
 
     /// fdatasync (or fsync when `datasync` is false).
@@ -237,17 +186,12 @@ impl AioFile {
     pub async fn fallocate(&self, mode: i32, off: u64, len: u64) -> io::Result<()> {
         match self.backend {
             Backend::IoUring => uring::fallocate(self, mode, off, len).await,
-            Backend::Native | Backend::Threads => {
-                threads::fallocate(self.fd.clone(), mode, off, len).await
-            }
+            Backend::Native | Backend::Threads => threads::fallocate(self.fd.clone(), mode, off, len).await,
         }
     }
 
     /// Run a blocking syscall wrapper off the shard, in the helper pool.
-    pub async fn blocking<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(RawFd) -> T + Send + 'static,
-    ) -> T {
+    pub async fn blocking<T: Send + 'static>(&self, f: impl FnOnce(RawFd) -> T + Send + 'static) -> T {
         let fd = self.fd.clone();
         threads::run(move || f(fd.as_raw_fd())).await
     }
@@ -256,12 +200,9 @@ impl AioFile {
 impl Drop for AioFile {
     fn drop(&mut self) {
         let uid = self.uid;
-        let shards =
-            std::mem::take(&mut *self.registered_on.lock().unwrap_or_else(|e| e.into_inner()));
+        let shards = std::mem::take(&mut *self.registered_on.lock().unwrap_or_else(|e| e.into_inner()));
         for weak in shards {
-            let Some(shared) = weak.upgrade() else {
-                continue;
-            };
+            let Some(shared) = weak.upgrade() else { continue };
             match crate::runtime::shard::current() {
                 Some(s) if s.shared.uid == shared.uid => s.unregister_file(uid),
                 _ => shared.post(Box::new(move || {

@@ -72,13 +72,7 @@ impl NativeCtx {
     fn new() -> io::Result<NativeCtx> {
         let mut ctx: libc::c_ulong = 0;
         // SAFETY: io_setup writes the context id to `ctx`, a live local.
-        let r = unsafe {
-            libc::syscall(
-                libc::SYS_io_setup,
-                CTX_EVENTS as libc::c_long,
-                &mut ctx as *mut libc::c_ulong,
-            )
-        };
+        let r = unsafe { libc::syscall(libc::SYS_io_setup, CTX_EVENTS as libc::c_long, &mut ctx as *mut libc::c_ulong) };
         if r < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -92,11 +86,7 @@ impl NativeCtx {
         }
         // SAFETY: efd was just created and is owned by nobody else.
         let eventfd = unsafe { OwnedFd::from_raw_fd(efd) };
-        Ok(NativeCtx {
-            ctx,
-            eventfd,
-            queued: Vec::new(),
-        })
+        Ok(NativeCtx { ctx, eventfd, queued: Vec::new() })
     }
 
     pub(crate) fn destroy(self) {
@@ -107,37 +97,19 @@ impl NativeCtx {
 }
 
 pub(super) async fn rw(f: &AioFile, mut buf: IoBuf, rw: Rw) -> (io::Result<usize>, IoBuf) {
-    let Rw {
-        at,
-        len,
-        off,
-        write,
-        fua,
-    } = rw;
+    let Rw { at, len, off, write, fua } = rw;
     let shard = expect_current();
     if let Err(e) = ensure_ctx(&shard) {
         return (Err(e), buf);
     }
-    let key = shard
-        .ops
-        .borrow_mut()
-        .insert(crate::runtime::shard::OpSlot::Waiting(None));
+    let key = shard.ops.borrow_mut().insert(crate::runtime::shard::OpSlot::Waiting(None));
     // SAFETY: at + len <= buf.len() was asserted by the caller.
     let ptr = unsafe { buf.as_mut_ptr().add(at) };
-    let efd = shard
-        .native
-        .borrow()
-        .as_ref()
-        .map(|c| c.eventfd.as_raw_fd())
-        .expect("ctx ensured");
+    let efd = shard.native.borrow().as_ref().map(|c| c.eventfd.as_raw_fd()).expect("ctx ensured");
     let iocb = Iocb {
         aio_data: key as u64,
         aio_rw_flags: if fua { libc::RWF_DSYNC } else { 0 },
-        aio_lio_opcode: if write {
-            IOCB_CMD_PWRITE
-        } else {
-            IOCB_CMD_PREAD
-        },
+        aio_lio_opcode: if write { IOCB_CMD_PWRITE } else { IOCB_CMD_PREAD },
         aio_fildes: f.fd() as u32,
         aio_buf: ptr as u64,
         aio_nbytes: len as u64,
@@ -146,13 +118,7 @@ pub(super) async fn rw(f: &AioFile, mut buf: IoBuf, rw: Rw) -> (io::Result<usize
         aio_resfd: efd as u32,
         ..Default::default()
     };
-    shard
-        .native
-        .borrow_mut()
-        .as_mut()
-        .expect("ctx ensured")
-        .queued
-        .push(iocb);
+    shard.native.borrow_mut().as_mut().expect("ctx ensured").queued.push(iocb);
     let (res, buf) = Op::new(shard, key, buf).await;
     (errno_result(res), buf)
 }
@@ -176,25 +142,12 @@ pub(crate) fn flush(shard: &Shard) {
             if n.queued.is_empty() {
                 return;
             }
-            (
-                n.ctx,
-                n.queued
-                    .iter()
-                    .map(|i| i as *const Iocb)
-                    .collect::<Vec<_>>(),
-            )
+            (n.ctx, n.queued.iter().map(|i| i as *const Iocb).collect::<Vec<_>>())
         };
         // SAFETY: ptrs point into `queued`, which is not touched until io_submit
         // returns; the kernel copies the iocbs during the call. The buffers they
         // name are owned by their Op (or the slab, if abandoned) until reaped.
-        let r = unsafe {
-            libc::syscall(
-                libc::SYS_io_submit,
-                ctx,
-                ptrs.len() as libc::c_long,
-                ptrs.as_mut_ptr(),
-            )
-        };
+        let r = unsafe { libc::syscall(libc::SYS_io_submit, ctx, ptrs.len() as libc::c_long, ptrs.as_mut_ptr()) };
         let mut native = shard.native.borrow_mut();
         let n = native.as_mut().expect("checked above");
         if r >= 0 {
@@ -204,9 +157,7 @@ pub(crate) fn flush(shard: &Shard) {
             }
             return;
         }
-        let errno = io::Error::last_os_error()
-            .raw_os_error()
-            .unwrap_or(libc::EIO);
+        let errno = io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO);
         if errno == libc::EAGAIN {
             return;
         }
@@ -219,40 +170,19 @@ pub(crate) fn flush(shard: &Shard) {
 
 /// The AIO eventfd fired: collect finished events, then re-arm the eventfd read.
 pub(crate) fn reap(shard: &Shard) {
-    let Some((ctx, efd)) = shard
-        .native
-        .borrow()
-        .as_ref()
-        .map(|n| (n.ctx, n.eventfd.as_raw_fd()))
-    else {
-        return;
-    };
+    let Some((ctx, efd)) = shard.native.borrow().as_ref().map(|n| (n.ctx, n.eventfd.as_raw_fd())) else { return };
     let mut events = [IoEvent::default(); 128];
     loop {
-        let zero = libc::timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
+        let zero = libc::timespec { tv_sec: 0, tv_nsec: 0 };
         // SAFETY: events is a live array of the length we pass; zero is a live timespec.
         let r = unsafe {
-            libc::syscall(
-                libc::SYS_io_getevents,
-                ctx,
-                0 as libc::c_long,
-                events.len() as libc::c_long,
-                events.as_mut_ptr(),
-                &zero as *const libc::timespec,
-            )
+            libc::syscall(libc::SYS_io_getevents, ctx, 0 as libc::c_long, events.len() as libc::c_long, events.as_mut_ptr(), &zero as *const libc::timespec)
         };
         if r <= 0 {
             break;
         }
         for ev in &events[..r as usize] {
-            let res = if ev.res < 0 {
-                ev.res as i32
-            } else {
-                i32::try_from(ev.res).unwrap_or(i32::MAX)
-            };
+            let res = if ev.res < 0 { ev.res as i32 } else { i32::try_from(ev.res).unwrap_or(i32::MAX) };
             shard.complete_op(ev.data as usize, res);
         }
         if (r as usize) < events.len() {

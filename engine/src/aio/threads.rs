@@ -4,12 +4,12 @@
 //! shard's mailbox eventfd. The job owns the buffer while it runs, so a dropped
 //! future cannot free memory a worker is still writing.
 
-use std::collections::VecDeque;
 use std::future::Future;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll, Waker};
 
@@ -34,12 +34,7 @@ fn pool() -> &'static Pool {
     static POOL: OnceLock<Pool> = OnceLock::new();
     POOL.get_or_init(|| {
         let (tx, rx) = unbounded();
-        Pool {
-            tx,
-            rx,
-            workers: AtomicUsize::new(0),
-            idle: AtomicUsize::new(0),
-        }
+        Pool { tx, rx, workers: AtomicUsize::new(0), idle: AtomicUsize::new(0) }
     })
 }
 
@@ -50,20 +45,18 @@ fn submit(job: Job) {
     if p.idle.load(Ordering::Acquire) == 0 && p.workers.load(Ordering::Acquire) < MAX_WORKERS {
         p.workers.fetch_add(1, Ordering::AcqRel);
         let rx = p.rx.clone();
-        let spawned = std::thread::Builder::new()
-            .name("ringblk-worker".into())
-            .spawn(move || {
-                let p = pool();
-                loop {
-                    p.idle.fetch_add(1, Ordering::AcqRel);
-                    let job = rx.recv();
-                    p.idle.fetch_sub(1, Ordering::AcqRel);
-                    match job {
-                        Ok(job) => job(),
-                        Err(_) => return,
-                    }
+        let spawned = std::thread::Builder::new().name("ringblk-worker".into()).spawn(move || {
+            let p = pool();
+            loop {
+                p.idle.fetch_add(1, Ordering::AcqRel);
+                let job = rx.recv();
+                p.idle.fetch_sub(1, Ordering::AcqRel);
+                match job {
+                    Ok(job) => job(),
+                    Err(_) => return,
                 }
-            });
+            }
+        });
         if spawned.is_err() {
             p.workers.fetch_sub(1, Ordering::AcqRel);
         }
@@ -129,21 +122,13 @@ fn submit_serial(q: &Arc<SerialQueue>, job: Job) {
 }
 
 /// Run `f` on a worker and await its result.
-pub(super) fn run<T: Send + 'static>(
-    f: impl FnOnce() -> T + Send + 'static,
-) -> impl Future<Output = T> {
+pub(super) fn run<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> impl Future<Output = T> {
     run_on(None, f)
 }
 
 /// Run `f` on a worker, through `serial` when given, and await its result.
-fn run_on<T: Send + 'static>(
-    serial: Option<&Arc<SerialQueue>>,
-    f: impl FnOnce() -> T + Send + 'static,
-) -> impl Future<Output = T> {
-    let shared = Arc::new(Mutex::new(Shared {
-        value: None,
-        waker: None,
-    }));
+fn run_on<T: Send + 'static>(serial: Option<&Arc<SerialQueue>>, f: impl FnOnce() -> T + Send + 'static) -> impl Future<Output = T> {
+    let shared = Arc::new(Mutex::new(Shared { value: None, waker: None }));
     let s2 = shared.clone();
     let job: Job = Box::new(move || {
         let v = f();
@@ -173,29 +158,15 @@ fn cvt(r: isize) -> io::Result<usize> {
 
 struct SendBuf(IoBuf);
 
-pub(super) async fn rw(
-    fd: Arc<OwnedFd>,
-    serial: Option<&Arc<SerialQueue>>,
-    buf: IoBuf,
-    rw: Rw,
-) -> (io::Result<usize>, IoBuf) {
-    let Rw {
-        at,
-        len,
-        off,
-        write,
-        fua,
-    } = rw;
+pub(super) async fn rw(fd: Arc<OwnedFd>, serial: Option<&Arc<SerialQueue>>, buf: IoBuf, rw: Rw) -> (io::Result<usize>, IoBuf) {
+    let Rw { at, len, off, write, fua } = rw;
     let sb = SendBuf(buf);
     let (r, sb) = run_on(serial, move || {
         let mut sb = sb;
         // SAFETY: at + len <= buf.len() (asserted by the caller); the buffer is owned
         // by this job for the duration of the call.
         let ptr = unsafe { sb.0.as_mut_ptr().add(at) };
-        let iov = libc::iovec {
-            iov_base: ptr.cast(),
-            iov_len: len,
-        };
+        let iov = libc::iovec { iov_base: ptr.cast(), iov_len: len };
         let flags = if fua { libc::RWF_DSYNC } else { 0 };
         let fd = fd.as_raw_fd();
         // SAFETY: iov describes memory owned by this job; the job holds the fd open.
@@ -221,13 +192,7 @@ pub(super) async fn fsync(fd: Arc<OwnedFd>, datasync: bool) -> io::Result<()> {
     run(move || {
         let fd = fd.as_raw_fd();
         // SAFETY: plain syscall on an fd the job holds open.
-        let r = unsafe {
-            if datasync {
-                libc::fdatasync(fd)
-            } else {
-                libc::fsync(fd)
-            }
-        };
+        let r = unsafe { if datasync { libc::fdatasync(fd) } else { libc::fsync(fd) } };
         cvt(r as isize).map(drop)
     })
     .await

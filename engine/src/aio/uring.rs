@@ -42,55 +42,29 @@ pub(super) async fn rw(f: &AioFile, buf: IoBuf, rw: Rw) -> (io::Result<usize>, I
 
 /// A read or write on the current shard by plain fd (a request that hopped
 /// here from another shard: the file may not be registered with this ring).
-pub(super) async fn rw_fd(
-    fd: &std::os::fd::OwnedFd,
-    buf: IoBuf,
-    rw: Rw,
-) -> (io::Result<usize>, IoBuf) {
+pub(super) async fn rw_fd(fd: &std::os::fd::OwnedFd, buf: IoBuf, rw: Rw) -> (io::Result<usize>, IoBuf) {
     use std::os::fd::AsRawFd;
     submit_rw(expect_current(), Err(types::Fd(fd.as_raw_fd())), buf, rw).await
 }
 
-async fn submit_rw(
-    shard: std::rc::Rc<Shard>,
-    t: Result<types::Fixed, types::Fd>,
-    mut buf: IoBuf,
-    rw: Rw,
-) -> (io::Result<usize>, IoBuf) {
-    let Rw {
-        at,
-        len,
-        off,
-        write,
-        fua,
-    } = rw;
+async fn submit_rw(shard: std::rc::Rc<Shard>, t: Result<types::Fixed, types::Fd>, mut buf: IoBuf, rw: Rw) -> (io::Result<usize>, IoBuf) {
+    let Rw { at, len, off, write, fua } = rw;
     let len32 = u32::try_from(len).expect("single I/O is below 4 GiB (block layer splits)");
     // SAFETY: at + len <= buf.len() was asserted by the caller.
     let ptr = unsafe { buf.as_mut_ptr().add(at) };
-    let fixed = if shard.pool_registered {
-        buf.fixed_index(shard.pool.id())
-    } else {
-        None
-    };
+    let fixed = if shard.pool_registered { buf.fixed_index(shard.pool.id()) } else { None };
     let rw_flags = if fua { libc::RWF_DSYNC } else { 0 };
     let sqe: squeue::Entry = match (write, fixed) {
         (false, Some(i)) => {
-            with_target!(t, |fd| opcode::ReadFixed::new(fd, ptr, len32, i)
-                .offset(off)
-                .build())
+            with_target!(t, |fd| opcode::ReadFixed::new(fd, ptr, len32, i).offset(off).build())
         }
-        (false, None) => with_target!(t, |fd| opcode::Read::new(fd, ptr, len32)
-            .offset(off)
-            .build()),
+        (false, None) => with_target!(t, |fd| opcode::Read::new(fd, ptr, len32).offset(off).build()),
         (true, Some(i)) => with_target!(t, |fd| opcode::WriteFixed::new(fd, ptr, len32, i)
             .offset(off)
             .rw_flags(rw_flags)
             .build()),
         (true, None) => {
-            with_target!(t, |fd| opcode::Write::new(fd, ptr, len32)
-                .offset(off)
-                .rw_flags(rw_flags)
-                .build())
+            with_target!(t, |fd| opcode::Write::new(fd, ptr, len32).offset(off).rw_flags(rw_flags).build())
         }
     };
     let key = shard.submit_op(sqe);
@@ -100,24 +74,15 @@ async fn submit_rw(
 
 pub(super) async fn fsync(f: &AioFile, datasync: bool) -> io::Result<()> {
     let shard = expect_current();
-    let flags = if datasync {
-        types::FsyncFlags::DATASYNC
-    } else {
-        types::FsyncFlags::empty()
-    };
-    let sqe = with_target!(target(&shard, f), |fd| opcode::Fsync::new(fd)
-        .flags(flags)
-        .build());
+    let flags = if datasync { types::FsyncFlags::DATASYNC } else { types::FsyncFlags::empty() };
+    let sqe = with_target!(target(&shard, f), |fd| opcode::Fsync::new(fd).flags(flags).build());
     let key = shard.submit_op(sqe);
     errno_result(Op::new(shard, key, ()).await.0).map(drop)
 }
 
 pub(super) async fn fallocate(f: &AioFile, mode: i32, off: u64, len: u64) -> io::Result<()> {
     let shard = expect_current();
-    let sqe = with_target!(target(&shard, f), |fd| opcode::Fallocate::new(fd, len)
-        .offset(off)
-        .mode(mode)
-        .build());
+    let sqe = with_target!(target(&shard, f), |fd| opcode::Fallocate::new(fd, len).offset(off).mode(mode).build());
     let key = shard.submit_op(sqe);
     errno_result(Op::new(shard, key, ()).await.0).map(drop)
 }

@@ -83,23 +83,13 @@ impl ImageLock {
                 take(SHARED_BASE + b as i64)?;
             }
             for b in perm.bits() {
-                if locked_by_other(fd, SHARED_BASE + b as i64)
-                    .map_err(|e| Error::os("checking image lock", e))?
-                {
-                    return Err(conflict(
-                        filename,
-                        format!("Failed to get \"{}\" lock", Perm::NAMES[b]),
-                    ));
+                if locked_by_other(fd, SHARED_BASE + b as i64).map_err(|e| Error::os("checking image lock", e))? {
+                    return Err(conflict(filename, format!("Failed to get \"{}\" lock", Perm::NAMES[b])));
                 }
             }
             for b in unshared.bits() {
-                if locked_by_other(fd, PERM_BASE + b as i64)
-                    .map_err(|e| Error::os("checking image lock", e))?
-                {
-                    return Err(conflict(
-                        filename,
-                        format!("Failed to get shared \"{}\" lock", Perm::NAMES[b]),
-                    ));
+                if locked_by_other(fd, PERM_BASE + b as i64).map_err(|e| Error::os("checking image lock", e))? {
+                    return Err(conflict(filename, format!("Failed to get shared \"{}\" lock", Perm::NAMES[b])));
                 }
             }
             Ok(ImageLock)
@@ -107,12 +97,7 @@ impl ImageLock {
         if result.is_err() {
             for byte in [PERM_BASE, SHARED_BASE] {
                 for b in 0..4 {
-                    let _ = ofd(
-                        fd,
-                        libc::F_OFD_SETLK,
-                        libc::F_UNLCK as libc::c_short,
-                        byte + b,
-                    );
+                    let _ = ofd(fd, libc::F_OFD_SETLK, libc::F_UNLCK as libc::c_short, byte + b);
                 }
             }
         }
@@ -136,51 +121,21 @@ mod tests {
     #[test]
     fn two_opens_of_one_file_see_each_other() {
         let f = tempfile::NamedTempFile::new().unwrap();
-        let a = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(f.path())
-            .unwrap();
-        let b = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(f.path())
-            .unwrap();
+        let a = std::fs::OpenOptions::new().read(true).write(true).open(f.path()).unwrap();
+        let b = std::fs::OpenOptions::new().read(true).write(true).open(f.path()).unwrap();
         let rw = Perm::CONSISTENT_READ.union(Perm::WRITE);
         // a writes and does not share write; b wants to write too.
         ImageLock::acquire(a.as_raw_fd(), "x", rw, Perm::ALL.without(Perm::WRITE)).unwrap();
-        let e = ImageLock::acquire(b.as_raw_fd(), "x", rw, Perm::ALL)
-            .err()
-            .expect("must conflict");
+        let e = ImageLock::acquire(b.as_raw_fd(), "x", rw, Perm::ALL).err().expect("must conflict");
         assert_eq!(e.kind(), ErrorKind::Locked);
-        assert!(
-            e.to_string().contains("Failed to get \"write\" lock"),
-            "{e}"
-        );
+        assert!(e.to_string().contains("Failed to get \"write\" lock"), "{e}");
         // A reader that shares write is fine.
         ImageLock::acquire(b.as_raw_fd(), "x", Perm::CONSISTENT_READ, Perm::ALL).unwrap();
         // A reader that does not share write conflicts with a's use of write.
         let c = std::fs::File::open(f.path()).unwrap();
-        let e = ImageLock::acquire(
-            c.as_raw_fd(),
-            "x",
-            Perm::CONSISTENT_READ,
-            Perm::ALL.without(Perm::WRITE),
-        )
-        .err()
-        .unwrap();
-        assert!(
-            e.to_string()
-                .contains("Failed to get shared \"write\" lock"),
-            "{e}"
-        );
+        let e = ImageLock::acquire(c.as_raw_fd(), "x", Perm::CONSISTENT_READ, Perm::ALL.without(Perm::WRITE)).err().unwrap();
+        assert!(e.to_string().contains("Failed to get shared \"write\" lock"), "{e}");
         drop(a);
-        ImageLock::acquire(
-            c.as_raw_fd(),
-            "x",
-            Perm::CONSISTENT_READ,
-            Perm::ALL.without(Perm::WRITE),
-        )
-        .unwrap();
+        ImageLock::acquire(c.as_raw_fd(), "x", Perm::CONSISTENT_READ, Perm::ALL.without(Perm::WRITE)).unwrap();
     }
 }

@@ -80,11 +80,7 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits {
-            request_alignment: 1,
-            mem_alignment: 1,
-            max_transfer: 0,
-        }
+        Limits { request_alignment: 1, mem_alignment: 1, max_transfer: 0 }
     }
 }
 
@@ -149,22 +145,12 @@ pub trait BlockNode: Send + Sync {
 
     /// Fill `buf` from `offset`. Returns the buffer in every case.
     fn read(&self, offset: u64, buf: IoBuf) -> BoxFuture<'_, (Result<()>, IoBuf)>;
-    fn write(
-        &self,
-        offset: u64,
-        buf: IoBuf,
-        flags: WriteFlags,
-    ) -> BoxFuture<'_, (Result<()>, IoBuf)>;
+    fn write(&self, offset: u64, buf: IoBuf, flags: WriteFlags) -> BoxFuture<'_, (Result<()>, IoBuf)>;
 
     /// Fill only `buf[range]` from `offset` (formats scatter one guest request
     /// over several host extents this way). The default bounces through a
     /// temporary buffer; nodes that can read in place override it.
-    fn read_part(
-        &self,
-        offset: u64,
-        buf: IoBuf,
-        range: Range<usize>,
-    ) -> BoxFuture<'_, (Result<()>, IoBuf)> {
+    fn read_part(&self, offset: u64, buf: IoBuf, range: Range<usize>) -> BoxFuture<'_, (Result<()>, IoBuf)> {
         Box::pin(async move {
             let mut buf = buf;
             if range.is_empty() {
@@ -200,13 +186,7 @@ pub trait BlockNode: Send + Sync {
     /// compression say Unsupported.
     fn write_compressed(&self, _offset: u64, buf: IoBuf) -> BoxFuture<'_, (Result<()>, IoBuf)> {
         Box::pin(async move {
-            (
-                Err(Error::new(
-                    ErrorKind::Unsupported,
-                    format!("'{}' does not support compression", self.driver()),
-                )),
-                buf,
-            )
+            (Err(Error::new(ErrorKind::Unsupported, format!("'{}' does not support compression", self.driver()))), buf)
         })
     }
 
@@ -267,13 +247,7 @@ pub trait BlockNode: Send + Sync {
     /// without metadata to check say Unsupported (qemu-img's exit code 63).
     fn check(&self, _fix: CheckFix) -> BoxFuture<'_, Result<CheckReport>> {
         Box::pin(async move {
-            Err(Error::new(
-                ErrorKind::Unsupported,
-                format!(
-                    "This image format ({}) does not support checks",
-                    self.driver()
-                ),
-            ))
+            Err(Error::new(ErrorKind::Unsupported, format!("This image format ({}) does not support checks", self.driver())))
         })
     }
 
@@ -286,10 +260,7 @@ pub trait BlockNode: Send + Sync {
     /// the image's metadata changes (rebase decides what data to copy).
     fn set_backing(&self, _backing: Option<(String, Option<String>)>) -> BoxFuture<'_, Result<()>> {
         Box::pin(async move {
-            Err(Error::new(
-                ErrorKind::Unsupported,
-                format!("'{}' images have no backing file", self.driver()),
-            ))
+            Err(Error::new(ErrorKind::Unsupported, format!("'{}' images have no backing file", self.driver())))
         })
     }
 
@@ -297,10 +268,7 @@ pub trait BlockNode: Send + Sync {
     /// file (commit empties the committed image this way).
     fn make_empty(&self) -> BoxFuture<'_, Result<()>> {
         Box::pin(async move {
-            Err(Error::new(
-                ErrorKind::Unsupported,
-                format!("'{}' images cannot be emptied", self.driver()),
-            ))
+            Err(Error::new(ErrorKind::Unsupported, format!("'{}' images cannot be emptied", self.driver())))
         })
     }
 
@@ -308,13 +276,7 @@ pub trait BlockNode: Send + Sync {
     /// refuse what they cannot change, naming the option.
     fn amend(&self, _opts: crate::options::OptionTree) -> BoxFuture<'_, Result<()>> {
         Box::pin(async move {
-            Err(Error::new(
-                ErrorKind::Unsupported,
-                format!(
-                    "Format driver '{}' does not support option amendment",
-                    self.driver()
-                ),
-            ))
+            Err(Error::new(ErrorKind::Unsupported, format!("Format driver '{}' does not support option amendment", self.driver())))
         })
     }
 
@@ -346,9 +308,7 @@ pub fn check_request(node: &dyn BlockNode, offset: u64, len: u64) -> Result<()> 
 /// Check that a node may be written.
 pub fn check_writable(node: &dyn BlockNode) -> Result<()> {
     if node.read_only() {
-        return Err(
-            Error::new(ErrorKind::ReadOnly, "image is opened read-only").with_file(node.filename())
-        );
+        return Err(Error::new(ErrorKind::ReadOnly, "image is opened read-only").with_file(node.filename()));
     }
     Ok(())
 }
@@ -360,12 +320,7 @@ pub fn check_write(node: &dyn BlockNode, offset: u64, len: u64) -> Result<()> {
 }
 
 /// Write zeroes by writing zero buffers in chunks: the fallback every node may use.
-pub async fn write_zero_buffers(
-    node: &dyn BlockNode,
-    mut offset: u64,
-    len: u64,
-    fua: bool,
-) -> Result<()> {
+pub async fn write_zero_buffers(node: &dyn BlockNode, mut offset: u64, len: u64, fua: bool) -> Result<()> {
     const CHUNK: u64 = 1 << 20;
     let end = offset + len;
     let mut buf = IoBuf::zeroed(CHUNK.min(len) as usize);
@@ -382,10 +337,7 @@ pub async fn write_zero_buffers(
 
 /// The node's backing image, if it has one.
 pub fn backing_of(node: &dyn BlockNode) -> Option<Arc<dyn BlockNode>> {
-    node.children()
-        .into_iter()
-        .find(|c| c.role == "backing")
-        .map(|c| c.node)
+    node.children().into_iter().find(|c| c.role == "backing").map(|c| c.node)
 }
 
 /// A file name an image records (a backing file) resolved as QEMU resolves
@@ -414,11 +366,7 @@ fn data_name(node: &Arc<dyn BlockNode>) -> String {
 /// Status at `off` looked up through the backing chain: the extent, the depth
 /// it was found at and the file holding it. Unallocated ranges at the bottom
 /// of the chain (or past a backing file's end) read as zeroes.
-pub async fn chain_status(
-    node: &Arc<dyn BlockNode>,
-    off: u64,
-    len: u64,
-) -> Result<(Extent, u32, String)> {
+pub async fn chain_status(node: &Arc<dyn BlockNode>, off: u64, len: u64) -> Result<(Extent, u32, String)> {
     let mut cur = node.clone();
     let mut depth = 0;
     let mut len = len;

@@ -23,11 +23,7 @@ pub struct CacheMode {
 }
 
 impl CacheMode {
-    pub const WRITEBACK: CacheMode = CacheMode {
-        direct: false,
-        no_flush: false,
-        writethrough: false,
-    };
+    pub const WRITEBACK: CacheMode = CacheMode { direct: false, no_flush: false, writethrough: false };
 }
 
 impl Default for CacheMode {
@@ -51,11 +47,7 @@ impl FromStr for CacheMode {
                 )))
             }
         };
-        Ok(CacheMode {
-            direct,
-            no_flush,
-            writethrough,
-        })
+        Ok(CacheMode { direct, no_flush, writethrough })
     }
 }
 
@@ -134,45 +126,28 @@ fn warn_stderr(msg: &str) {
 
 impl OpenCtx {
     pub fn new(registry: Arc<Registry>, flags: OpenFlags) -> OpenCtx {
-        OpenCtx {
-            registry,
-            flags,
-            warn: warn_stderr,
-        }
+        OpenCtx { registry, flags, warn: warn_stderr }
     }
 
     /// Open a protocol node: `opts.driver` if given, else by filename.
     pub async fn open_protocol(&self, mut opts: OptionTree) -> Result<Arc<dyn BlockNode>> {
         let filename = opts.get("filename").map(str::to_string);
         let driver = match opts.take("driver") {
-            Some(name) => self
-                .registry
-                .get(&name)
-                .ok_or_else(|| unknown_driver(&name))?,
+            Some(name) => self.registry.get(&name).ok_or_else(|| unknown_driver(&name))?,
             None => {
-                let f = filename
-                    .as_deref()
-                    .ok_or_else(|| invalid("no filename given"))?;
-                self.registry
-                    .probe_protocol(f)
-                    .ok_or_else(|| invalid(format!("no protocol driver for '{f}'")))?
+                let f = filename.as_deref().ok_or_else(|| invalid("no filename given"))?;
+                self.registry.probe_protocol(f).ok_or_else(|| invalid(format!("no protocol driver for '{f}'")))?
             }
         };
         if driver.kind() != DriverKind::Protocol {
-            return Err(invalid(format!(
-                "'{}' is a format, not a protocol: it cannot be a 'file' child",
-                driver.name()
-            )));
+            return Err(invalid(format!("'{}' is a format, not a protocol: it cannot be a 'file' child", driver.name())));
         }
         driver.open_protocol(self, opts).await
     }
 }
 
 fn unknown_driver(name: &str) -> Error {
-    Error::new(
-        ErrorKind::InvalidArgument,
-        format!("Unknown driver '{name}'"),
-    )
+    Error::new(ErrorKind::InvalidArgument, format!("Unknown driver '{name}'"))
 }
 
 /// Bytes of the image read for format probing.
@@ -182,16 +157,10 @@ const PROBE_BYTES: u64 = 2048;
 /// `file.*` the protocol child; a top-level `filename` is the child's filename.
 pub async fn open_image(ctx: &OpenCtx, mut opts: OptionTree) -> Result<Arc<dyn BlockNode>> {
     if ctx.flags.force_share && ctx.flags.write {
-        return Err(invalid(
-            "force-share=on can only be used with read-only images",
-        ));
+        return Err(invalid("force-share=on can only be used with read-only images"));
     }
     let driver = match opts.take("driver") {
-        Some(name) => Some(
-            ctx.registry
-                .get(&name)
-                .ok_or_else(|| unknown_driver(&name))?,
-        ),
+        Some(name) => Some(ctx.registry.get(&name).ok_or_else(|| unknown_driver(&name))?),
         None => None,
     };
     if let Some(d) = driver {
@@ -222,10 +191,7 @@ pub async fn open_image(ctx: &OpenCtx, mut opts: OptionTree) -> Result<Arc<dyn B
         None => {
             let n = file.size().min(PROBE_BYTES) as usize;
             let header = if n > 0 {
-                read_vec(&*file, 0, n)
-                    .await
-                    .map_err(|e| e.with_file(file.filename()))?
-                    .to_vec()
+                read_vec(&*file, 0, n).await.map_err(|e| e.with_file(file.filename()))?.to_vec()
             } else {
                 Vec::new()
             };
@@ -233,10 +199,7 @@ pub async fn open_image(ctx: &OpenCtx, mut opts: OptionTree) -> Result<Arc<dyn B
             match ctx.registry.probe_format(&header, &filename) {
                 Some(d) => d.open_format(ctx, opts, file, true).await,
                 None => {
-                    let raw = ctx
-                        .registry
-                        .get("raw")
-                        .ok_or_else(|| unknown_driver("raw"))?;
+                    let raw = ctx.registry.get("raw").ok_or_else(|| unknown_driver("raw"))?;
                     raw.open_format(ctx, opts, file, true).await
                 }
             }

@@ -43,17 +43,8 @@ pub trait Driver: Send + Sync + 'static {
     }
 
     /// Open a protocol node from its options.
-    fn open_protocol<'a>(
-        &'a self,
-        _ctx: &'a OpenCtx,
-        _opts: OptionTree,
-    ) -> BoxFuture<'a, Result<Arc<dyn BlockNode>>> {
-        Box::pin(async move {
-            Err(crate::error::unsupported(format!(
-                "'{}' is not a protocol driver",
-                self.name()
-            )))
-        })
+    fn open_protocol<'a>(&'a self, _ctx: &'a OpenCtx, _opts: OptionTree) -> BoxFuture<'a, Result<Arc<dyn BlockNode>>> {
+        Box::pin(async move { Err(crate::error::unsupported(format!("'{}' is not a protocol driver", self.name()))) })
     }
     /// Open a format node over an already open `file` child.
     fn open_format<'a>(
@@ -63,43 +54,21 @@ pub trait Driver: Send + Sync + 'static {
         _file: Arc<dyn BlockNode>,
         _probed: bool,
     ) -> BoxFuture<'a, Result<Arc<dyn BlockNode>>> {
-        Box::pin(async move {
-            Err(crate::error::unsupported(format!(
-                "'{}' is not a format driver",
-                self.name()
-            )))
-        })
+        Box::pin(async move { Err(crate::error::unsupported(format!("'{}' is not a format driver", self.name()))) })
     }
 
     /// Open a filter node; it opens its children itself.
-    fn open_filter<'a>(
-        &'a self,
-        _ctx: &'a OpenCtx,
-        _opts: OptionTree,
-    ) -> BoxFuture<'a, Result<Arc<dyn BlockNode>>> {
-        Box::pin(async move {
-            Err(crate::error::unsupported(format!(
-                "'{}' is not a filter driver",
-                self.name()
-            )))
-        })
+    fn open_filter<'a>(&'a self, _ctx: &'a OpenCtx, _opts: OptionTree) -> BoxFuture<'a, Result<Arc<dyn BlockNode>>> {
+        Box::pin(async move { Err(crate::error::unsupported(format!("'{}' is not a filter driver", self.name()))) })
     }
 
     fn create_opts(&self) -> &'static [CreateOpt] {
         &[]
     }
     /// Create an image at `filename`; `opts` holds `size` and the `-o` options.
-    fn create<'a>(
-        &'a self,
-        _ctx: &'a OpenCtx,
-        _filename: &'a str,
-        _opts: OptionTree,
-    ) -> BoxFuture<'a, Result<()>> {
+    fn create<'a>(&'a self, _ctx: &'a OpenCtx, _filename: &'a str, _opts: OptionTree) -> BoxFuture<'a, Result<()>> {
         Box::pin(async move {
-            Err(crate::error::unsupported(format!(
-                "Driver '{}' does not support image creation",
-                self.name()
-            )))
+            Err(crate::error::unsupported(format!("Driver '{}' does not support image creation", self.name())))
         })
     }
 }
@@ -119,19 +88,11 @@ impl Registry {
     }
 
     pub fn get(&self, name: &str) -> Option<&dyn Driver> {
-        self.drivers
-            .iter()
-            .find(|d| d.name() == name)
-            .map(|d| d.as_ref())
+        self.drivers.iter().find(|d| d.name() == name).map(|d| d.as_ref())
     }
 
     pub fn names(&self, kind: DriverKind) -> Vec<&'static str> {
-        let mut v: Vec<_> = self
-            .drivers
-            .iter()
-            .filter(|d| d.kind() == kind)
-            .map(|d| d.name())
-            .collect();
+        let mut v: Vec<_> = self.drivers.iter().filter(|d| d.kind() == kind).map(|d| d.name()).collect();
         v.sort_unstable();
         v
     }

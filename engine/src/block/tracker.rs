@@ -43,22 +43,15 @@ impl RangeTracker {
     pub async fn begin(&self, start: u64, end: u64, serialising: bool) -> Tracked<'_> {
         poll_fn(|cx| {
             let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-            let conflict = g
-                .reqs
-                .iter()
-                .any(|r| r.start < end && start < r.end && (serialising || r.serialising));
+            let conflict =
+                g.reqs.iter().any(|r| r.start < end && start < r.end && (serialising || r.serialising));
             if conflict {
                 g.waiters.push(cx.waker().clone());
                 return Poll::Pending;
             }
             let id = g.next_id;
             g.next_id += 1;
-            g.reqs.push(Req {
-                id,
-                start,
-                end,
-                serialising,
-            });
+            g.reqs.push(Req { id, start, end, serialising });
             Poll::Ready(Tracked { tracker: self, id })
         })
         .await
@@ -66,11 +59,7 @@ impl RangeTracker {
 
     /// Requests in flight (for tests and assertions).
     pub fn in_flight(&self) -> usize {
-        self.inner
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .reqs
-            .len()
+        self.inner.lock().unwrap_or_else(|e| e.into_inner()).reqs.len()
     }
 }
 

@@ -35,13 +35,9 @@ unsafe impl Sync for BufPool {}
 
 impl BufPool {
     pub fn new(count: usize, buf_size: usize) -> Arc<BufPool> {
-        assert!(
-            buf_size.is_multiple_of(BUF_ALIGN) && buf_size > 0,
-            "pool buffer size must be a multiple of {BUF_ALIGN}"
-        );
+        assert!(buf_size.is_multiple_of(BUF_ALIGN) && buf_size > 0, "pool buffer size must be a multiple of {BUF_ALIGN}");
         let count = count.max(1);
-        let layout = Layout::from_size_align(count * buf_size, BUF_ALIGN)
-            .expect("pool layout fits in isize");
+        let layout = Layout::from_size_align(count * buf_size, BUF_ALIGN).expect("pool layout fits in isize");
         // SAFETY: layout has non-zero size.
         let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
         let base = NonNull::new(ptr).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
@@ -49,13 +45,7 @@ impl BufPool {
         for i in 0..count as u32 {
             free.push(i).expect("queue sized to count");
         }
-        Arc::new(BufPool {
-            id: NEXT_POOL_ID.fetch_add(1, Ordering::Relaxed),
-            base,
-            buf_size,
-            count,
-            free,
-        })
+        Arc::new(BufPool { id: NEXT_POOL_ID.fetch_add(1, Ordering::Relaxed), base, buf_size, count, free })
     }
 
     pub fn id(&self) -> u64 {
@@ -98,18 +88,14 @@ impl BufPool {
             ptr: NonNull::new(ptr).expect("pool base is non-null"),
             cap: self.buf_size,
             len,
-            origin: Origin::Pool {
-                pool: self.clone(),
-                index,
-            },
+            origin: Origin::Pool { pool: self.clone(), index },
         })
     }
 }
 
 impl Drop for BufPool {
     fn drop(&mut self) {
-        let layout = Layout::from_size_align(self.count * self.buf_size, BUF_ALIGN)
-            .expect("same layout as new");
+        let layout = Layout::from_size_align(self.count * self.buf_size, BUF_ALIGN).expect("same layout as new");
         // SAFETY: allocated in new() with this layout; every IoBuf holds an Arc to the
         // pool, so none is alive when the pool drops.
         unsafe { std::alloc::dealloc(self.base.as_ptr(), layout) };
@@ -120,15 +106,9 @@ enum Origin {
     /// `IoBuf::empty()`: no memory.
     Empty,
     Heap,
-    Pool {
-        pool: Arc<BufPool>,
-        index: u32,
-    },
+    Pool { pool: Arc<BufPool>, index: u32 },
     /// A private file mapping of its own (`IoBuf::from_mapping`), unmapped on drop.
-    Mapping {
-        base: NonNull<u8>,
-        len: usize,
-    },
+    Mapping { base: NonNull<u8>, len: usize },
 }
 
 /// An owned, page-aligned byte buffer. Operations take it by value and give it
@@ -172,23 +152,13 @@ impl IoBuf {
         // SAFETY: non-zero size.
         let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
         let ptr = NonNull::new(ptr).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
-        IoBuf {
-            ptr,
-            cap,
-            len,
-            origin: Origin::Heap,
-        }
+        IoBuf { ptr, cap, len, origin: Origin::Heap }
     }
 
     /// A buffer of no bytes that owns no memory: a placeholder to swap in
     /// while the real buffer is lent to an operation.
     pub fn empty() -> IoBuf {
-        IoBuf {
-            ptr: NonNull::<u64>::dangling().cast(),
-            cap: 0,
-            len: 0,
-            origin: Origin::Empty,
-        }
+        IoBuf { ptr: NonNull::<u64>::dangling().cast(), cap: 0, len: 0, origin: Origin::Empty }
     }
 
     /// Adopt a private file mapping (`mmap(MAP_PRIVATE)`, readable and
@@ -201,21 +171,11 @@ impl IoBuf {
     /// # Safety
     /// `base..base + map_len` must be such a mapping, used by nothing else; the
     /// buffer unmaps it when dropped. `start + len <= map_len`.
-    pub unsafe fn from_mapping(
-        base: NonNull<u8>,
-        map_len: usize,
-        start: usize,
-        len: usize,
-    ) -> IoBuf {
+    pub unsafe fn from_mapping(base: NonNull<u8>, map_len: usize, start: usize, len: usize) -> IoBuf {
         assert!(start + len <= map_len, "mapped buffer beyond its mapping");
         // SAFETY: in bounds of the mapping (asserted).
         let ptr = unsafe { NonNull::new_unchecked(base.as_ptr().add(start)) };
-        IoBuf {
-            ptr,
-            cap: len,
-            len,
-            origin: Origin::Mapping { base, len: map_len },
-        }
+        IoBuf { ptr, cap: len, len, origin: Origin::Mapping { base, len: map_len } }
     }
 
     pub fn from_slice(data: &[u8]) -> IoBuf {
@@ -231,11 +191,7 @@ impl IoBuf {
     /// Change the visible length (must not exceed capacity). Bytes exposed by growing
     /// hold whatever the buffer held before.
     pub fn set_len(&mut self, len: usize) {
-        assert!(
-            len <= self.cap,
-            "IoBuf::set_len {len} beyond capacity {}",
-            self.cap
-        );
+        assert!(len <= self.cap, "IoBuf::set_len {len} beyond capacity {}", self.cap);
         self.len = len;
     }
 
@@ -276,8 +232,7 @@ impl Drop for IoBuf {
         match &self.origin {
             Origin::Empty => {}
             Origin::Heap => {
-                let layout =
-                    Layout::from_size_align(self.cap, BUF_ALIGN).expect("same layout as alloc");
+                let layout = Layout::from_size_align(self.cap, BUF_ALIGN).expect("same layout as alloc");
                 // SAFETY: allocated in heap() with this layout, owned only by us.
                 unsafe { std::alloc::dealloc(self.ptr.as_ptr(), layout) };
             }

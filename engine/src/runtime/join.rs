@@ -22,14 +22,7 @@ pub(crate) struct Sender<T>(Arc<(Mutex<Slot<T>>, Condvar)>);
 pub struct JoinHandle<T>(Arc<(Mutex<Slot<T>>, Condvar)>);
 
 pub(crate) fn channel<T>() -> (Sender<T>, JoinHandle<T>) {
-    let inner = Arc::new((
-        Mutex::new(Slot {
-            value: None,
-            waker: None,
-            closed: false,
-        }),
-        Condvar::new(),
-    ));
+    let inner = Arc::new((Mutex::new(Slot { value: None, waker: None, closed: false }), Condvar::new()));
     (Sender(inner.clone()), JoinHandle(inner))
 }
 
@@ -65,10 +58,7 @@ impl<T> JoinHandle<T> {
             if let Some(v) = slot.value.take() {
                 return v;
             }
-            assert!(
-                !slot.closed,
-                "task dropped before it finished (shard stopped or task panicked)"
-            );
+            assert!(!slot.closed, "task dropped before it finished (shard stopped or task panicked)");
             slot = cv.wait(slot).unwrap_or_else(|e| e.into_inner());
         }
     }
@@ -81,10 +71,7 @@ impl<T> Future for JoinHandle<T> {
         if let Some(v) = slot.value.take() {
             return Poll::Ready(v);
         }
-        assert!(
-            !slot.closed,
-            "task dropped before it finished (shard stopped or task panicked)"
-        );
+        assert!(!slot.closed, "task dropped before it finished (shard stopped or task panicked)");
         slot.waker = Some(cx.waker().clone());
         Poll::Pending
     }

@@ -15,8 +15,8 @@ use std::task::{Context, Poll};
 use std::thread;
 
 pub use buf::{BufPool, IoBuf, BUF_ALIGN};
-pub(crate) use join::channel as join_channel;
 pub use join::{JoinHandle, LocalJoinHandle};
+pub(crate) use join::channel as join_channel;
 
 use crate::error::{Error, Result};
 use shard::{Shard, ShardShared};
@@ -107,11 +107,7 @@ impl Runtime {
             // In poll mode the SQPOLL kernel thread inherits the shard thread's
             // affinity; pinned to the same core, the two spinners starve each
             // other. Leave both to the scheduler then.
-            let cpu = if cfg.pin && !cfg.poll && !cpus.is_empty() {
-                Some(cpus[i % cpus.len()])
-            } else {
-                None
-            };
+            let cpu = if cfg.pin && !cfg.poll && !cpus.is_empty() { Some(cpus[i % cpus.len()]) } else { None };
             let thread = thread::Builder::new()
                 .name(format!("ringblk-shard-{i}"))
                 .spawn(move || {
@@ -132,13 +128,8 @@ impl Runtime {
                     drop(shard);
                 })
                 .map_err(|e| Error::os("spawn shard thread", e))?;
-            let ready = ready_rx
-                .recv()
-                .unwrap_or_else(|_| Err(std::io::Error::other("shard thread died")));
-            shards.push(ShardThread {
-                shared,
-                thread: Some(thread),
-            });
+            let ready = ready_rx.recv().unwrap_or_else(|_| Err(std::io::Error::other("shard thread died")));
+            shards.push(ShardThread { shared, thread: Some(thread) });
             if let Err(e) = ready {
                 let rt = Runtime { shards };
                 drop(rt);
@@ -150,11 +141,7 @@ impl Runtime {
 
     /// One shard, defaults otherwise: what tests and simple tools use.
     pub fn single() -> Result<Runtime> {
-        Runtime::new(RuntimeConfig {
-            shards: 1,
-            pin: false,
-            ..Default::default()
-        })
+        Runtime::new(RuntimeConfig { shards: 1, pin: false, ..Default::default() })
     }
 
     pub fn shards(&self) -> usize {
@@ -236,11 +223,7 @@ pub async fn sleep(d: std::time::Duration) {
     let shard = shard::expect_current();
     // The op owns the timespec until the kernel is done with it.
     // Clamped so the kernel never sees a negative time (it would refuse at once).
-    let ts = Box::new(
-        io_uring::types::Timespec::new()
-            .sec(d.as_secs().min(i64::MAX as u64 / 2))
-            .nsec(d.subsec_nanos()),
-    );
+    let ts = Box::new(io_uring::types::Timespec::new().sec(d.as_secs().min(i64::MAX as u64 / 2)).nsec(d.subsec_nanos()));
     let sqe = io_uring::opcode::Timeout::new(&*ts as *const io_uring::types::Timespec).build();
     let key = shard.submit_op(sqe);
     shard.timers.set(shard.timers.get() + 1);
@@ -294,9 +277,7 @@ fn allowed_cpus() -> Vec<usize> {
         if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
             return Vec::new();
         }
-        (0..libc::CPU_SETSIZE as usize)
-            .filter(|&c| libc::CPU_ISSET(c, &set))
-            .collect()
+        (0..libc::CPU_SETSIZE as usize).filter(|&c| libc::CPU_ISSET(c, &set)).collect()
     }
 }
 
@@ -352,9 +333,7 @@ impl<T: 'static> Default for ShardLocal<T> {
 impl<T: 'static> ShardLocal<T> {
     /// This shard's value, if set.
     pub fn get(&self) -> Option<std::rc::Rc<T>> {
-        LOCALS
-            .with(|l| l.borrow().get(&self.uid).cloned())
-            .and_then(|v| v.downcast::<T>().ok())
+        LOCALS.with(|l| l.borrow().get(&self.uid).cloned()).and_then(|v| v.downcast::<T>().ok())
     }
 
     /// Set this shard's value (must run on a shard).
@@ -362,10 +341,7 @@ impl<T: 'static> ShardLocal<T> {
         let here = shard::expect_current();
         let old = LOCALS.with(|l| l.borrow_mut().insert(self.uid, v));
         if old.is_none() {
-            self.on
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(Arc::downgrade(&here.shared));
+            self.on.lock().unwrap_or_else(|e| e.into_inner()).push(Arc::downgrade(&here.shared));
         }
         drop(old);
     }

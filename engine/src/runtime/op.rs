@@ -22,12 +22,7 @@ pub(crate) struct Op<R: 'static> {
 
 impl<R: 'static> Op<R> {
     pub(crate) fn new(shard: Rc<Shard>, key: usize, res: R) -> Op<R> {
-        Op {
-            shard,
-            key: Some(key),
-            res: Some(res),
-            _not_send: PhantomData,
-        }
+        Op { shard, key: Some(key), res: Some(res), _not_send: PhantomData }
     }
 }
 
@@ -47,10 +42,7 @@ impl<R: 'static> Future for Op<R> {
                 let r = *r;
                 ops.remove(key);
                 this.key = None;
-                Poll::Ready((
-                    r,
-                    this.res.take().expect("resources present until completion"),
-                ))
+                Poll::Ready((r, this.res.take().expect("resources present until completion")))
             }
             Some(OpSlot::Waiting(w)) => {
                 match w {
@@ -74,10 +66,7 @@ impl<R: 'static> Drop for Op<R> {
             }
             Some(slot) => {
                 // Still in the kernel's hands: the buffers must outlive this future.
-                let res = self
-                    .res
-                    .take()
-                    .map(|r| Box::new(r) as Box<dyn std::any::Any>);
+                let res = self.res.take().map(|r| Box::new(r) as Box<dyn std::any::Any>);
                 *slot = OpSlot::Abandoned(res.unwrap_or_else(|| Box::new(())));
             }
             None => {}

@@ -164,10 +164,7 @@ pub(crate) fn expect_current() -> Rc<Shard> {
 }
 
 impl Shard {
-    pub(crate) fn build(
-        shared: Arc<ShardShared>,
-        cfg: &RuntimeConfig,
-    ) -> std::io::Result<Rc<Shard>> {
+    pub(crate) fn build(shared: Arc<ShardShared>, cfg: &RuntimeConfig) -> std::io::Result<Rc<Shard>> {
         let mut b = IoUring::builder();
         b.setup_cqsize(cfg.ring_entries * 4);
         if cfg.poll {
@@ -189,11 +186,7 @@ impl Shard {
         // than the ring (field order), so registered memory outlives its use.
         let pool_registered = unsafe { ring.submitter().register_buffers(&iovecs) }.is_ok();
         let files_ok = ring.submitter().register_files_sparse(FILE_SLOTS).is_ok();
-        let free_file_slots = if files_ok {
-            (0..FILE_SLOTS).rev().collect()
-        } else {
-            Vec::new()
-        };
+        let free_file_slots = if files_ok { (0..FILE_SLOTS).rev().collect() } else { Vec::new() };
         let shard = Rc::new(Shard {
             shared,
             ring: RefCell::new(ring),
@@ -281,15 +274,8 @@ impl Shard {
         let mut tasks = self.tasks.borrow_mut();
         let entry = tasks.vacant_entry();
         let key = entry.key();
-        let waker = Waker::from(Arc::new(TaskWaker {
-            task: key,
-            shared: self.shared.clone(),
-        }));
-        entry.insert(TaskSlot {
-            fut: Some(fut),
-            waker,
-            daemon,
-        });
+        let waker = Waker::from(Arc::new(TaskWaker { task: key, shared: self.shared.clone() }));
+        entry.insert(TaskSlot { fut: Some(fut), waker, daemon });
         self.ready.borrow_mut().push_back(key);
     }
 
@@ -298,11 +284,7 @@ impl Shard {
     fn drop_daemons(&self) {
         let gone: Vec<TaskSlot> = {
             let mut tasks = self.tasks.borrow_mut();
-            let keys: Vec<usize> = tasks
-                .iter()
-                .filter(|(_, t)| t.daemon)
-                .map(|(k, _)| k)
-                .collect();
+            let keys: Vec<usize> = tasks.iter().filter(|(_, t)| t.daemon).map(|(k, _)| k).collect();
             keys.into_iter().map(|k| tasks.remove(k)).collect()
         };
         self.daemons.set(0);
@@ -316,12 +298,7 @@ impl Shard {
             return Some((slot, false));
         }
         let slot = self.free_file_slots.borrow_mut().pop()?;
-        let ok = self
-            .ring
-            .borrow()
-            .submitter()
-            .register_files_update(slot, &[fd])
-            .is_ok();
+        let ok = self.ring.borrow().submitter().register_files_update(slot, &[fd]).is_ok();
         if !ok {
             self.free_file_slots.borrow_mut().push(slot);
             return None;
@@ -341,23 +318,15 @@ impl Shard {
         let mut files = self.files.borrow_mut();
         if let Some(i) = files.iter().position(|(u, _)| *u == uid) {
             let (_, slot) = files.swap_remove(i);
-            let _ = self
-                .ring
-                .borrow()
-                .submitter()
-                .register_files_update(slot, &[-1]);
+            let _ = self.ring.borrow().submitter().register_files_update(slot, &[-1]);
             self.free_file_slots.borrow_mut().push(slot);
         }
     }
 
     fn arm_wake(&self) {
-        let sqe = opcode::Read::new(
-            types::Fd(self.shared.eventfd.as_raw_fd()),
-            self.wake_buf.as_ptr().cast(),
-            8,
-        )
-        .build()
-        .user_data(TAG_WAKE);
+        let sqe = opcode::Read::new(types::Fd(self.shared.eventfd.as_raw_fd()), self.wake_buf.as_ptr().cast(), 8)
+            .build()
+            .user_data(TAG_WAKE);
         self.push_sqe(&sqe);
     }
 
@@ -382,9 +351,7 @@ impl Shard {
     fn run_ready(&self) {
         // A budget keeps one busy task set from starving completions.
         for _ in 0..1024 {
-            let Some(key) = self.ready.borrow_mut().pop_front() else {
-                return;
-            };
+            let Some(key) = self.ready.borrow_mut().pop_front() else { return };
             let (fut, waker) = {
                 let mut tasks = self.tasks.borrow_mut();
                 match tasks.get_mut(key) {
@@ -455,11 +422,7 @@ impl Shard {
             Ok(_) => {}
             // Interrupted, or the kernel is short of memory for this batch:
             // the entries stay queued and the next turn tries again.
-            Err(e)
-                if matches!(
-                    e.raw_os_error(),
-                    Some(libc::EINTR) | Some(libc::EAGAIN) | Some(libc::ENOMEM)
-                ) => {}
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EAGAIN) | Some(libc::ENOMEM)) => {}
             // EBUSY: the CQ overflowed; reaping (next step of the loop) makes room.
             Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {}
             Err(e) => panic!("io_uring_enter failed: {e}"),
@@ -475,8 +438,8 @@ impl Shard {
             self.drain_remote();
             self.run_ready();
             crate::aio::native::flush(self);
-            let shutting_down = self.shared.shutdown.load(Ordering::Acquire)
-                && self.tasks.borrow().len() == self.daemons.get();
+            let shutting_down =
+                self.shared.shutdown.load(Ordering::Acquire) && self.tasks.borrow().len() == self.daemons.get();
             if shutting_down && self.daemons.get() > 0 {
                 self.drop_daemons();
             }
@@ -489,9 +452,7 @@ impl Shard {
                     cancelled = true;
                 }
             }
-            let busy = !self.ready.borrow().is_empty()
-                || !self.shared.jobs.is_empty()
-                || !self.shared.wakes.is_empty();
+            let busy = !self.ready.borrow().is_empty() || !self.shared.jobs.is_empty() || !self.shared.wakes.is_empty();
             let spin = self.poll_mode && self.in_flight() > self.timers.get();
             if busy || spin {
                 // In SQPOLL mode this is a flag check unless the kernel thread
@@ -515,9 +476,7 @@ impl Shard {
     fn cancel_all(&self) {
         let keys: Vec<usize> = self.ops.borrow().iter().map(|(k, _)| k).collect();
         for k in keys {
-            let sqe = opcode::AsyncCancel::new(k as u64)
-                .build()
-                .user_data(TAG_IGNORE);
+            let sqe = opcode::AsyncCancel::new(k as u64).build().user_data(TAG_IGNORE);
             self.push_sqe(&sqe);
         }
     }

@@ -49,12 +49,7 @@ fn nop_round_trips_and_many_tasks() {
 
 #[test]
 fn work_posted_to_every_shard_runs_there() {
-    let rt = Runtime::new(RuntimeConfig {
-        shards: 3,
-        pin: false,
-        ..Default::default()
-    })
-    .unwrap();
+    let rt = Runtime::new(RuntimeConfig { shards: 3, pin: false, ..Default::default() }).unwrap();
     let count = Arc::new(AtomicUsize::new(0));
     let hs: Vec<_> = (0..3)
         .map(|i| {
@@ -70,11 +65,7 @@ fn work_posted_to_every_shard_runs_there() {
     assert_eq!(shards, vec![Some(0), Some(1), Some(2)]);
     // Shard 1 awaits a result computed on shard 2.
     let h2 = rt.handle(2);
-    let v = rt
-        .spawn_on(1, move || async move {
-            h2.spawn(|| async { current_shard() }).await
-        })
-        .join();
+    let v = rt.spawn_on(1, move || async move { h2.spawn(|| async { current_shard() }).await }).join();
     assert_eq!(v, Some(2));
     assert_eq!(count.load(Ordering::SeqCst), 3);
 }
@@ -92,30 +83,14 @@ fn dropped_read_keeps_buffer(backend: Backend) {
         assert_eq!(pool_stats().0, free0 - 1, "buffer came from the pool");
         {
             let mut fut = Box::pin(f.read(buf, 0, 4096, 0));
-            assert!(
-                poll_once(fut.as_mut()).await.is_none(),
-                "pipe read must be pending"
-            );
+            assert!(poll_once(fut.as_mut()).await.is_none(), "pipe read must be pending");
         } // dropped mid-flight
         for _ in 0..10 {
             nop().await;
         }
-        assert_eq!(
-            pool_stats().0,
-            free0 - 1,
-            "buffer still owned by the in-flight read"
-        );
+        assert_eq!(pool_stats().0, free0 - 1, "buffer still owned by the in-flight read");
         // SAFETY: writes 5 bytes from a live array to our pipe.
-        assert_eq!(
-            unsafe {
-                libc::write(
-                    std::os::fd::AsRawFd::as_raw_fd(&w),
-                    b"hello".as_ptr().cast(),
-                    5,
-                )
-            },
-            5
-        );
+        assert_eq!(unsafe { libc::write(std::os::fd::AsRawFd::as_raw_fd(&w), b"hello".as_ptr().cast(), 5) }, 5);
         for _ in 0..10_000 {
             if pool_stats().0 == free0 {
                 return;
@@ -155,12 +130,7 @@ fn shutdown_cancels_abandoned_reads() {
 
 #[test]
 fn sqpoll_mode_runs_io() {
-    let rt = Runtime::new(RuntimeConfig {
-        shards: 1,
-        poll: true,
-        pin: false,
-        ..Default::default()
-    });
+    let rt = Runtime::new(RuntimeConfig { shards: 1, poll: true, pin: false, ..Default::default() });
     let Ok(rt) = rt else {
         eprintln!("SQPOLL not permitted here; skipping");
         return;
@@ -179,10 +149,7 @@ fn sqpoll_mode_runs_io() {
 fn pool_is_registered_and_files_get_fixed_slots() {
     let rt = Runtime::single().unwrap();
     rt.block_on(|| async {
-        assert!(
-            pool_registered(),
-            "the ring must take the pool as fixed buffers"
-        );
+        assert!(pool_registered(), "the ring must take the pool as fixed buffers");
         // A read through the io_uring backend registers the file with the ring.
         let f = tempfile::tempfile().unwrap();
         std::io::Write::write_all(&mut &f, &[7u8; 4096]).unwrap();
@@ -193,11 +160,7 @@ fn pool_is_registered_and_files_get_fixed_slots() {
         let shard = super::shard::expect_current();
         assert_eq!(shard.registered_files(), 1);
         drop(file);
-        assert_eq!(
-            shard.registered_files(),
-            0,
-            "closing on the shard drops the slot at once"
-        );
+        assert_eq!(shard.registered_files(), 0, "closing on the shard drops the slot at once");
     });
 }
 
@@ -210,33 +173,20 @@ fn sleep_waits_and_daemons_do_not_hold_shutdown() {
         crate::runtime::sleep(Duration::from_millis(50)).await;
         t.elapsed()
     });
-    assert!(
-        waited >= Duration::from_millis(45) && waited < Duration::from_secs(2),
-        "slept {waited:?}"
-    );
+    assert!(waited >= Duration::from_millis(45) && waited < Duration::from_secs(2), "slept {waited:?}");
     // A daemon asleep for an hour, and one that ends by itself.
     let ticks = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let t2 = ticks.clone();
     rt.block_on(move || async move {
-        crate::runtime::spawn_daemon(async {
-            crate::runtime::sleep(Duration::from_secs(3600)).await
-        });
+        crate::runtime::spawn_daemon(async { crate::runtime::sleep(Duration::from_secs(3600)).await });
         crate::runtime::spawn_daemon(async move {
             crate::runtime::sleep(Duration::from_millis(10)).await;
             t2.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         });
         crate::runtime::sleep(Duration::from_millis(100)).await;
     });
-    assert_eq!(
-        ticks.load(std::sync::atomic::Ordering::SeqCst),
-        1,
-        "the short daemon ran to its end"
-    );
+    assert_eq!(ticks.load(std::sync::atomic::Ordering::SeqCst), 1, "the short daemon ran to its end");
     let t = Instant::now();
     drop(rt);
-    assert!(
-        t.elapsed() < Duration::from_secs(2),
-        "shutdown waited {:?} for a sleeping daemon",
-        t.elapsed()
-    );
+    assert!(t.elapsed() < Duration::from_secs(2), "shutdown waited {:?} for a sleeping daemon", t.elapsed());
 }

@@ -50,10 +50,7 @@ pub struct ClientConn {
 }
 
 fn gone(msg: &str) -> io::Error {
-    io::Error::new(
-        io::ErrorKind::BrokenPipe,
-        format!("NBD connection lost: {msg}"),
-    )
+    io::Error::new(io::ErrorKind::BrokenPipe, format!("NBD connection lost: {msg}"))
 }
 
 impl ClientConn {
@@ -116,24 +113,10 @@ impl ClientConn {
         }
         let cookie = self.next.get();
         self.next.set(cookie + 1);
-        self.waiting.borrow_mut().insert(
-            cookie,
-            Waiting {
-                offset,
-                len,
-                buf: read_buf,
-                reply: Reply::default(),
-                done: false,
-                waker: None,
-            },
-        );
-        let req = Request {
-            flags,
-            ty,
-            cookie,
-            offset,
-            len,
-        };
+        self.waiting
+            .borrow_mut()
+            .insert(cookie, Waiting { offset, len, buf: read_buf, reply: Reply::default(), done: false, waker: None });
+        let req = Request { flags, ty, cookie, offset, len };
         let mut parts = vec![SendPart::Bytes(req.encode(self.extended()))];
         if let Some(p) = payload {
             let n = p.len();
@@ -193,17 +176,8 @@ impl ClientConn {
         if self.is_dead() {
             return;
         }
-        let req = Request {
-            flags: 0,
-            ty: CMD_DISC,
-            cookie: 0,
-            offset: 0,
-            len: 0,
-        };
-        let _ = self
-            .sock
-            .send_all(vec![SendPart::Bytes(req.encode(self.extended()))])
-            .await;
+        let req = Request { flags: 0, ty: CMD_DISC, cookie: 0, offset: 0, len: 0 };
+        let _ = self.sock.send_all(vec![SendPart::Bytes(req.encode(self.extended()))]).await;
         self.kill("disconnected".into());
     }
 
@@ -255,11 +229,7 @@ async fn reader(c: &ClientConn) -> io::Result<()> {
                     None => return Err(proto_err_io(format!("reply for unknown cookie {cookie}"))),
                 };
                 if error == 0 && has_buf {
-                    let buf = c
-                        .waiting
-                        .borrow_mut()
-                        .get_mut(&cookie)
-                        .and_then(|w| w.buf.take());
+                    let buf = c.waiting.borrow_mut().get_mut(&cookie).and_then(|w| w.buf.take());
                     if let Some(buf) = buf {
                         let (r, buf) = c.sock.recv_exact(buf, 0..len as usize).await;
                         if let Some(w) = c.waiting.borrow_mut().get_mut(&cookie) {
@@ -277,9 +247,7 @@ async fn reader(c: &ClientConn) -> io::Result<()> {
             STRUCTURED_REPLY_MAGIC | EXTENDED_REPLY_MAGIC => {
                 let ext = magic == EXTENDED_REPLY_MAGIC;
                 if ext != c.extended() {
-                    return Err(proto_err_io(
-                        "reply header form does not match what was negotiated".into(),
-                    ));
+                    return Err(proto_err_io("reply header form does not match what was negotiated".into()));
                 }
                 let total = if ext { 32 } else { 20 };
                 let (r, h) = c.sock.recv_exact(hdr, 4..total).await;
@@ -288,11 +256,7 @@ async fn reader(c: &ClientConn) -> io::Result<()> {
                 let flags = be16(&hdr[4..6]);
                 let ty = be16(&hdr[6..8]);
                 let cookie = be64(&hdr[8..16]);
-                let plen = if ext {
-                    be64(&hdr[24..32])
-                } else {
-                    u64::from(be32(&hdr[16..20]))
-                };
+                let plen = if ext { be64(&hdr[24..32]) } else { u64::from(be32(&hdr[16..20])) };
                 let (req_off, req_len) = match c.waiting.borrow().get(&cookie) {
                     Some(w) => (w.offset, w.len),
                     None => return Err(proto_err_io(format!("reply for unknown cookie {cookie}"))),
@@ -319,9 +283,7 @@ async fn chunk(
     req_off: u64,
     req_len: u64,
 ) -> io::Result<IoBuf> {
-    let in_req = |off: u64, len: u64| {
-        off >= req_off && off.checked_add(len).is_some_and(|e| e <= req_off + req_len)
-    };
+    let in_req = |off: u64, len: u64| off >= req_off && off.checked_add(len).is_some_and(|e| e <= req_off + req_len);
     match ty {
         REPLY_TYPE_NONE => {
             if plen != 0 {
@@ -337,19 +299,11 @@ async fn chunk(
             let off = be64(&v);
             let dlen = plen - 8;
             if !in_req(off, dlen) {
-                return Err(proto_err_io(format!(
-                    "data chunk at {off}+{dlen} outside the request"
-                )));
+                return Err(proto_err_io(format!("data chunk at {off}+{dlen} outside the request")));
             }
-            let buf = c
-                .waiting
-                .borrow_mut()
-                .get_mut(&cookie)
-                .and_then(|w| w.buf.take());
+            let buf = c.waiting.borrow_mut().get_mut(&cookie).and_then(|w| w.buf.take());
             let Some(buf) = buf else {
-                return Err(proto_err_io(
-                    "data chunk for a request that reads nothing".into(),
-                ));
+                return Err(proto_err_io("data chunk for a request that reads nothing".into()));
             };
             let at = (off - req_off) as usize;
             let (r, buf) = c.sock.recv_exact(buf, at..at + dlen as usize).await;
@@ -367,16 +321,9 @@ async fn chunk(
             let off = be64(&v[0..8]);
             let hlen = u64::from(be32(&v[8..12]));
             if !in_req(off, hlen) {
-                return Err(proto_err_io(format!(
-                    "hole chunk at {off}+{hlen} outside the request"
-                )));
+                return Err(proto_err_io(format!("hole chunk at {off}+{hlen} outside the request")));
             }
-            if let Some(b) = c
-                .waiting
-                .borrow_mut()
-                .get_mut(&cookie)
-                .and_then(|w| w.buf.as_mut())
-            {
+            if let Some(b) = c.waiting.borrow_mut().get_mut(&cookie).and_then(|w| w.buf.as_mut()) {
                 let at = (off - req_off) as usize;
                 b[at..at + hlen as usize].fill(0);
             }

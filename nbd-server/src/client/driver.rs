@@ -9,8 +9,7 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use engine::block::{
-    check_request, check_write, write_zero_buffers, BlockNode, BoxFuture, Driver, DriverKind,
-    Extent, Limits,
+    check_request, check_write, write_zero_buffers, BlockNode, BoxFuture, Driver, DriverKind, Extent, Limits,
 };
 use engine::block::{OpenCtx, Prealloc, WriteFlags, ZeroFlags};
 use engine::error::{invalid, unsupported, Error, ErrorKind, Result};
@@ -40,18 +39,9 @@ pub fn parse_filename(f: &str) -> Result<(Addr, String, bool)> {
         if let Some(p) = main.strip_prefix("unix:") {
             return Ok((Addr::Unix(p.to_string()), export, false));
         }
-        let (host, port) = main
-            .rsplit_once(':')
-            .ok_or_else(|| bad("expected nbd:HOST:PORT"))?;
+        let (host, port) = main.rsplit_once(':').ok_or_else(|| bad("expected nbd:HOST:PORT"))?;
         let port = port.parse().map_err(|_| bad("bad port"))?;
-        return Ok((
-            Addr::Tcp {
-                host: host.to_string(),
-                port,
-            },
-            export,
-            false,
-        ));
+        return Ok((Addr::Tcp { host: host.to_string(), port }, export, false));
     }
     let (scheme, rest) = f.split_once("://").ok_or_else(|| bad("no scheme"))?;
     let (tls, unix) = match scheme {
@@ -95,14 +85,7 @@ pub fn parse_filename(f: &str) -> Result<(Addr, String, bool)> {
             Some(p) => p.parse().map_err(|_| bad("bad port"))?,
             None => 10809,
         };
-        Addr::Tcp {
-            host: if host.is_empty() {
-                "localhost".into()
-            } else {
-                host
-            },
-            port,
-        }
+        Addr::Tcp { host: if host.is_empty() { "localhost".into() } else { host }, port }
     };
     Ok((addr, export, tls))
 }
@@ -177,11 +160,7 @@ impl NbdNode {
         }
         let (addr, export) = (self.addr.clone(), self.export.clone());
         let ctx: Vec<String> = self.context.iter().cloned().collect();
-        let timeout = if at_home {
-            None
-        } else {
-            Some(EXTRA_CONN_TIMEOUT)
-        };
+        let timeout = if at_home { None } else { Some(EXTRA_CONN_TIMEOUT) };
         let r = engine::aio::blocking(move || {
             let c: Vec<&str> = ctx.iter().map(String::as_str).collect();
             connect(&addr, &export, &c, timeout)
@@ -200,8 +179,7 @@ impl NbdNode {
                 Ok(Route::Here(c))
             }
             Err(_) if !at_home => {
-                self.no_extra
-                    .store(true, std::sync::atomic::Ordering::Relaxed);
+                self.no_extra.store(true, std::sync::atomic::Ordering::Relaxed);
                 Ok(Route::Home(self.home.clone()))
             }
             Err(e) => Err(Error::os("NBD reconnect", e).with_file(self.filename())),
@@ -263,15 +241,11 @@ impl NbdNode {
         };
         let reply = r.map_err(|e| Error::os(op, e).with_file(self.filename()))?;
         if let Some((errno, msg)) = &reply.error {
-            let e = Error::errno(op, host_errno(*errno))
-                .with_file(self.filename())
-                .at(offset);
+            let e = Error::errno(op, host_errno(*errno)).with_file(self.filename()).at(offset);
             let e = if msg.is_empty() {
                 e
             } else {
-                Error::new(e.kind(), format!("{op}: {msg}"))
-                    .with_file(self.filename())
-                    .at(offset)
+                Error::new(e.kind(), format!("{op}: {msg}")).with_file(self.filename()).at(offset)
             };
             return Err(e);
         }
@@ -292,10 +266,7 @@ impl NbdNode {
     }
 
     fn max_io(&self) -> usize {
-        (self
-            .info
-            .max_block
-            .clamp(self.info.min_block.max(512), 32 << 20)) as usize
+        (self.info.max_block.clamp(self.info.min_block.max(512), 32 << 20)) as usize
     }
 }
 
@@ -310,11 +281,7 @@ impl BlockNode for NbdNode {
         self.info.size
     }
     fn limits(&self) -> Limits {
-        Limits {
-            request_alignment: self.info.min_block.max(1),
-            mem_alignment: 1,
-            max_transfer: self.max_io() as u64,
-        }
+        Limits { request_alignment: self.info.min_block.max(1), mem_alignment: 1, max_transfer: self.max_io() as u64 }
     }
     fn read_only(&self) -> bool {
         !self.writable
@@ -347,12 +314,7 @@ impl BlockNode for NbdNode {
         })
     }
 
-    fn write(
-        &self,
-        offset: u64,
-        buf: IoBuf,
-        flags: WriteFlags,
-    ) -> BoxFuture<'_, (Result<()>, IoBuf)> {
+    fn write(&self, offset: u64, buf: IoBuf, flags: WriteFlags) -> BoxFuture<'_, (Result<()>, IoBuf)> {
         Box::pin(async move {
             if let Err(e) = check_write(self, offset, buf.len() as u64) {
                 return (Err(e), buf);
@@ -364,9 +326,7 @@ impl BlockNode for NbdNode {
                 let mut at = 0;
                 while at < n {
                     let k = (n - at).min(max);
-                    let (r, b) = self
-                        .write_part(offset + at as u64, buf, at..at + k, flags)
-                        .await;
+                    let (r, b) = self.write_part(offset + at as u64, buf, at..at + k, flags).await;
                     buf = b;
                     if r.is_err() {
                         return (r, buf);
@@ -377,16 +337,7 @@ impl BlockNode for NbdNode {
             }
             let fua = flags.fua && self.has(TF_SEND_FUA);
             let len = buf.len() as u64;
-            let (r, b) = self
-                .call(
-                    CMD_WRITE,
-                    if fua { CMD_FLAG_FUA } else { 0 },
-                    offset,
-                    len,
-                    Some(buf),
-                    false,
-                )
-                .await;
+            let (r, b) = self.call(CMD_WRITE, if fua { CMD_FLAG_FUA } else { 0 }, offset, len, Some(buf), false).await;
             let b = b.unwrap_or_else(IoBuf::empty);
             if r.is_ok() && flags.fua && !fua {
                 return (self.flush().await, b);
@@ -398,9 +349,7 @@ impl BlockNode for NbdNode {
     fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> BoxFuture<'_, Result<()>> {
         Box::pin(async move {
             check_write(self, offset, len)?;
-            if !self.has(TF_SEND_WRITE_ZEROES)
-                || (flags.no_fallback && !self.has(TF_SEND_FAST_ZERO))
-            {
+            if !self.has(TF_SEND_WRITE_ZEROES) || (flags.no_fallback && !self.has(TF_SEND_FAST_ZERO)) {
                 if flags.no_fallback {
                     return Err(unsupported("the NBD server cannot zero quickly"));
                 }
@@ -419,14 +368,8 @@ impl BlockNode for NbdNode {
             let mut done = 0;
             while done < len {
                 let n = (len - done).min(self.max_len().min(1 << 30));
-                match self
-                    .call(CMD_WRITE_ZEROES, f, offset + done, n, None, false)
-                    .await
-                    .0
-                {
-                    Err(e) if e.kind() == ErrorKind::Unsupported && flags.no_fallback => {
-                        return Err(e)
-                    }
+                match self.call(CMD_WRITE_ZEROES, f, offset + done, n, None, false).await.0 {
+                    Err(e) if e.kind() == ErrorKind::Unsupported && flags.no_fallback => return Err(e),
                     r => r?,
                 };
                 done += n;
@@ -444,9 +387,7 @@ impl BlockNode for NbdNode {
             let mut done = 0;
             while done < len {
                 let n = (len - done).min(self.max_len().min(1 << 30));
-                self.call(CMD_TRIM, 0, offset + done, n, None, false)
-                    .await
-                    .0?;
+                self.call(CMD_TRIM, 0, offset + done, n, None, false).await.0?;
                 done += n;
             }
             Ok(())
@@ -466,42 +407,22 @@ impl BlockNode for NbdNode {
         Box::pin(async move {
             let size = self.size();
             if offset >= size {
-                return Err(invalid(format!(
-                    "block status at offset {offset} beyond end ({size})"
-                )));
+                return Err(invalid(format!("block status at offset {offset} beyond end ({size})")));
             }
             let len = len.min(size - offset);
-            let all_data = Extent {
-                len,
-                data: true,
-                zero: false,
-                allocated: true,
-                offset: None,
-                compressed: false,
-            };
+            let all_data = Extent { len, data: true, zero: false, allocated: true, offset: None, compressed: false };
             let Some(&(id, _)) = self.info.contexts.first() else {
                 return Ok(all_data);
             };
             let ask = len.min(self.max_len());
-            let reply = self
-                .call(CMD_BLOCK_STATUS, 0, offset, ask, None, false)
-                .await
-                .0?;
-            let first = reply
-                .extents
-                .iter()
-                .find(|(i, _)| *i == id)
-                .and_then(|(_, d)| d.first().copied());
+            let reply = self.call(CMD_BLOCK_STATUS, 0, offset, ask, None, false).await.0?;
+            let first = reply.extents.iter().find(|(i, _)| *i == id).and_then(|(_, d)| d.first().copied());
             let Some((l, flags)) = first else {
-                return Err(Error::new(
-                    ErrorKind::Io,
-                    "NBD server sent no extent for a block status request",
-                )
-                .with_file(self.filename()));
+                return Err(Error::new(ErrorKind::Io, "NBD server sent no extent for a block status request")
+                    .with_file(self.filename()));
             };
             if l == 0 {
-                return Err(Error::new(ErrorKind::Io, "NBD server sent an empty extent")
-                    .with_file(self.filename()));
+                return Err(Error::new(ErrorKind::Io, "NBD server sent an empty extent").with_file(self.filename()));
             }
             let flags = flags as u32;
             Ok(Extent {
@@ -546,17 +467,14 @@ impl NbdDriver {
             None => {
                 let ty = opts.take("server.type").unwrap_or_else(|| "inet".into());
                 let addr = match ty.as_str() {
-                    "unix" => Addr::Unix(opts.take("server.path").ok_or_else(|| {
-                        invalid("nbd: server.path is required for server.type=unix")
-                    })?),
+                    "unix" => Addr::Unix(
+                        opts.take("server.path")
+                            .ok_or_else(|| invalid("nbd: server.path is required for server.type=unix"))?,
+                    ),
                     "inet" => Addr::Tcp {
-                        host: opts
-                            .take("server.host")
-                            .ok_or_else(|| invalid("nbd: server.host is required"))?,
+                        host: opts.take("server.host").ok_or_else(|| invalid("nbd: server.host is required"))?,
                         port: match opts.take("server.port") {
-                            Some(p) => p
-                                .parse()
-                                .map_err(|_| invalid(format!("nbd: invalid port '{p}'")))?,
+                            Some(p) => p.parse().map_err(|_| invalid(format!("nbd: invalid port '{p}'")))?,
                             None => 10809,
                         },
                     },
@@ -569,20 +487,14 @@ impl NbdDriver {
             export = e;
         }
         if tls || opts.take("tls-creds").is_some() {
-            return Err(unsupported(
-                "nbd: TLS is not supported by the NBD client yet",
-            ));
+            return Err(unsupported("nbd: TLS is not supported by the NBD client yet"));
         }
-        let context = Some(
-            opts.take("x-dirty-bitmap")
-                .unwrap_or_else(|| CTX_BASE_ALLOCATION.to_string()),
-        );
+        let context = Some(opts.take("x-dirty-bitmap").unwrap_or_else(|| CTX_BASE_ALLOCATION.to_string()));
         for k in ["reconnect-delay", "open-timeout", "tls-hostname"] {
             opts.take(k);
         }
         opts.ensure_consumed("nbd")?;
-        let home = engine::runtime::current_handle()
-            .ok_or_else(|| invalid("nbd: open must run on a shard"))?;
+        let home = engine::runtime::current_handle().ok_or_else(|| invalid("nbd: open must run on a shard"))?;
         let (a2, e2, c2) = (addr.clone(), export.clone(), context.clone());
         let name = display_name(&addr, &export);
         let (fd, info) = engine::aio::blocking(move || {
@@ -592,9 +504,7 @@ impl NbdDriver {
         .await
         .map_err(|e| Error::os("Failed to connect to the NBD server", e).with_file(name.clone()))?;
         if ctx.flags.write && info.flags & TF_READ_ONLY != 0 {
-            return Err(
-                Error::new(ErrorKind::ReadOnly, "the NBD export is read-only").with_file(name),
-            );
+            return Err(Error::new(ErrorKind::ReadOnly, "the NBD export is read-only").with_file(name));
         }
         let multi = info.flags & TF_CAN_MULTI_CONN != 0;
         let conn = ClientConn::start(fd, info.clone());
@@ -623,25 +533,14 @@ impl Driver for NbdDriver {
         DriverKind::Protocol
     }
     fn probe_filename(&self, f: &str) -> u32 {
-        let schemes = [
-            "nbd:",
-            "nbds:",
-            "nbd+unix:",
-            "nbds+unix:",
-            "nbd+tcp:",
-            "nbds+tcp:",
-        ];
+        let schemes = ["nbd:", "nbds:", "nbd+unix:", "nbds+unix:", "nbd+tcp:", "nbds+tcp:"];
         if schemes.iter().any(|s| f.starts_with(s)) {
             100
         } else {
             0
         }
     }
-    fn open_protocol<'a>(
-        &'a self,
-        ctx: &'a OpenCtx,
-        opts: OptionTree,
-    ) -> BoxFuture<'a, Result<Arc<dyn BlockNode>>> {
+    fn open_protocol<'a>(&'a self, ctx: &'a OpenCtx, opts: OptionTree) -> BoxFuture<'a, Result<Arc<dyn BlockNode>>> {
         Box::pin(self.open(ctx, opts))
     }
 }
@@ -655,60 +554,17 @@ mod tests {
         let t = |f: &str| parse_filename(f).unwrap();
         assert_eq!(
             t("nbd://example.com:1234/disk"),
-            (
-                Addr::Tcp {
-                    host: "example.com".into(),
-                    port: 1234
-                },
-                "disk".into(),
-                false
-            )
+            (Addr::Tcp { host: "example.com".into(), port: 1234 }, "disk".into(), false)
         );
-        assert_eq!(
-            t("nbd://localhost"),
-            (
-                Addr::Tcp {
-                    host: "localhost".into(),
-                    port: 10809
-                },
-                "".into(),
-                false
-            )
-        );
+        assert_eq!(t("nbd://localhost"), (Addr::Tcp { host: "localhost".into(), port: 10809 }, "".into(), false));
         assert_eq!(
             t("nbd+unix:///my%20disk?socket=/tmp/s.sock"),
             (Addr::Unix("/tmp/s.sock".into()), "my disk".into(), false)
         );
-        assert_eq!(
-            t("nbds://[::1]:99/x"),
-            (
-                Addr::Tcp {
-                    host: "::1".into(),
-                    port: 99
-                },
-                "x".into(),
-                true
-            )
-        );
-        assert_eq!(
-            t("nbd:unix:/tmp/s:exportname=e"),
-            (Addr::Unix("/tmp/s".into()), "e".into(), false)
-        );
-        assert_eq!(
-            t("nbd:localhost:10810"),
-            (
-                Addr::Tcp {
-                    host: "localhost".into(),
-                    port: 10810
-                },
-                "".into(),
-                false
-            )
-        );
-        assert!(
-            parse_filename("nbd+unix:///x").is_err(),
-            "a unix URI needs its socket"
-        );
+        assert_eq!(t("nbds://[::1]:99/x"), (Addr::Tcp { host: "::1".into(), port: 99 }, "x".into(), true));
+        assert_eq!(t("nbd:unix:/tmp/s:exportname=e"), (Addr::Unix("/tmp/s".into()), "e".into(), false));
+        assert_eq!(t("nbd:localhost:10810"), (Addr::Tcp { host: "localhost".into(), port: 10810 }, "".into(), false));
+        assert!(parse_filename("nbd+unix:///x").is_err(), "a unix URI needs its socket");
         assert!(parse_filename("nbd://h:notaport/").is_err());
         assert_eq!(percent_decode("a%2fb%zz%"), "a/b%zz%");
     }

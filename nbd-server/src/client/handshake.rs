@@ -23,8 +23,7 @@ impl Addr {
             Addr::Unix(p) => Ok(std::os::unix::net::UnixStream::connect(p)?.into()),
             Addr::Tcp { host, port } => {
                 use std::net::ToSocketAddrs;
-                let mut last =
-                    io::Error::new(io::ErrorKind::NotFound, format!("no address for {host}"));
+                let mut last = io::Error::new(io::ErrorKind::NotFound, format!("no address for {host}"));
                 for a in (host.as_str(), *port).to_socket_addrs()? {
                     let r = match timeout {
                         Some(t) => std::net::TcpStream::connect_timeout(&a, t),
@@ -87,15 +86,11 @@ impl Neg {
             return Err(proto_err("not an NBD server (bad magic)"));
         }
         if be64(&h[8..16]) != IHAVEOPT {
-            return Err(proto_err(
-                "server only speaks the oldstyle protocol, which is not supported",
-            ));
+            return Err(proto_err("server only speaks the oldstyle protocol, which is not supported"));
         }
         let sflags = be16(&h[16..18]);
         if sflags & FLAG_FIXED_NEWSTYLE == 0 {
-            return Err(proto_err(
-                "server does not support fixed newstyle negotiation",
-            ));
+            return Err(proto_err("server does not support fixed newstyle negotiation"));
         }
         let mut cflags = FLAG_C_FIXED_NEWSTYLE;
         if sflags & FLAG_NO_ZEROES != 0 {
@@ -121,18 +116,13 @@ impl Neg {
             return Err(proto_err("bad option reply magic"));
         }
         if be32(&h[8..12]) != opt {
-            return Err(proto_err(format!(
-                "reply to option {} while waiting for {opt}",
-                be32(&h[8..12])
-            )));
+            return Err(proto_err(format!("reply to option {} while waiting for {opt}", be32(&h[8..12]))));
         }
         let ty = be32(&h[12..16]);
         let len = be32(&h[16..20]);
         if len > MAX_REPLY {
             discard(&mut self.s, u64::from(len))?;
-            return Err(proto_err(format!(
-                "option reply of {len} bytes is too large"
-            )));
+            return Err(proto_err(format!("option reply of {len} bytes is too large")));
         }
         let mut data = vec![0u8; len as usize];
         self.s.read_exact(&mut data)?;
@@ -172,10 +162,7 @@ impl Neg {
             let r = self.recv(opt)?;
             match r.ty {
                 REP_META_CONTEXT if r.data.len() >= 4 => {
-                    out.push((
-                        be32(&r.data[0..4]),
-                        String::from_utf8_lossy(&r.data[4..]).into_owned(),
-                    ));
+                    out.push((be32(&r.data[0..4]), String::from_utf8_lossy(&r.data[4..]).into_owned()));
                 }
                 REP_ACK => return Ok(out),
                 t if t & REP_FLAG_ERROR != 0 => return Ok(Vec::new()),
@@ -209,9 +196,7 @@ impl Neg {
                             have_export = true;
                         }
                         INFO_NAME => info.name = String::from_utf8_lossy(&b[2..]).into_owned(),
-                        INFO_DESCRIPTION => {
-                            info.description = Some(String::from_utf8_lossy(&b[2..]).into_owned())
-                        }
+                        INFO_DESCRIPTION => info.description = Some(String::from_utf8_lossy(&b[2..]).into_owned()),
                         INFO_BLOCK_SIZE if b.len() == 14 => {
                             info.min_block = be32(&b[2..6]);
                             info.pref_block = be32(&b[6..10]);
@@ -221,25 +206,13 @@ impl Neg {
                     }
                 }
                 REP_ACK if have_export => return Ok(()),
-                REP_ACK => {
-                    return Err(proto_err(
-                        "server acknowledged an export without describing it",
-                    ))
-                }
+                REP_ACK => return Err(proto_err("server acknowledged an export without describing it")),
                 t if t & REP_FLAG_ERROR != 0 => {
                     let msg = String::from_utf8_lossy(&r.data).into_owned();
-                    let kind = if t == REP_ERR_UNSUP {
-                        io::ErrorKind::Unsupported
-                    } else {
-                        io::ErrorKind::NotFound
-                    };
+                    let kind = if t == REP_ERR_UNSUP { io::ErrorKind::Unsupported } else { io::ErrorKind::NotFound };
                     return Err(io::Error::new(
                         kind,
-                        if msg.is_empty() {
-                            format!("export '{export}' refused")
-                        } else {
-                            msg
-                        },
+                        if msg.is_empty() { format!("export '{export}' refused") } else { msg },
                     ));
                 }
                 _ => return Err(proto_err("unexpected reply to NBD_OPT_GO")),
@@ -259,11 +232,7 @@ pub fn connect(
 }
 
 /// Negotiate simple replies only (the kernel's client knows no other form).
-pub fn connect_simple(
-    addr: &Addr,
-    export: &str,
-    timeout: Option<Duration>,
-) -> io::Result<(OwnedFd, ExportInfo)> {
+pub fn connect_simple(addr: &Addr, export: &str, timeout: Option<Duration>) -> io::Result<(OwnedFd, ExportInfo)> {
     connect_with(addr, export, &[], timeout, false)
 }
 
@@ -276,15 +245,8 @@ fn connect_with(
 ) -> io::Result<(OwnedFd, ExportInfo)> {
     let fd = addr.connect(timeout)?;
     let mut n = Neg::start(fd, timeout)?;
-    let mode = if structured {
-        n.negotiate_mode()?
-    } else {
-        ReplyMode::Simple
-    };
-    let mut info = ExportInfo {
-        mode,
-        ..Default::default()
-    };
+    let mode = if structured { n.negotiate_mode()? } else { ReplyMode::Simple };
+    let mut info = ExportInfo { mode, ..Default::default() };
     if info.mode != ReplyMode::Simple && !contexts.is_empty() {
         info.contexts = n.meta(OPT_SET_META_CONTEXT, export, contexts)?;
     }
@@ -323,18 +285,13 @@ pub fn list(addr: &Addr, timeout: Option<Duration>) -> io::Result<Vec<ExportInfo
                 names.push(String::from_utf8_lossy(&r.data[4..4 + l]).into_owned());
             }
             REP_ACK => break,
-            t if t & REP_FLAG_ERROR != 0 => {
-                return Err(proto_err("server refused to list its exports"))
-            }
+            t if t & REP_FLAG_ERROR != 0 => return Err(proto_err("server refused to list its exports")),
             _ => return Err(proto_err("unexpected reply to NBD_OPT_LIST")),
         }
     }
     let mut out = Vec::new();
     for name in names {
-        let mut info = ExportInfo {
-            mode,
-            ..Default::default()
-        };
+        let mut info = ExportInfo { mode, ..Default::default() };
         n.info(OPT_INFO, &name, &mut info)?;
         info.contexts = n.meta(OPT_LIST_META_CONTEXT, &name, &[])?;
         out.push(info);

@@ -45,11 +45,7 @@ const BUF_CACHE_BYTES: usize = 32 << 20;
 
 enum Wire {
     Plain(Socket),
-    Tls {
-        sock: Socket,
-        tls: Box<RefCell<rustls::ServerConnection>>,
-        pending: RefCell<Vec<u8>>,
-    },
+    Tls { sock: Socket, tls: Box<RefCell<rustls::ServerConnection>>, pending: RefCell<Vec<u8>> },
 }
 
 struct Conn {
@@ -81,23 +77,13 @@ fn wake(w: &RefCell<Option<Waker>>) {
 
 /// Serve a negotiated connection until it ends. Runs on a shard.
 pub async fn serve(server: Arc<Server>, n: Negotiated) {
-    let Negotiated {
-        fd,
-        tls,
-        export,
-        mode,
-        contexts,
-    } = n;
+    let Negotiated { fd, tls, export, mode, contexts } = n;
     let sock = Socket::new(fd);
     let wire = match tls {
         None => Wire::Plain(sock),
         Some(mut t) => {
             t.set_buffer_limit(None);
-            Wire::Tls {
-                sock,
-                tls: Box::new(RefCell::new(t)),
-                pending: RefCell::new(Vec::new()),
-            }
+            Wire::Tls { sock, tls: Box::new(RefCell::new(t)), pending: RefCell::new(Vec::new()) }
         }
     };
     let c = Rc::new(Conn {
@@ -151,11 +137,7 @@ impl Conn {
     }
 
     /// Receive some bytes into `buf[range]` (decrypted under TLS).
-    async fn recv(
-        &self,
-        mut buf: IoBuf,
-        range: std::ops::Range<usize>,
-    ) -> (io::Result<usize>, IoBuf) {
+    async fn recv(&self, mut buf: IoBuf, range: std::ops::Range<usize>) -> (io::Result<usize>, IoBuf) {
         let (sock, tls, pending) = match &self.wire {
             Wire::Plain(s) => return s.recv(buf, range).await,
             Wire::Tls { sock, tls, pending } => (sock, tls, pending),
@@ -174,9 +156,7 @@ impl Conn {
                     let r = t.read_tls(&mut rd);
                     let used = p.len() - rd.len();
                     p.drain(..used);
-                    if let Err(e) =
-                        r.and_then(|_| t.process_new_packets().map(drop).map_err(io::Error::other))
-                    {
+                    if let Err(e) = r.and_then(|_| t.process_new_packets().map(drop).map_err(io::Error::other)) {
                         return (Err(e), buf);
                     }
                     continue;
@@ -191,11 +171,7 @@ impl Conn {
         }
     }
 
-    async fn recv_exact(
-        &self,
-        mut buf: IoBuf,
-        mut range: std::ops::Range<usize>,
-    ) -> (io::Result<()>, IoBuf) {
+    async fn recv_exact(&self, mut buf: IoBuf, mut range: std::ops::Range<usize>) -> (io::Result<()>, IoBuf) {
         if let Wire::Plain(s) = &self.wire {
             return s.recv_exact(buf, range).await;
         }
@@ -295,10 +271,7 @@ impl Conn {
 async fn writer(c: Rc<Conn>) {
     loop {
         poll_fn(|cx| {
-            if !c.out.borrow().is_empty()
-                || c.out_done.get().0 > 0
-                || (c.closing.get() && c.inflight.get() == 0)
-            {
+            if !c.out.borrow().is_empty() || c.out_done.get().0 > 0 || (c.closing.get() && c.inflight.get() == 0) {
                 Poll::Ready(())
             } else {
                 *c.writer_wait.borrow_mut() = Some(cx.waker().clone());
@@ -312,11 +285,7 @@ async fn writer(c: Rc<Conn>) {
             out.drain(..n).collect()
         };
         // Only what is released now was fully queued before this send.
-        let done = if c.out.borrow().is_empty() {
-            c.out_done.replace((0, 0))
-        } else {
-            (0, 0)
-        };
+        let done = if c.out.borrow().is_empty() { c.out_done.replace((0, 0)) } else { (0, 0) };
         if !parts.is_empty() && !c.dead.get() {
             let (r, parts) = c.send(parts).await;
             Stats::add(&c.server.stats.sends, 1);
@@ -365,8 +334,7 @@ async fn reader(c: &Rc<Conn>) -> io::Result<()> {
         let req = match Request::parse(&stage[start..start + hlen], ext) {
             Ok(r) => r,
             Err(magic) => {
-                c.server
-                    .log(format!("bad request magic {magic:#x}, closing"));
+                c.server.log(format!("bad request magic {magic:#x}, closing"));
                 return Ok(());
             }
         };
@@ -380,10 +348,7 @@ async fn reader(c: &Rc<Conn>) -> io::Result<()> {
         let mut payload = None;
         if has_payload {
             if req.len > u64::from(c.server.max_request) {
-                c.server.log(format!(
-                    "request payload of {} bytes exceeds the maximum, closing",
-                    req.len
-                ));
+                c.server.log(format!("request payload of {} bytes exceeds the maximum, closing", req.len));
                 return Ok(());
             }
             let len = req.len as usize;
@@ -413,11 +378,8 @@ async fn reader(c: &Rc<Conn>) -> io::Result<()> {
             }
             Stats::add(&c.server.stats.received_bytes, len as u64);
         }
-        let held = if req.ty == CMD_READ {
-            req.len.min(u64::from(c.server.max_request)) as usize
-        } else {
-            0
-        } + payload.as_ref().map_or(0, |p| p.0.capacity());
+        let held = if req.ty == CMD_READ { req.len.min(u64::from(c.server.max_request)) as usize } else { 0 }
+            + payload.as_ref().map_or(0, |p| p.0.capacity());
         c.inflight.set(c.inflight.get() + 1);
         c.held.set(c.held.get() + held);
         let c2 = c.clone();
@@ -477,13 +439,7 @@ fn error_reply(c: &Conn, req: &Request, errno: u32, msg: &str) -> Vec<SendPart> 
         return vec![SendPart::Bytes(simple_reply(req.cookie, errno))];
     }
     let msg = &msg.as_bytes()[..msg.len().min(MAX_STRING)];
-    let mut v = header(
-        c,
-        req,
-        REPLY_FLAG_DONE,
-        REPLY_TYPE_ERROR,
-        6 + msg.len() as u64,
-    );
+    let mut v = header(c, req, REPLY_FLAG_DONE, REPLY_TYPE_ERROR, 6 + msg.len() as u64);
     v.extend_from_slice(&errno.to_be_bytes());
     v.extend_from_slice(&(msg.len() as u16).to_be_bytes());
     v.extend_from_slice(msg);
@@ -495,49 +451,25 @@ fn ok_reply(c: &Conn, req: &Request) -> Vec<SendPart> {
     if c.mode == ReplyMode::Simple {
         vec![SendPart::Bytes(simple_reply(req.cookie, 0))]
     } else {
-        vec![SendPart::Bytes(header(
-            c,
-            req,
-            REPLY_FLAG_DONE,
-            REPLY_TYPE_NONE,
-            0,
-        ))]
+        vec![SendPart::Bytes(header(c, req, REPLY_FLAG_DONE, REPLY_TYPE_NONE, 0))]
     }
 }
 
 /// Flags each command accepts.
 fn allowed_flags(c: &Conn, ty: u16) -> u16 {
-    let base = CMD_FLAG_FUA
-        | if c.mode == ReplyMode::Extended {
-            CMD_FLAG_PAYLOAD_LEN
-        } else {
-            0
-        };
+    let base = CMD_FLAG_FUA | if c.mode == ReplyMode::Extended { CMD_FLAG_PAYLOAD_LEN } else { 0 };
     match ty {
-        CMD_READ => {
-            base | if c.mode != ReplyMode::Simple {
-                CMD_FLAG_DF
-            } else {
-                0
-            }
-        }
+        CMD_READ => base | if c.mode != ReplyMode::Simple { CMD_FLAG_DF } else { 0 },
         CMD_WRITE_ZEROES => base | CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO,
         CMD_BLOCK_STATUS => base | CMD_FLAG_REQ_ONE,
         _ => base,
     }
 }
 
-async fn run(
-    c: &Conn,
-    req: &Request,
-    payload: Option<(IoBuf, Range<usize>)>,
-) -> Result<Vec<SendPart>, Fail> {
+async fn run(c: &Conn, req: &Request, payload: Option<(IoBuf, Range<usize>)>) -> Result<Vec<SendPart>, Fail> {
     let e = &*c.export;
     if req.flags & !allowed_flags(c, req.ty) != 0 {
-        return Err(fail(
-            EINVAL,
-            format!("unsupported flags {:#x} for command {}", req.flags, req.ty),
-        ));
+        return Err(fail(EINVAL, format!("unsupported flags {:#x} for command {}", req.flags, req.ty)));
     }
     if req.ty != CMD_WRITE && payload.is_some() {
         return Err(fail(EINVAL, "unexpected payload"));
@@ -546,34 +478,20 @@ async fn run(
     if writes && e.read_only {
         return Err(fail(EPERM, "export is read-only"));
     }
-    let in_range = req
-        .offset
-        .checked_add(req.len)
-        .is_some_and(|end| end <= e.size);
+    let in_range = req.offset.checked_add(req.len).is_some_and(|end| end <= e.size);
     if !in_range && req.ty != CMD_FLUSH {
-        let errno = if matches!(req.ty, CMD_WRITE | CMD_WRITE_ZEROES) {
-            ENOSPC
-        } else {
-            EINVAL
-        };
+        let errno = if matches!(req.ty, CMD_WRITE | CMD_WRITE_ZEROES) { ENOSPC } else { EINVAL };
         return Err(fail(
             errno,
-            format!(
-                "request at {} of {} bytes is beyond the export's end ({})",
-                req.offset, req.len, e.size
-            ),
+            format!("request at {} of {} bytes is beyond the export's end ({})", req.offset, req.len, e.size),
         ));
     }
     let (align, _, _) = e.block_sizes(c.server.max_request);
     if align > 1
         && matches!(req.ty, CMD_READ | CMD_WRITE)
-        && (!req.offset.is_multiple_of(u64::from(align))
-            || !req.len.is_multiple_of(u64::from(align)))
+        && (!req.offset.is_multiple_of(u64::from(align)) || !req.len.is_multiple_of(u64::from(align)))
     {
-        return Err(fail(
-            EINVAL,
-            format!("request is not aligned to {align} bytes"),
-        ));
+        return Err(fail(EINVAL, format!("request is not aligned to {align} bytes")));
     }
     let node: &dyn BlockNode = &*e.node;
     let off = req.offset + e.offset;
@@ -587,16 +505,7 @@ async fn run(
             }
             if e.detect_zeroes != DetectZeroes::Off && buf[range.clone()].iter().all(|&b| b == 0) {
                 let may_unmap = e.detect_zeroes == DetectZeroes::Unmap && e.discard;
-                node.write_zeroes(
-                    off,
-                    req.len,
-                    ZeroFlags {
-                        may_unmap,
-                        no_fallback: false,
-                        fua,
-                    },
-                )
-                .await?;
+                node.write_zeroes(off, req.len, ZeroFlags { may_unmap, no_fallback: false, fua }).await?;
                 c.recycle(buf);
                 return Ok(ok_reply(c, req));
             }
@@ -657,21 +566,14 @@ async fn run(
 async fn read(c: &Conn, req: &Request) -> Result<Vec<SendPart>, Fail> {
     let e = &*c.export;
     if req.len > u64::from(c.server.max_request) {
-        return Err(fail(
-            EINVAL,
-            format!(
-                "read of {} bytes exceeds the maximum of {}",
-                req.len, c.server.max_request
-            ),
-        ));
+        return Err(fail(EINVAL, format!("read of {} bytes exceeds the maximum of {}", req.len, c.server.max_request)));
     }
     let len = req.len as usize;
     if len == 0 {
         return Ok(ok_reply(c, req));
     }
     let off = req.offset + e.offset;
-    let sparse =
-        c.mode != ReplyMode::Simple && req.flags & CMD_FLAG_DF == 0 && req.len >= SPARSE_READ_MIN;
+    let sparse = c.mode != ReplyMode::Simple && req.flags & CMD_FLAG_DF == 0 && req.len >= SPARSE_READ_MIN;
     if sparse {
         if let Some(parts) = sparse_read(c, req, off).await? {
             return Ok(parts);
@@ -683,14 +585,7 @@ async fn read(c: &Conn, req: &Request) -> Result<Vec<SendPart>, Fail> {
     if len as u64 >= SPLICE_MIN && matches!(c.wire, Wire::Plain(_)) {
         if let Some((fd, base)) = e.node.passthrough_fd() {
             Stats::add(&c.server.stats.served_bytes, len as u64);
-            return Ok(vec![
-                SendPart::Bytes(data_header(c, req)),
-                SendPart::File {
-                    fd,
-                    offset: base + off,
-                    len,
-                },
-            ]);
+            return Ok(vec![SendPart::Bytes(data_header(c, req)), SendPart::File { fd, offset: base + off, len }]);
         }
     }
     let (r, buf) = e.node.read(off, c.buffer(len)).await;
@@ -741,21 +636,13 @@ async fn sparse_read(c: &Conn, req: &Request, off: u64) -> Result<Option<Vec<Sen
     let mut buf = c.buffer(req.len as usize);
     for &(p, l, hole) in &segs {
         if !hole {
-            let (r, b) = node
-                .read_part(off + p, buf, p as usize..(p + l) as usize)
-                .await;
+            let (r, b) = node.read_part(off + p, buf, p as usize..(p + l) as usize).await;
             buf = b;
             if let Err(err) = r {
                 // Say where it failed: ERROR_OFFSET names the first bad byte.
                 let f = Fail::from(err);
                 let msg = &f.1.as_bytes()[..f.1.len().min(MAX_STRING)];
-                let mut v = header(
-                    c,
-                    req,
-                    REPLY_FLAG_DONE,
-                    REPLY_TYPE_ERROR_OFFSET,
-                    6 + msg.len() as u64 + 8,
-                );
+                let mut v = header(c, req, REPLY_FLAG_DONE, REPLY_TYPE_ERROR_OFFSET, 6 + msg.len() as u64 + 8);
                 v.extend_from_slice(&f.0.to_be_bytes());
                 v.extend_from_slice(&(msg.len() as u16).to_be_bytes());
                 v.extend_from_slice(msg);
@@ -796,11 +683,7 @@ async fn block_status(c: &Conn, req: &Request) -> Result<Vec<SendPart>, Fail> {
     let one = req.flags & CMD_FLAG_REQ_ONE != 0;
     let ext = c.mode == ReplyMode::Extended;
     // Compact descriptors hold 32-bit lengths.
-    let max_desc = if ext {
-        u64::MAX
-    } else {
-        u64::from(u32::MAX) & !0xfff
-    };
+    let max_desc = if ext { u64::MAX } else { u64::from(u32::MAX) & !0xfff };
     let mut parts = Vec::with_capacity(c.contexts.len());
     for (i, &(id, ctx)) in c.contexts.iter().enumerate() {
         let mut descs: Vec<(u64, u32)> = Vec::new();
@@ -827,20 +710,10 @@ async fn block_status(c: &Conn, req: &Request) -> Result<Vec<SendPart>, Fail> {
             }
             pos += l;
         }
-        let done = if i == c.contexts.len() - 1 {
-            REPLY_FLAG_DONE
-        } else {
-            0
-        };
+        let done = if i == c.contexts.len() - 1 { REPLY_FLAG_DONE } else { 0 };
         let mut v;
         if ext {
-            v = header(
-                c,
-                req,
-                done,
-                REPLY_TYPE_BLOCK_STATUS_EXT,
-                8 + 16 * descs.len() as u64,
-            );
+            v = header(c, req, done, REPLY_TYPE_BLOCK_STATUS_EXT, 8 + 16 * descs.len() as u64);
             v.extend_from_slice(&id.to_be_bytes());
             v.extend_from_slice(&(descs.len() as u32).to_be_bytes());
             for (l, f) in descs {
@@ -848,13 +721,7 @@ async fn block_status(c: &Conn, req: &Request) -> Result<Vec<SendPart>, Fail> {
                 v.extend_from_slice(&u64::from(f).to_be_bytes());
             }
         } else {
-            v = header(
-                c,
-                req,
-                done,
-                REPLY_TYPE_BLOCK_STATUS,
-                4 + 8 * descs.len() as u64,
-            );
+            v = header(c, req, done, REPLY_TYPE_BLOCK_STATUS, 4 + 8 * descs.len() as u64);
             v.extend_from_slice(&id.to_be_bytes());
             for (l, f) in descs {
                 v.extend_from_slice(&(l as u32).to_be_bytes());

@@ -121,9 +121,7 @@ pub fn negotiate(server: &Server, fd: OwnedFd, peer: &str) -> io::Result<Option<
             Next::Continue => {}
             Next::Close => return Ok(None),
             Next::Transmit => {
-                let Hs {
-                    s, mode, contexts, ..
-                } = hs;
+                let Hs { s, mode, contexts, .. } = hs;
                 let (fd, tls) = match s {
                     HsStream::Plain(f) => (f, None),
                     HsStream::Tls(t) => {
@@ -133,13 +131,7 @@ pub fn negotiate(server: &Server, fd: OwnedFd, peer: &str) -> io::Result<Option<
                     HsStream::Closed => return Ok(None),
                 };
                 fd.set_timeout(None)?;
-                return Ok(Some(Negotiated {
-                    fd: fd.0,
-                    tls,
-                    export: server.export.clone(),
-                    mode,
-                    contexts,
-                }));
+                return Ok(Some(Negotiated { fd: fd.0, tls, export: server.export.clone(), mode, contexts }));
             }
         }
     }
@@ -158,8 +150,7 @@ impl Hs<'_> {
     fn option(&mut self, opt: u32, data: &[u8], peer: &str) -> io::Result<Next> {
         if self.tls_pending() && !matches!(opt, OPT_STARTTLS | OPT_ABORT) {
             if opt == OPT_EXPORT_NAME {
-                self.server
-                    .log(format!("{peer}: EXPORT_NAME without TLS, closing"));
+                self.server.log(format!("{peer}: EXPORT_NAME without TLS, closing"));
                 return Ok(Next::Close);
             }
             self.reply(opt, REP_ERR_TLS_REQD, b"TLS is required")?;
@@ -169,8 +160,7 @@ impl Hs<'_> {
             OPT_EXPORT_NAME => {
                 let name = String::from_utf8_lossy(data);
                 if name != self.server.export.name {
-                    self.server
-                        .log(format!("{peer}: unknown export '{name}', closing"));
+                    self.server.log(format!("{peer}: unknown export '{name}', closing"));
                     return Ok(Next::Close);
                 }
                 let e = &self.server.export;
@@ -216,17 +206,9 @@ impl Hs<'_> {
                     // headers: extended headers stay in force.
                     self.reply(opt, REP_ERR_INVALID, b"extended headers already negotiated")?;
                 } else if !ext && self.mode == ReplyMode::Structured {
-                    self.reply(
-                        opt,
-                        REP_ERR_INVALID,
-                        b"structured replies already negotiated",
-                    )?;
+                    self.reply(opt, REP_ERR_INVALID, b"structured replies already negotiated")?;
                 } else {
-                    self.mode = if ext {
-                        ReplyMode::Extended
-                    } else {
-                        ReplyMode::Structured
-                    };
+                    self.mode = if ext { ReplyMode::Extended } else { ReplyMode::Structured };
                     // Context ids were handed out for the old reply form.
                     self.contexts.clear();
                     self.reply(opt, REP_ACK, &[])?;
@@ -263,8 +245,7 @@ impl Hs<'_> {
         let mut t = rustls::StreamOwned::new(conn, fs);
         while t.conn.is_handshaking() {
             if let Err(e) = t.conn.complete_io(&mut t.sock) {
-                self.server
-                    .log(format!("{peer}: TLS handshake failed: {e}"));
+                self.server.log(format!("{peer}: TLS handshake failed: {e}"));
                 return Ok(Next::Close);
             }
         }
@@ -296,11 +277,7 @@ impl Hs<'_> {
         };
         let e = self.server.export.clone();
         if name != e.name {
-            self.reply(
-                opt,
-                REP_ERR_UNKNOWN,
-                format!("export '{name}' not present").as_bytes(),
-            )?;
+            self.reply(opt, REP_ERR_UNKNOWN, format!("export '{name}' not present").as_bytes())?;
             return Ok(Next::Continue);
         }
         let mut v = Vec::new();
@@ -325,11 +302,7 @@ impl Hs<'_> {
         }
         self.reply(opt, REP_INFO, &v)?;
         self.reply(opt, REP_ACK, &[])?;
-        Ok(if opt == OPT_GO {
-            Next::Transmit
-        } else {
-            Next::Continue
-        })
+        Ok(if opt == OPT_GO { Next::Transmit } else { Next::Continue })
     }
 
     /// What the export offers, in the order we list it.
@@ -344,11 +317,7 @@ impl Hs<'_> {
     fn meta(&mut self, opt: u32, data: &[u8]) -> io::Result<Next> {
         let set = opt == OPT_SET_META_CONTEXT;
         if set && self.mode == ReplyMode::Simple {
-            self.reply(
-                opt,
-                REP_ERR_INVALID,
-                b"structured replies have not been negotiated",
-            )?;
+            self.reply(opt, REP_ERR_INVALID, b"structured replies have not been negotiated")?;
             return Ok(Next::Continue);
         }
         let mut c = Cursor::new(data);
@@ -371,11 +340,7 @@ impl Hs<'_> {
             return Ok(Next::Continue);
         };
         if name != self.server.export.name {
-            self.reply(
-                opt,
-                REP_ERR_UNKNOWN,
-                format!("export '{name}' not present").as_bytes(),
-            )?;
+            self.reply(opt, REP_ERR_UNKNOWN, format!("export '{name}' not present").as_bytes())?;
             return Ok(Next::Continue);
         }
         let avail = self.available();

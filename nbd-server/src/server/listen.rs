@@ -69,11 +69,8 @@ pub fn run(
     waker: Arc<Waker>,
     stop: Arc<AtomicBool>,
 ) {
-    let st = Arc::new(State {
-        active: AtomicUsize::new(0),
-        served: AtomicUsize::new(0),
-        sockets: Mutex::new(Vec::new()),
-    });
+    let st =
+        Arc::new(State { active: AtomicUsize::new(0), served: AtomicUsize::new(0), sockets: Mutex::new(Vec::new()) });
     let mut next_shard = 0usize;
     let mut next_id = 0u64;
     loop {
@@ -85,17 +82,9 @@ pub fn run(
             break;
         }
         let accepting = opts.shared == 0 || active < opts.shared;
-        let mut fds = vec![libc::pollfd {
-            fd: waker.rx.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        }];
+        let mut fds = vec![libc::pollfd { fd: waker.rx.as_raw_fd(), events: libc::POLLIN, revents: 0 }];
         if accepting {
-            fds.extend(listeners.iter().map(|l| libc::pollfd {
-                fd: l.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            }));
+            fds.extend(listeners.iter().map(|l| libc::pollfd { fd: l.as_raw_fd(), events: libc::POLLIN, revents: 0 }));
         }
         // SAFETY: fds is a live array of pollfd of the given length.
         let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 1000) };
@@ -122,48 +111,37 @@ pub fn run(
             next_id += 1;
             let id = next_id;
             if let Ok(d) = fd.try_clone() {
-                st.sockets
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .push((id, d));
+                st.sockets.lock().unwrap_or_else(|e| e.into_inner()).push((id, d));
             }
             let shard = rt.handle(next_shard);
             next_shard = next_shard.wrapping_add(1);
             let (server2, st2, waker) = (server.clone(), st.clone(), waker.clone());
-            let spawned = std::thread::Builder::new()
-                .name("nbd-handshake".into())
-                .spawn(move || {
-                    let (server, st) = (server2, st2);
-                    let end = move |st: &State| {
-                        st.sockets
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .retain(|(i, _)| *i != id);
-                        st.active.fetch_sub(1, Ordering::AcqRel);
-                        waker.wake();
-                    };
-                    match handshake::negotiate(&server, fd, &peer) {
-                        Ok(Some(n)) => {
-                            server.log(format!(
-                                "{peer}: negotiated, serving on shard {}",
-                                shard.index()
-                            ));
-                            st.served.fetch_add(1, Ordering::AcqRel);
-                            let srv = server.clone();
-                            // The shard counts the connection out when it ends;
-                            // this thread is done.
-                            drop(shard.spawn(move || async move {
-                                conn::serve(srv.clone(), n).await;
-                                srv.log(format!("{peer}: disconnected"));
-                                end(&st);
-                            }));
-                            return;
-                        }
-                        Ok(None) => server.log(format!("{peer}: left during negotiation")),
-                        Err(e) => server.log(format!("{peer}: negotiation failed: {e}")),
+            let spawned = std::thread::Builder::new().name("nbd-handshake".into()).spawn(move || {
+                let (server, st) = (server2, st2);
+                let end = move |st: &State| {
+                    st.sockets.lock().unwrap_or_else(|e| e.into_inner()).retain(|(i, _)| *i != id);
+                    st.active.fetch_sub(1, Ordering::AcqRel);
+                    waker.wake();
+                };
+                match handshake::negotiate(&server, fd, &peer) {
+                    Ok(Some(n)) => {
+                        server.log(format!("{peer}: negotiated, serving on shard {}", shard.index()));
+                        st.served.fetch_add(1, Ordering::AcqRel);
+                        let srv = server.clone();
+                        // The shard counts the connection out when it ends;
+                        // this thread is done.
+                        drop(shard.spawn(move || async move {
+                            conn::serve(srv.clone(), n).await;
+                            srv.log(format!("{peer}: disconnected"));
+                            end(&st);
+                        }));
+                        return;
                     }
-                    end(&st);
-                });
+                    Ok(None) => server.log(format!("{peer}: left during negotiation")),
+                    Err(e) => server.log(format!("{peer}: negotiation failed: {e}")),
+                }
+                end(&st);
+            });
             if spawned.is_err() {
                 server.log("cannot start a thread for a new client; dropping it");
                 st.active.fetch_sub(1, Ordering::AcqRel);
@@ -182,14 +160,7 @@ pub fn run(
 
 fn accept(listener: RawFd) -> Option<OwnedFd> {
     // SAFETY: accept4 with null address arguments; the result is checked.
-    let fd = unsafe {
-        libc::accept4(
-            listener,
-            std::ptr::null_mut(),
-            std::ptr::null_mut(),
-            libc::SOCK_CLOEXEC,
-        )
-    };
+    let fd = unsafe { libc::accept4(listener, std::ptr::null_mut(), std::ptr::null_mut(), libc::SOCK_CLOEXEC) };
     // SAFETY: a new fd owned by nobody else.
     (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd) })
 }
@@ -199,30 +170,17 @@ fn peer_name(fd: &OwnedFd) -> String {
     unsafe {
         let mut ss: libc::sockaddr_storage = std::mem::zeroed();
         let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-        if libc::getpeername(
-            fd.as_raw_fd(),
-            (&mut ss as *mut libc::sockaddr_storage).cast(),
-            &mut len,
-        ) != 0
-        {
+        if libc::getpeername(fd.as_raw_fd(), (&mut ss as *mut libc::sockaddr_storage).cast(), &mut len) != 0 {
             return "client".into();
         }
         match ss.ss_family as i32 {
             libc::AF_INET => {
                 let a = &*(&ss as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>();
-                format!(
-                    "{}:{}",
-                    std::net::Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr)),
-                    u16::from_be(a.sin_port)
-                )
+                format!("{}:{}", std::net::Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr)), u16::from_be(a.sin_port))
             }
             libc::AF_INET6 => {
                 let a = &*(&ss as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>();
-                format!(
-                    "[{}]:{}",
-                    std::net::Ipv6Addr::from(a.sin6_addr.s6_addr),
-                    u16::from_be(a.sin6_port)
-                )
+                format!("[{}]:{}", std::net::Ipv6Addr::from(a.sin6_addr.s6_addr), u16::from_be(a.sin6_port))
             }
             _ => "unix client".into(),
         }

@@ -36,23 +36,21 @@ impl Objects {
     pub fn add(&mut self, def: &str) -> Result<bool> {
         let mut o = OptionTree::parse(def, Some("qom-type"))?;
         let ty = o.take("qom-type").unwrap_or_default();
-        let id = || -> Result<String> {
-            Err(invalid(format!(
-                "--object '{def}': parameter 'id' is missing"
-            )))
-        };
+        let id = || -> Result<String> { Err(invalid(format!("--object '{def}': parameter 'id' is missing"))) };
         match ty.as_str() {
             "tls-creds-x509" => {
                 let id = match o.take("id") {
                     Some(i) => i,
                     None => id()?,
                 };
-                let dir = o.take("dir").ok_or_else(|| {
-                    invalid(format!("tls-creds-x509 '{id}': parameter 'dir' is missing"))
-                })?;
+                let dir = o
+                    .take("dir")
+                    .ok_or_else(|| invalid(format!("tls-creds-x509 '{id}': parameter 'dir' is missing")))?;
                 let endpoint = o.take("endpoint").unwrap_or_else(|| "client".into());
                 if endpoint != "server" && endpoint != "client" {
-                    return Err(invalid(format!("tls-creds-x509 '{id}': invalid endpoint '{endpoint}': expected server or client")));
+                    return Err(invalid(format!(
+                        "tls-creds-x509 '{id}': invalid endpoint '{endpoint}': expected server or client"
+                    )));
                 }
                 let verify = o.take_bool("verify-peer")?.unwrap_or(true);
                 o.take("priority");
@@ -66,11 +64,9 @@ impl Objects {
                     Some(i) => i,
                     None => id()?,
                 };
-                let identity = o.take("identity").ok_or_else(|| {
-                    invalid(format!(
-                        "authz-simple '{id}': parameter 'identity' is missing"
-                    ))
-                })?;
+                let identity = o
+                    .take("identity")
+                    .ok_or_else(|| invalid(format!("authz-simple '{id}': parameter 'identity' is missing")))?;
                 o.ensure_consumed(&format!("authz-simple '{id}'"))?;
                 self.authz.push((id, identity));
                 Ok(true)
@@ -87,9 +83,7 @@ impl Objects {
             .find(|c| c.0 == creds)
             .ok_or_else(|| invalid(format!("No TLS credentials with id '{creds}'")))?;
         if endpoint != "server" {
-            return Err(invalid(format!(
-                "Expecting TLS credentials with a server endpoint ('{creds}' is a client)"
-            )));
+            return Err(invalid(format!("Expecting TLS credentials with a server endpoint ('{creds}' is a client)")));
         }
         let identities = match authz {
             None => None,
@@ -98,12 +92,12 @@ impl Objects {
                 .iter()
                 .find(|x| x.0 == a)
                 .map(|x| x.1.clone())
-                .ok_or_else(|| {
-                    invalid(format!("No authorization object with id '{a}'"))
-                })?]),
+                .ok_or_else(|| invalid(format!("No authorization object with id '{a}'")))?]),
         };
         if identities.is_some() && !verify {
-            return Err(invalid("--tls-authz needs verify-peer=on: without a client certificate there is no identity to check"));
+            return Err(invalid(
+                "--tls-authz needs verify-peer=on: without a client certificate there is no identity to check",
+            ));
         }
         let config = server_config(Path::new(dir), *verify)?;
         Ok(TlsServer { config, identities })
@@ -117,10 +111,7 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
     let certs: Vec<_> = CertificateDer::pem_file_iter(path)
         .and_then(|it| it.collect::<std::result::Result<Vec<_>, _>>())
-        .map_err(|e| {
-            invalid(format!("Unable to read certificates: {e}"))
-                .with_file(path.display().to_string())
-        })?;
+        .map_err(|e| invalid(format!("Unable to read certificates: {e}")).with_file(path.display().to_string()))?;
     if certs.is_empty() {
         return Err(invalid("no certificate in file").with_file(path.display().to_string()));
     }
@@ -135,10 +126,8 @@ fn tls_err(e: rustls::Error) -> Error {
 pub fn server_config(dir: &Path, verify_peer: bool) -> Result<Arc<rustls::ServerConfig>> {
     let certs = read_certs(&dir.join("server-cert.pem"))?;
     let key_path = dir.join("server-key.pem");
-    let key = PrivateKeyDer::from_pem_file(&key_path).map_err(|e| {
-        invalid(format!("Unable to read private key: {e}"))
-            .with_file(key_path.display().to_string())
-    })?;
+    let key = PrivateKeyDer::from_pem_file(&key_path)
+        .map_err(|e| invalid(format!("Unable to read private key: {e}")).with_file(key_path.display().to_string()))?;
     let builder = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(tls_err)?;
@@ -147,12 +136,9 @@ pub fn server_config(dir: &Path, verify_peer: bool) -> Result<Arc<rustls::Server
         for c in read_certs(&dir.join("ca-cert.pem"))? {
             roots.add(c).map_err(tls_err)?;
         }
-        let v = rustls::server::WebPkiClientVerifier::builder_with_provider(
-            Arc::new(roots),
-            provider(),
-        )
-        .build()
-        .map_err(|e| invalid(format!("TLS client verifier: {e}")))?;
+        let v = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+            .build()
+            .map_err(|e| invalid(format!("TLS client verifier: {e}")))?;
         builder.with_client_cert_verifier(v)
     } else {
         builder.with_no_client_auth()
@@ -167,10 +153,7 @@ impl TlsServer {
         let Some(ids) = &self.identities else {
             return Ok(());
         };
-        let cert = conn
-            .peer_certificates()
-            .and_then(|c| c.first())
-            .ok_or("client sent no certificate")?;
+        let cert = conn.peer_certificates().and_then(|c| c.first()).ok_or("client sent no certificate")?;
         let dn = distinguished_name(cert).ok_or("client certificate has no readable subject")?;
         if ids.iter().any(|i| i == &dn) {
             Ok(())
@@ -188,12 +171,9 @@ pub fn distinguished_name(der: &[u8]) -> Option<String> {
     // RFC 4514 lists the most specific RDN first: the reverse of DER order.
     for rdn in cert.subject().iter().collect::<Vec<_>>().into_iter().rev() {
         for atv in rdn.iter() {
-            let key = x509_parser::objects::oid2abbrev(
-                atv.attr_type(),
-                x509_parser::objects::oid_registry(),
-            )
-            .map(str::to_string)
-            .unwrap_or_else(|_| atv.attr_type().to_id_string());
+            let key = x509_parser::objects::oid2abbrev(atv.attr_type(), x509_parser::objects::oid_registry())
+                .map(str::to_string)
+                .unwrap_or_else(|_| atv.attr_type().to_id_string());
             let val = atv.as_str().ok()?;
             parts.push(format!("{key}={}", escape(val)));
         }
@@ -204,9 +184,7 @@ pub fn distinguished_name(der: &[u8]) -> Option<String> {
 fn escape(v: &str) -> String {
     let mut s = String::with_capacity(v.len());
     for (i, ch) in v.chars().enumerate() {
-        if matches!(ch, ',' | '+' | '"' | '\\' | '<' | '>' | ';')
-            || (i == 0 && (ch == '#' || ch == ' '))
-        {
+        if matches!(ch, ',' | '+' | '"' | '\\' | '<' | '>' | ';') || (i == 0 && (ch == '#' || ch == ' ')) {
             s.push('\\');
         }
         s.push(ch);

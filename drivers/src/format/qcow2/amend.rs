@@ -14,10 +14,7 @@ use super::layout::{self, OFLAG_COPIED, OFLAG_ZERO};
 use super::{check, Qcow2};
 
 fn unsupported(what: &str) -> Error {
-    Error::new(
-        ErrorKind::Unsupported,
-        format!("Changing {what} is not supported"),
-    )
+    Error::new(ErrorKind::Unsupported, format!("Changing {what} is not supported"))
 }
 
 impl Qcow2 {
@@ -34,13 +31,9 @@ impl Qcow2 {
         let refcount_bits = match opts.take("refcount_bits") {
             None => None,
             Some(v) => {
-                let n: u64 = v
-                    .parse()
-                    .map_err(|_| invalid(format!("'{v}' is not a number")))?;
+                let n: u64 = v.parse().map_err(|_| invalid(format!("'{v}' is not a number")))?;
                 if n == 0 || n > 64 || !n.is_power_of_two() {
-                    return Err(invalid(
-                        "Refcount width must be a power of two and may not exceed 64 bits",
-                    ));
+                    return Err(invalid("Refcount width must be a power of two and may not exceed 64 bits"));
                 }
                 Some(n.trailing_zeros())
             }
@@ -59,9 +52,7 @@ impl Qcow2 {
             if let Some(v) = opts.take(k) {
                 // Restating the current value is fine, as in QEMU.
                 let same = match k {
-                    "cluster_size" => {
-                        engine::size::parse_size(&v).ok() == Some(self.geo.cluster_size())
-                    }
+                    "cluster_size" => engine::size::parse_size(&v).ok() == Some(self.geo.cluster_size()),
                     "extended_l2" => engine::options::parse_bool(&v) == Some(self.geo.extended_l2),
                     "compression_type" => v == self.header().compression.name(),
                     _ => false,
@@ -90,17 +81,13 @@ impl Qcow2 {
         if target_version < cur_version {
             let h = self.header().clone();
             if h.extended_l2() {
-                return Err(invalid(
-                    "Cannot downgrade an image with extended L2 entries",
-                ));
+                return Err(invalid("Cannot downgrade an image with extended L2 entries"));
             }
             if h.has_data_file() {
                 return Err(invalid("Cannot downgrade an image with a data file"));
             }
             if h.compression != CompressionType::Zlib {
-                return Err(invalid(
-                    "Cannot downgrade an image with a non-zlib compression type",
-                ));
+                return Err(invalid("Cannot downgrade an image with a non-zlib compression type"));
             }
         }
 
@@ -162,19 +149,13 @@ impl Qcow2 {
                     let behind = self.backing.as_ref().is_some_and(|b| c < b.size());
                     let new = match host {
                         Some(h) if e & OFLAG_COPIED != 0 => {
-                            let (r, _) = self
-                                .file
-                                .write(h, IoBuf::zeroed(cs as usize), WriteFlags::default())
-                                .await;
+                            let (r, _) = self.file.write(h, IoBuf::zeroed(cs as usize), WriteFlags::default()).await;
                             r?;
                             h | OFLAG_COPIED
                         }
                         _ if behind => {
                             let h = self.refs.alloc(&*self.file, 1).await?;
-                            let (r, _) = self
-                                .file
-                                .write(h, IoBuf::zeroed(cs as usize), WriteFlags::default())
-                                .await;
+                            let (r, _) = self.file.write(h, IoBuf::zeroed(cs as usize), WriteFlags::default()).await;
                             r?;
                             h | OFLAG_COPIED
                         }

@@ -151,10 +151,7 @@ pub struct L1 {
 impl L1 {
     pub fn new(entries: Vec<u64>) -> L1 {
         let n = entries.len();
-        L1 {
-            entries: entries.into_iter().map(AtomicU64::new).collect(),
-            slots: (0..n).map(|_| OnceLock::new()).collect(),
-        }
+        L1 { entries: entries.into_iter().map(AtomicU64::new).collect(), slots: (0..n).map(|_| OnceLock::new()).collect() }
     }
 
     pub fn len(&self) -> usize {
@@ -167,9 +164,7 @@ impl L1 {
 
     /// A copy with `n` entries (growing with zeroes), sharing the slots.
     pub fn resized(&self, n: usize) -> L1 {
-        let entries = (0..n)
-            .map(|i| AtomicU64::new(if i < self.len() { self.get(i) } else { 0 }))
-            .collect();
+        let entries = (0..n).map(|i| AtomicU64::new(if i < self.len() { self.get(i) } else { 0 })).collect();
         let slots = (0..n)
             .map(|i| {
                 let s = OnceLock::new();
@@ -231,26 +226,13 @@ impl L2Cache {
     }
 
     fn slots(&self, l1: &L1, l1_index: usize) -> Slots {
-        l1.slots[l1_index]
-            .get_or_init(|| {
-                (0..self.slices_per_table)
-                    .map(|_| ArcSwapOption::empty())
-                    .collect()
-            })
-            .clone()
+        l1.slots[l1_index].get_or_init(|| (0..self.slices_per_table).map(|_| ArcSwapOption::empty()).collect()).clone()
     }
 
     /// The slice holding entry `l2_index` of the L2 table at `l2_off`
     /// (listed in L1 entry `l1_index`), loaded from `file` if needed. Returns
     /// the slice and the index of the entry's first word in it.
-    pub async fn get(
-        &self,
-        file: &dyn BlockNode,
-        l1_index: usize,
-        l2_off: u64,
-        l2_index: usize,
-        entry_words: usize,
-    ) -> Result<(Arc<L2Slice>, usize)> {
+    pub async fn get(&self, file: &dyn BlockNode, l1_index: usize, l2_off: u64, l2_index: usize, entry_words: usize) -> Result<(Arc<L2Slice>, usize)> {
         let per_slice = self.slice_words / entry_words;
         let slice_index = l2_index / per_slice;
         let word = (l2_index % per_slice) * entry_words;
@@ -285,28 +267,17 @@ impl L2Cache {
                 continue; // someone else is loading it
             }
             // If this future is dropped mid-read, waiters must not hang.
-            let mut abort = LoadGuard {
-                slice: fresh.clone(),
-                slot,
-                armed: true,
-            };
+            let mut abort = LoadGuard { slice: fresh.clone(), slot, armed: true };
             let (r, buf) = file.read(host, IoBuf::new(self.slice_bytes)).await;
             r?;
             for (i, w) in buf.chunks_exact(8).enumerate() {
-                fresh.words[i].store(
-                    u64::from_be_bytes(w.try_into().expect("8 bytes")),
-                    Ordering::Relaxed,
-                );
+                fresh.words[i].store(u64::from_be_bytes(w.try_into().expect("8 bytes")), Ordering::Relaxed);
             }
             abort.armed = false;
             drop(abort);
-            self.clock
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push_back(fresh.clone());
+            self.clock.lock().unwrap_or_else(|e| e.into_inner()).push_back(fresh.clone());
             fresh.ready.set();
-            if self.count.fetch_add(1, Ordering::AcqRel) + 1 > self.capacity.load(Ordering::Relaxed)
-            {
+            if self.count.fetch_add(1, Ordering::AcqRel) + 1 > self.capacity.load(Ordering::Relaxed) {
                 self.evict();
             }
             return Ok((fresh, word));
@@ -316,24 +287,13 @@ impl L2Cache {
     /// Look at a cached entry without loading anything or touching shared
     /// counters: the hot path of every request. None if the slice is not in
     /// the cache (then use `get`).
-    pub fn peek<R>(
-        &self,
-        l1: &L1,
-        l1_index: usize,
-        l2_off: u64,
-        l2_index: usize,
-        entry_words: usize,
-        f: impl FnOnce(&L2Slice, usize) -> R,
-    ) -> Option<R> {
+    pub fn peek<R>(&self, l1: &L1, l1_index: usize, l2_off: u64, l2_index: usize, entry_words: usize, f: impl FnOnce(&L2Slice, usize) -> R) -> Option<R> {
         let per_slice = self.slice_words / entry_words;
         let slice_index = l2_index / per_slice;
         let slots = l1.slots.get(l1_index)?.get()?;
         let g = slots[slice_index].load();
         let s = g.as_ref()?;
-        if !s.ready.is_set()
-            || s.failed.load(Ordering::Acquire)
-            || s.host != l2_off + (slice_index * self.slice_bytes) as u64
-        {
+        if !s.ready.is_set() || s.failed.load(Ordering::Acquire) || s.host != l2_off + (slice_index * self.slice_bytes) as u64 {
             return None;
         }
         if !s.referenced.load(Ordering::Relaxed) {
@@ -359,9 +319,7 @@ impl L2Cache {
     ) -> Result<R> {
         let mut f = Some(f);
         loop {
-            let (s, word) = self
-                .get(file, l1_index, l2_off, l2_index, entry_words)
-                .await?;
+            let (s, word) = self.get(file, l1_index, l2_off, l2_index, entry_words).await?;
             let slots = self.slots(&self.l1.load(), l1_index);
             let _g = self.guard.read().unwrap_or_else(|e| e.into_inner());
             let cur = slots[s.slice_index].load();
@@ -399,12 +357,7 @@ impl L2Cache {
             let Some(s) = clock.pop_front() else { break };
             let l1 = self.l1.load();
             let slot_gone = s.l1_index >= l1.len()
-                || l1.slots[s.l1_index].get().is_none_or(|slots| {
-                    !slots[s.slice_index]
-                        .load()
-                        .as_ref()
-                        .is_some_and(|c| Arc::ptr_eq(c, &s))
-                });
+                || l1.slots[s.l1_index].get().is_none_or(|slots| !slots[s.slice_index].load().as_ref().is_some_and(|c| Arc::ptr_eq(c, &s)));
             if slot_gone {
                 // Forgotten (its table was freed): nothing to write back.
                 self.count.fetch_sub(1, Ordering::AcqRel);
@@ -412,10 +365,7 @@ impl L2Cache {
             }
             // In use (a request holds it beyond the clock's and the slot's
             // references), recently used, or dirty: keep it.
-            if Arc::strong_count(&s) > 2
-                || s.referenced.swap(false, Ordering::Relaxed)
-                || s.is_dirty()
-            {
+            if Arc::strong_count(&s) > 2 || s.referenced.swap(false, Ordering::Relaxed) || s.is_dirty() {
                 clock.push_back(s);
                 continue;
             }
@@ -434,13 +384,7 @@ impl L2Cache {
 
     /// Dirty slices, for writeback. Call with `guard` held for writing.
     pub fn dirty_slices(&self) -> Vec<Arc<L2Slice>> {
-        self.clock
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .filter(|s| s.is_dirty())
-            .cloned()
-            .collect()
+        self.clock.lock().unwrap_or_else(|e| e.into_inner()).iter().filter(|s| s.is_dirty()).cloned().collect()
     }
 
     /// Forget every cached slice of L1 entry `l1_index` (its table was freed).
@@ -462,11 +406,7 @@ impl L2Cache {
         for s in self.clock.lock().unwrap_or_else(|e| e.into_inner()).iter() {
             let l1 = self.l1.load();
             if let Some(slots) = l1.slots.get(s.l1_index).and_then(|o| o.get()) {
-                if slots[s.slice_index]
-                    .load()
-                    .as_ref()
-                    .is_some_and(|c| Arc::ptr_eq(c, s))
-                {
+                if slots[s.slice_index].load().as_ref().is_some_and(|c| Arc::ptr_eq(c, s)) {
                     slots[s.slice_index].store(None);
                 }
             }
@@ -475,9 +415,6 @@ impl L2Cache {
     }
 
     pub fn mark_l1_dirty(&self, i: usize) {
-        self.l1_dirty
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(i);
+        self.l1_dirty.lock().unwrap_or_else(|e| e.into_inner()).insert(i);
     }
 }

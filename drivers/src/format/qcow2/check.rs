@@ -14,9 +14,7 @@ use engine::error::{Error, ErrorKind, Result};
 use engine::runtime::IoBuf;
 
 use super::header;
-use super::layout::{
-    self, get_refcount, set_refcount, OFLAG_COMPRESSED, OFLAG_COPIED, REFT_OFFSET_MASK,
-};
+use super::layout::{self, get_refcount, set_refcount, OFLAG_COMPRESSED, OFLAG_COPIED, REFT_OFFSET_MASK};
 use super::Qcow2;
 
 pub use engine::block::{CheckFix as Fix, CheckReport};
@@ -69,12 +67,7 @@ struct Counter {
 impl Counter {
     fn new(cluster_bits: u32, file_len: u64) -> Counter {
         let nb = file_len.div_ceil(1 << cluster_bits);
-        Counter {
-            cluster_bits,
-            nb,
-            file_len,
-            refs: vec![0; nb as usize],
-        }
+        Counter { cluster_bits, nb, file_len, refs: vec![0; nb as usize] }
     }
 
     /// Count a reference to each cluster of [off, off+len). A region that
@@ -111,9 +104,7 @@ impl Counter {
 async fn read_u64s(file: &dyn BlockNode, off: u64, n: usize) -> Result<Vec<u64>> {
     let (r, b) = file.read(off, IoBuf::new(n * 8)).await;
     r?;
-    Ok(b.chunks_exact(8)
-        .map(|c| u64::from_be_bytes(c.try_into().expect("8 bytes")))
-        .collect())
+    Ok(b.chunks_exact(8).map(|c| u64::from_be_bytes(c.try_into().expect("8 bytes"))).collect())
 }
 
 /// A snapshot table entry's L1 table (offset, entries).
@@ -151,18 +142,9 @@ const MAX_BITMAP_TABLE: u64 = 1 << 27;
 /// Count the persistent bitmaps' tables and the data clusters they point to
 /// (the directory itself is counted by the caller). A table entry holds a
 /// cluster offset in bits 9-55; 0 means all zeroes, or all ones with bit 0.
-async fn bitmap_tables(
-    q: &Qcow2,
-    r: &mut Report,
-    counter: &mut Counter,
-    dir_off: u64,
-    dir_size: u64,
-    n: u32,
-) -> Result<()> {
+async fn bitmap_tables(q: &Qcow2, r: &mut Report, counter: &mut Counter, dir_off: u64, dir_size: u64, n: u32) -> Result<()> {
     if dir_size > MAX_BITMAP_DIR {
-        r.messages.push(format!(
-            "ERROR bitmap directory at {dir_off:#x} is too large ({dir_size} bytes)"
-        ));
+        r.messages.push(format!("ERROR bitmap directory at {dir_off:#x} is too large ({dir_size} bytes)"));
         r.corruptions += 1;
         return Ok(());
     }
@@ -178,9 +160,7 @@ async fn bitmap_tables(
     let mut reported = 0u32;
     for i in 0..n.min(65535) {
         let Some(e) = dir.get(pos..pos + 24) else {
-            r.messages.push(format!(
-                "ERROR bitmap directory entry {i} lies beyond the directory ({dir_size} bytes)"
-            ));
+            r.messages.push(format!("ERROR bitmap directory entry {i} lies beyond the directory ({dir_size} bytes)"));
             r.corruptions += 1;
             break;
         };
@@ -197,16 +177,11 @@ async fn bitmap_tables(
             continue;
         }
         counter.inc(r, table_off, table_size * 8);
-        if table_size == 0
-            || table_off.saturating_add(table_size * 8) > q.file.size()
-            || !seen.insert(table_off)
-        {
+        if table_size == 0 || table_off.saturating_add(table_size * 8) > q.file.size() || !seen.insert(table_off) {
             continue; // out of bounds (counted above as such) or read already
         }
         if table_size > budget {
-            r.messages.push(format!(
-                "ERROR bitmap {i}: tables hold more entries than the file could"
-            ));
+            r.messages.push(format!("ERROR bitmap {i}: tables hold more entries than the file could"));
             r.corruptions += 1;
             break;
         }
@@ -219,9 +194,7 @@ async fn bitmap_tables(
             if data % cs != 0 {
                 reported += 1;
                 if reported <= 100 {
-                    r.messages.push(format!(
-                        "ERROR bitmap {i}: data cluster offset {data:#x} is not cluster aligned"
-                    ));
+                    r.messages.push(format!("ERROR bitmap {i}: data cluster offset {data:#x} is not cluster aligned"));
                 }
                 r.corruptions += 1;
                 continue;
@@ -250,9 +223,7 @@ async fn walk_l1(
     let file = &*q.file;
     let df = q.has_data_file();
     if u64::from(l1_size) * 8 > header::MAX_L1_BYTES || !l1_off.is_multiple_of(cs) {
-        r.messages.push(format!(
-            "ERROR L1 table at {l1_off:#x} with {l1_size} entries is invalid"
-        ));
+        r.messages.push(format!("ERROR L1 table at {l1_off:#x} with {l1_size} entries is invalid"));
         r.corruptions += 1;
         return Ok(());
     }
@@ -265,18 +236,12 @@ async fn walk_l1(
             continue;
         }
         if !l2.is_multiple_of(cs) {
-            r.messages.push(format!(
-                "ERROR l2_offset={l2:x}: Table is not cluster aligned; L1 entry corrupted"
-            ));
+            r.messages.push(format!("ERROR l2_offset={l2:x}: Table is not cluster aligned; L1 entry corrupted"));
             r.corruptions += 1;
             continue;
         }
         if active {
-            copied_fixes.push(CopiedFix::L1 {
-                index: i,
-                entry: e,
-                host: l2,
-            });
+            copied_fixes.push(CopiedFix::L1 { index: i, entry: e, host: l2 });
         }
         counter.inc(r, l2, cs);
         if l2 >> geo.cluster_bits >= counter.nb {
@@ -286,16 +251,10 @@ async fn walk_l1(
         let table = read_u64s(file, l2, (cs / 8) as usize).await?;
         for j in 0..geo.l2_entries() as usize {
             let e2 = table[j * words];
-            let bm = if geo.extended_l2 {
-                table[j * words + 1]
-            } else {
-                0
-            };
+            let bm = if geo.extended_l2 { table[j * words + 1] } else { 0 };
             if e2 & OFLAG_COMPRESSED != 0 {
                 if df {
-                    r.messages.push(format!(
-                        "ERROR compressed cluster {j} with data file: entry=0x{e2:x}"
-                    ));
+                    r.messages.push(format!("ERROR compressed cluster {j} with data file: entry=0x{e2:x}"));
                     r.corruptions += 1;
                     continue;
                 }
@@ -333,12 +292,7 @@ async fn walk_l1(
                 continue;
             }
             if active {
-                copied_fixes.push(CopiedFix::L2 {
-                    table: l2,
-                    word: j * words,
-                    entry: e2,
-                    host,
-                });
+                copied_fixes.push(CopiedFix::L2 { table: l2, word: j * words, entry: e2, host });
             }
             counter.inc(r, host, cs);
         }
@@ -348,17 +302,8 @@ async fn walk_l1(
 
 /// An entry whose COPIED flag must agree with its cluster's refcount.
 enum CopiedFix {
-    L1 {
-        index: usize,
-        entry: u64,
-        host: u64,
-    },
-    L2 {
-        table: u64,
-        word: usize,
-        entry: u64,
-        host: u64,
-    },
+    L1 { index: usize, entry: u64, host: u64 },
+    L2 { table: u64, word: usize, entry: u64, host: u64 },
 }
 
 /// The refcounts as stored on disk.
@@ -389,10 +334,7 @@ pub async fn check(q: &Qcow2, fix: Fix) -> Result<Report> {
 pub async fn change_refcount_order(q: &Qcow2, order: u32) -> Result<()> {
     let r = check_with(q, Fix::default(), Some(order)).await?;
     if r.corruptions > 0 {
-        return Err(Error::new(
-            ErrorKind::Corrupt,
-            "the image has errors; repair it with 'check -r all' before changing refcount_bits",
-        ));
+        return Err(Error::new(ErrorKind::Corrupt, "the image has errors; repair it with 'check -r all' before changing refcount_bits"));
     }
     Ok(())
 }
@@ -401,10 +343,7 @@ async fn check_with(q: &Qcow2, fix: Fix, new_order: Option<u32>) -> Result<Repor
     let mut r = Report::default();
     let repairing = fix.leaks || fix.errors;
     if repairing && q.read_only {
-        return Err(Error::new(
-            ErrorKind::ReadOnly,
-            "cannot repair an image opened read-only",
-        ));
+        return Err(Error::new(ErrorKind::ReadOnly, "cannot repair an image opened read-only"));
     }
     if !q.read_only {
         // Everything, queued frees included, so the disk is what we check.
@@ -418,21 +357,12 @@ async fn check_with(q: &Qcow2, fix: Fix, new_order: Option<u32>) -> Result<Repor
     r.total_clusters = q.size().div_ceil(cs);
     let (l1_off, l1_size, rt_off, rt_clusters) = {
         let h = q.header();
-        (
-            h.l1_table_offset,
-            h.l1_size,
-            h.refcount_table_offset,
-            h.refcount_table_clusters,
-        )
+        (h.l1_table_offset, h.l1_size, h.refcount_table_offset, h.refcount_table_clusters)
     };
 
     // The stored refcounts, and whether their structure is sound.
     let rt = read_u64s(file, rt_off, (u64::from(rt_clusters) * cs / 8) as usize).await?;
-    let mut stored = StoredRefs {
-        order: geo.refcount_order,
-        rb_bits: geo.rb_bits,
-        blocks: Vec::with_capacity(rt.len()),
-    };
+    let mut stored = StoredRefs { order: geo.refcount_order, rb_bits: geo.rb_bits, blocks: Vec::with_capacity(rt.len()) };
     let mut counter = Counter::new(geo.cluster_bits, fsize);
     let mut structure_broken = false;
     // Header and refcount table.
@@ -445,17 +375,14 @@ async fn check_with(q: &Qcow2, fix: Fix, new_order: Option<u32>) -> Result<Repor
             continue;
         }
         if !off.is_multiple_of(cs) || e & 0x1ff != 0 {
-            r.messages.push(format!(
-                "ERROR refcount block {i} is not cluster aligned; refcount table entry corrupted"
-            ));
+            r.messages.push(format!("ERROR refcount block {i} is not cluster aligned; refcount table entry corrupted"));
             r.corruptions += 1;
             structure_broken = true;
             stored.blocks.push(None);
             continue;
         }
         if off >> geo.cluster_bits >= nb {
-            r.messages
-                .push(format!("ERROR refcount block {i} is outside image"));
+            r.messages.push(format!("ERROR refcount block {i} is outside image"));
             r.corruptions += 1;
             structure_broken = true;
             stored.blocks.push(None);
@@ -468,29 +395,9 @@ async fn check_with(q: &Qcow2, fix: Fix, new_order: Option<u32>) -> Result<Repor
     }
 
     let mut copied_fixes = Vec::new();
-    walk_l1(
-        q,
-        &mut r,
-        &mut counter,
-        l1_off,
-        l1_size,
-        true,
-        &mut copied_fixes,
-        &stored,
-    )
-    .await?;
+    walk_l1(q, &mut r, &mut counter, l1_off, l1_size, true, &mut copied_fixes, &stored).await?;
     for (off, size) in snapshot_l1s(q, &mut r, &mut counter).await? {
-        walk_l1(
-            q,
-            &mut r,
-            &mut counter,
-            off,
-            size,
-            false,
-            &mut Vec::new(),
-            &stored,
-        )
-        .await?;
+        walk_l1(q, &mut r, &mut counter, off, size, false, &mut Vec::new(), &stored).await?;
     }
     // Extension areas: bitmap directory, crypto header.
     let exts: Vec<header::Extension> = q.header().other_extensions.clone();
@@ -525,13 +432,7 @@ async fn check_with(q: &Qcow2, fix: Fix, new_order: Option<u32>) -> Result<Repor
         let will_fix = (leak && fix.leaks) || (!leak && fix.errors);
         r.messages.push(format!(
             "{} cluster {c} refcount={stored_rc} reference={computed}",
-            if will_fix {
-                "Repairing"
-            } else if leak {
-                "Leaked"
-            } else {
-                "ERROR"
-            }
+            if will_fix { "Repairing" } else if leak { "Leaked" } else { "ERROR" }
         ));
         if will_fix {
             set.push((c, computed));
@@ -546,12 +447,7 @@ async fn check_with(q: &Qcow2, fix: Fix, new_order: Option<u32>) -> Result<Repor
             r.corruptions += 1;
         }
         // A referenced cluster without a refcount block needs a new structure.
-        if computed > 0
-            && stored
-                .blocks
-                .get((c >> geo.rb_bits) as usize)
-                .is_none_or(|b| b.is_none())
-        {
+        if computed > 0 && stored.blocks.get((c >> geo.rb_bits) as usize).is_none_or(|b| b.is_none()) {
             structure_broken = true;
         }
     }
@@ -563,32 +459,20 @@ async fn check_with(q: &Qcow2, fix: Fix, new_order: Option<u32>) -> Result<Repor
     let mut flag_fixes = Vec::new();
     for f in &copied_fixes {
         let (entry, host, what) = match *f {
-            CopiedFix::L1 { index, entry, host } => (
-                entry,
-                host,
-                format!("L2 cluster: l1_index={index} l1_entry={entry:x}"),
-            ),
-            CopiedFix::L2 { entry, host, .. } => {
-                (entry, host, format!("data cluster: l2_entry={entry:x}"))
-            }
+            CopiedFix::L1 { index, entry, host } => (entry, host, format!("L2 cluster: l1_index={index} l1_entry={entry:x}")),
+            CopiedFix::L2 { entry, host, .. } => (entry, host, format!("data cluster: l2_entry={entry:x}")),
         };
         let rc = final_rc(host >> geo.cluster_bits);
         if (rc == 1) == (entry & OFLAG_COPIED != 0) {
             continue;
         }
-        let v = if rc == 1 {
-            entry | OFLAG_COPIED
-        } else {
-            entry & !OFLAG_COPIED
-        };
+        let v = if rc == 1 { entry | OFLAG_COPIED } else { entry & !OFLAG_COPIED };
         if fix.errors {
-            r.messages
-                .push(format!("Repairing OFLAG_COPIED {what} refcount={rc}"));
+            r.messages.push(format!("Repairing OFLAG_COPIED {what} refcount={rc}"));
             r.corruptions_fixed += 1;
             flag_fixes.push((f, v));
         } else {
-            r.messages
-                .push(format!("ERROR OFLAG_COPIED {what} refcount={rc}"));
+            r.messages.push(format!("ERROR OFLAG_COPIED {what} refcount={rc}"));
             r.corruptions += 1;
         }
     }
@@ -603,9 +487,7 @@ async fn check_with(q: &Qcow2, fix: Fix, new_order: Option<u32>) -> Result<Repor
     if !repairing {
         return Ok(r);
     }
-    let any_l2 = flag_fixes
-        .iter()
-        .any(|(f, _)| matches!(f, CopiedFix::L2 { .. }));
+    let any_l2 = flag_fixes.iter().any(|(f, _)| matches!(f, CopiedFix::L2 { .. }));
     for (f, v) in flag_fixes {
         apply_copied_fix(q, f, v).await?;
     }
@@ -633,14 +515,7 @@ async fn apply_copied_fix(q: &Qcow2, f: &CopiedFix, v: u64) -> Result<()> {
         }
         CopiedFix::L2 { table, word, .. } => table + word as u64 * 8,
     };
-    let (r, _) = q
-        .file
-        .write(
-            off,
-            IoBuf::from_slice(&v.to_be_bytes()),
-            WriteFlags::default(),
-        )
-        .await;
+    let (r, _) = q.file.write(off, IoBuf::from_slice(&v.to_be_bytes()), WriteFlags::default()).await;
     r?;
     Ok(())
 }
@@ -652,23 +527,13 @@ async fn write_refcounts(q: &Qcow2, stored: &StoredRefs, set: &[(u64, u64)]) -> 
     let mut touched: std::collections::BTreeMap<usize, Vec<u8>> = Default::default();
     for &(c, v) in set {
         let rti = (c >> geo.rb_bits) as usize;
-        let Some(Some(b)) = stored.blocks.get(rti) else {
-            continue;
-        };
+        let Some(Some(b)) = stored.blocks.get(rti) else { continue };
         let blk = touched.entry(rti).or_insert_with(|| b.clone());
-        set_refcount(
-            geo.refcount_order,
-            blk,
-            (c & (geo.refblock_entries() - 1)) as usize,
-            v.min(geo.refcount_max()),
-        );
+        set_refcount(geo.refcount_order, blk, (c & (geo.refblock_entries() - 1)) as usize, v.min(geo.refcount_max()));
     }
     for (rti, data) in touched {
         let off = rt[rti] & REFT_OFFSET_MASK;
-        let (r, _) = q
-            .file
-            .write(off, IoBuf::from_slice(&data), WriteFlags::default())
-            .await;
+        let (r, _) = q.file.write(off, IoBuf::from_slice(&data), WriteFlags::default()).await;
         r?;
     }
     q.file.flush().await
@@ -678,12 +543,7 @@ async fn write_refcounts(q: &Qcow2, stored: &StoredRefs, set: &[(u64, u64)]) -> 
 /// computed references, and point the header at it.
 async fn rebuild(q: &Qcow2, r: &mut Report, counter: &Counter, order: u32) -> Result<()> {
     r.messages.push("Rebuilding refcount structure".into());
-    let geo = layout::Geometry::new(
-        q.geo.cluster_bits,
-        q.geo.extended_l2,
-        order,
-        q.header().version,
-    );
+    let geo = layout::Geometry::new(q.geo.cluster_bits, q.geo.extended_l2, order, q.header().version);
     let cs = geo.cluster_size();
     let per_block = geo.refblock_entries();
     // Computed references, without the old refcount structure (it is dropped).
@@ -708,11 +568,7 @@ async fn rebuild(q: &Qcow2, r: &mut Report, counter: &Counter, order: u32) -> Re
     if let Some(c) = refs.iter().position(|&v| v > geo.refcount_max()) {
         return Err(Error::new(
             ErrorKind::InvalidArgument,
-            format!(
-                "cluster {c} has {} references, more than {}-bit refcounts can hold",
-                refs[c],
-                1u32 << order
-            ),
+            format!("cluster {c} has {} references, more than {}-bit refcounts can hold", refs[c], 1u32 << order),
         ));
     }
     let start = refs.len() as u64; // new structure goes here
@@ -740,26 +596,15 @@ async fn rebuild(q: &Qcow2, r: &mut Report, counter: &Counter, order: u32) -> Re
         for i in 0..per_block {
             let c = base + i;
             if let Some(&v) = refs.get(c as usize) {
-                set_refcount(
-                    geo.refcount_order,
-                    &mut data,
-                    i as usize,
-                    v.min(geo.refcount_max()),
-                );
+                set_refcount(geo.refcount_order, &mut data, i as usize, v.min(geo.refcount_max()));
             }
         }
         let off = blocks_off + b * cs;
-        let (res, _) = q
-            .file
-            .write(off, IoBuf::from_slice(&data), WriteFlags::default())
-            .await;
+        let (res, _) = q.file.write(off, IoBuf::from_slice(&data), WriteFlags::default()).await;
         res?;
         table[(b * 8) as usize..(b * 8 + 8) as usize].copy_from_slice(&off.to_be_bytes());
     }
-    let (res, _) = q
-        .file
-        .write(table_off, IoBuf::from_slice(&table), WriteFlags::default())
-        .await;
+    let (res, _) = q.file.write(table_off, IoBuf::from_slice(&table), WriteFlags::default()).await;
     res?;
     q.file.flush().await?;
     {

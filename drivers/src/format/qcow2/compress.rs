@@ -29,8 +29,7 @@ pub fn compress(ty: CompressionType, data: &[u8], cluster_size: usize) -> Result
             }
         }
         CompressionType::Zstd => {
-            let out = zstd::bulk::compress(data, 0)
-                .map_err(|e| Error::new(ErrorKind::Io, format!("zstd failed: {e}")))?;
+            let out = zstd::bulk::compress(data, 0).map_err(|e| Error::new(ErrorKind::Io, format!("zstd failed: {e}")))?;
             Ok((out.len() <= limit).then_some(out))
         }
     }
@@ -50,24 +49,19 @@ pub fn decompress(ty: CompressionType, src: &[u8], cluster_size: usize) -> Resul
                     "compressed cluster decodes to {} bytes, not {cluster_size}",
                     d.total_out()
                 ))),
-                Err(e) => Err(corrupt(format!(
-                    "compressed cluster is not valid deflate data: {e}"
-                ))),
+                Err(e) => Err(corrupt(format!("compressed cluster is not valid deflate data: {e}"))),
             }
         }
         CompressionType::Zstd => {
             use zstd::stream::raw::{Decoder, InBuffer, Operation, OutBuffer};
-            let mut d =
-                Decoder::new().map_err(|e| Error::new(ErrorKind::Io, format!("zstd: {e}")))?;
+            let mut d = Decoder::new().map_err(|e| Error::new(ErrorKind::Io, format!("zstd: {e}")))?;
             let mut input = InBuffer::around(src);
             let mut output = OutBuffer::around(&mut out[..]);
             // Trailing bytes after the frame are the sector's padding: stop
             // once the cluster is full or the frame ends.
             loop {
                 let before = (input.pos(), output.pos());
-                let hint = d.run(&mut input, &mut output).map_err(|e| {
-                    corrupt(format!("compressed cluster is not valid zstd data: {e}"))
-                })?;
+                let hint = d.run(&mut input, &mut output).map_err(|e| corrupt(format!("compressed cluster is not valid zstd data: {e}")))?;
                 if output.pos() == cluster_size || hint == 0 {
                     break;
                 }
@@ -77,9 +71,7 @@ pub fn decompress(ty: CompressionType, src: &[u8], cluster_size: usize) -> Resul
             }
             let n = output.pos();
             if n != cluster_size {
-                return Err(corrupt(format!(
-                    "compressed cluster decodes to {n} bytes, not {cluster_size}"
-                )));
+                return Err(corrupt(format!("compressed cluster decodes to {n} bytes, not {cluster_size}")));
             }
             Ok(out)
         }
@@ -112,8 +104,6 @@ mod tests {
                 (x >> 24) as u8
             })
             .collect();
-        assert!(compress(CompressionType::Zlib, &random, 65536)
-            .unwrap()
-            .is_none());
+        assert!(compress(CompressionType::Zlib, &random, 65536).unwrap().is_none());
     }
 }

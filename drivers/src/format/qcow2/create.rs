@@ -34,11 +34,7 @@ fn parse_spec(opts: &mut OptionTree, filename: &str) -> Result<(Spec, OptionTree
         let _ = opts.take_subtree("encrypt");
         let _ = opts.take("encrypt.format");
         let _ = opts.take("encryption");
-        return Err(Error::new(
-            ErrorKind::Unsupported,
-            "encrypted qcow2 images are not supported yet",
-        )
-        .with_file(filename));
+        return Err(Error::new(ErrorKind::Unsupported, "encrypted qcow2 images are not supported yet").with_file(filename));
     }
     let size = opts.take_size("size")?;
     let version = match opts.take("compat").as_deref() {
@@ -48,18 +44,12 @@ fn parse_spec(opts: &mut OptionTree, filename: &str) -> Result<(Spec, OptionTree
     };
     let cluster_size = opts.take_size("cluster_size")?.unwrap_or(65536);
     if !cluster_size.is_power_of_two() || !(512..=(2 << 20)).contains(&cluster_size) {
-        return Err(err(
-            "Cluster size must be a power of two between 512 and 2048k".to_string(),
-        ));
+        return Err(err("Cluster size must be a power of two between 512 and 2048k".to_string()));
     }
     let cluster_bits = cluster_size.trailing_zeros();
-    let refcount_bits = opts
-        .take_parsed::<u64Parse>("refcount_bits")?
-        .map_or(16, |v| v.0);
+    let refcount_bits = opts.take_parsed::<u64Parse>("refcount_bits")?.map_or(16, |v| v.0);
     if refcount_bits > 64 || !refcount_bits.is_power_of_two() {
-        return Err(err(
-            "Refcount width must be a power of two and may not exceed 64 bits".into(),
-        ));
+        return Err(err("Refcount width must be a power of two and may not exceed 64 bits".into()));
     }
     if version == 2 && refcount_bits != 16 {
         return Err(err("Different refcount widths than 16 bits require compatibility level 1.1 or above (use compat=1.1 or greater)".into()));
@@ -74,20 +64,13 @@ fn parse_spec(opts: &mut OptionTree, filename: &str) -> Result<(Spec, OptionTree
             return Err(err("Extended L2 entries are only supported with compatibility level 1.1 and above (use compat=1.1 or greater)".into()));
         }
         if cluster_bits < 14 {
-            return Err(err(
-                "Extended L2 entries are only supported with cluster sizes of at least 16384 bytes"
-                    .into(),
-            ));
+            return Err(err("Extended L2 entries are only supported with cluster sizes of at least 16384 bytes".into()));
         }
     }
     let compression = match opts.take("compression_type").as_deref() {
         None | Some("zlib") => CompressionType::Zlib,
         Some("zstd") => CompressionType::Zstd,
-        Some(v) => {
-            return Err(err(format!(
-                "Parameter 'compression-type' does not accept value '{v}'"
-            )))
-        }
+        Some(v) => return Err(err(format!("Parameter 'compression-type' does not accept value '{v}'"))),
     };
     if compression != CompressionType::Zlib && version == 2 {
         return Err(err("Non-zlib compression type is only supported with compatibility level 1.1 and above (use compat=1.1 or greater)".into()));
@@ -107,9 +90,7 @@ fn parse_spec(opts: &mut OptionTree, filename: &str) -> Result<(Spec, OptionTree
         return Err(err("Backing file and preallocation can only be used at the same time if the external data file is not raw".into()));
     }
     if backing_fmt.is_some() && backing_file.is_none() {
-        return Err(err(
-            "Backing format cannot be used without backing file".into()
-        ));
+        return Err(err("Backing format cannot be used without backing file".into()));
     }
     // Whatever is left goes to the protocol (nocow, extent_size_hint, ...).
     let mut proto = OptionTree::new();
@@ -145,17 +126,13 @@ struct u64Parse(u64);
 impl std::str::FromStr for u64Parse {
     type Err = Error;
     fn from_str(s: &str) -> Result<u64Parse> {
-        s.parse()
-            .map(u64Parse)
-            .map_err(|_| invalid(format!("'{s}' is not a number")))
+        s.parse().map(u64Parse).map_err(|_| invalid(format!("'{s}' is not a number")))
     }
 }
 
 /// Open the named backing file to check it and learn its size.
 async fn backing_size(ctx: &OpenCtx, filename: &str, spec: &Spec) -> Result<Option<u64>> {
-    let Some(b) = &spec.backing_file else {
-        return Ok(None);
-    };
+    let Some(b) = &spec.backing_file else { return Ok(None) };
     let mut o = OptionTree::new();
     o.set("file.filename", resolve_relative(filename, b));
     if let Some(f) = &spec.backing_fmt {
@@ -192,28 +169,14 @@ pub async fn create(ctx: &OpenCtx, filename: &str, mut opts: OptionTree) -> Resu
             }
         }
     } else if spec.backing_file.is_some() && spec.backing_fmt.is_none() {
-        return Err(Error::new(
-            ErrorKind::InvalidArgument,
-            "Backing file specified without backing format",
-        )
-        .with_file(filename));
+        return Err(Error::new(ErrorKind::InvalidArgument, "Backing file specified without backing format").with_file(filename));
     }
     if spec.size == u64::MAX {
         return Err(invalid("Image creation needs a size parameter").with_file(filename));
     }
-    let geo = Geometry::new(
-        spec.cluster_bits,
-        spec.extended_l2,
-        spec.refcount_order,
-        spec.version,
-    );
+    let geo = Geometry::new(spec.cluster_bits, spec.extended_l2, spec.refcount_order, spec.version);
     if geo.l1_entries_for(spec.size) * 8 > header::MAX_L1_BYTES {
-        return Err(invalid(format!(
-            "Image size {} is too large for a cluster size of {}",
-            spec.size,
-            geo.cluster_size()
-        ))
-        .with_file(filename));
+        return Err(invalid(format!("Image size {} is too large for a cluster size of {}", spec.size, geo.cluster_size())).with_file(filename));
     }
     let proto_driver = ctx
         .registry
@@ -269,9 +232,7 @@ pub async fn create(ctx: &OpenCtx, filename: &str, mut opts: OptionTree) -> Resu
     let mut wctx = ctx.clone();
     wctx.flags.write = true;
     let file = wctx.open_protocol(fopts).await?;
-    let (r, _) = file
-        .write(0, IoBuf::from_slice(&img), WriteFlags::default())
-        .await;
+    let (r, _) = file.write(0, IoBuf::from_slice(&img), WriteFlags::default()).await;
     r?;
     file.flush().await?;
     drop(file);
@@ -282,10 +243,7 @@ pub async fn create(ctx: &OpenCtx, filename: &str, mut opts: OptionTree) -> Resu
         o.set("backing", "null");
     }
     if spec.data_file.is_some() {
-        o.set(
-            "data-file.filename",
-            spec.data_file.clone().unwrap_or_default(),
-        );
+        o.set("data-file.filename", spec.data_file.clone().unwrap_or_default());
     }
     let mut f = OptionTree::new();
     f.set("filename", filename);
@@ -293,11 +251,7 @@ pub async fn create(ctx: &OpenCtx, filename: &str, mut opts: OptionTree) -> Resu
     let node = Qcow2Driver.open(&wctx, o, file).await?;
     node.truncate(spec.size, true, Prealloc::Off).await?;
     // A raw data file must be readable as the disk: every cluster is mapped.
-    let prealloc = if spec.data_file_raw && spec.prealloc == Prealloc::Off {
-        Prealloc::Metadata
-    } else {
-        spec.prealloc
-    };
+    let prealloc = if spec.data_file_raw && spec.prealloc == Prealloc::Off { Prealloc::Metadata } else { spec.prealloc };
     if prealloc != Prealloc::Off {
         node.preallocate(0, spec.size, prealloc).await?;
     }

@@ -42,26 +42,13 @@ impl Qcow2 {
     fn take_snapshot(&self, with_refcounts: bool) -> Snapshot {
         let _g = self.cache.guard.write().unwrap_or_else(|e| e.into_inner());
         let cs = self.geo.cluster_size();
-        let mut snap = Snapshot {
-            blocks: Vec::new(),
-            table: None,
-            moved: None,
-            slices: Vec::new(),
-            l1: Vec::new(),
-            l1_dirty: Vec::new(),
-            frees: Vec::new(),
-        };
+        let mut snap = Snapshot { blocks: Vec::new(), table: None, moved: None, slices: Vec::new(), l1: Vec::new(), l1_dirty: Vec::new(), frees: Vec::new() };
         {
             let mut st = self.refs.lock();
             if with_refcounts {
                 for (&rti, b) in st.blocks.iter() {
                     if b.mods != b.written {
-                        snap.blocks.push((
-                            rti,
-                            st.table[rti] & layout::REFT_OFFSET_MASK,
-                            b.mods,
-                            b.data.to_vec(),
-                        ));
+                        snap.blocks.push((rti, st.table[rti] & layout::REFT_OFFSET_MASK, b.mods, b.data.to_vec()));
                     }
                 }
                 if st.table_mods != st.table_written {
@@ -80,15 +67,7 @@ impl Qcow2 {
             let (m, bytes) = s.snapshot();
             snap.slices.push((s, m, bytes));
         }
-        let dirty: Vec<usize> = std::mem::take(
-            &mut *self
-                .cache
-                .l1_dirty
-                .lock()
-                .unwrap_or_else(|e| e.into_inner()),
-        )
-        .into_iter()
-        .collect();
+        let dirty: Vec<usize> = std::mem::take(&mut *self.cache.l1_dirty.lock().unwrap_or_else(|e| e.into_inner())).into_iter().collect();
         let l1 = self.cache.l1.load();
         let l1_off = self.header().l1_table_offset;
         // L1 entries go out in 512-byte sectors (64 entries), as QEMU writes them.
@@ -101,8 +80,7 @@ impl Qcow2 {
             last = sector;
             let start = sector * 64;
             let end = (start + 64).min(l1.len());
-            snap.l1
-                .push((l1_off + start as u64 * 8, l1.snapshot(start..end)));
+            snap.l1.push((l1_off + start as u64 * 8, l1.snapshot(start..end)));
         }
         snap.l1_dirty = dirty;
         snap
@@ -124,11 +102,7 @@ impl Qcow2 {
             let snap = self.take_snapshot(with_refcounts);
             let frees = snap.frees.clone();
             let l1_dirty = snap.l1_dirty.clone();
-            let idle = snap.blocks.is_empty()
-                && snap.table.is_none()
-                && snap.slices.is_empty()
-                && snap.l1.is_empty()
-                && frees.is_empty();
+            let idle = snap.blocks.is_empty() && snap.table.is_none() && snap.slices.is_empty() && snap.l1.is_empty() && frees.is_empty();
             if let Err(e) = self.write_snapshot(snap).await {
                 // Put back what was not applied; dirty slices and blocks stay dirty.
                 let mut st = self.refs.lock();
@@ -176,8 +150,7 @@ impl Qcow2 {
                     st.moved = None;
                 }
                 let cs = self.geo.cluster_size();
-                st.pending_frees
-                    .push((m.old_offset, u64::from(m.old_clusters) * cs, false));
+                st.pending_frees.push((m.old_offset, u64::from(m.old_clusters) * cs, false));
             }
             let mut st = self.refs.lock();
             for (rti, _, mods, _) in &snap.blocks {
@@ -224,24 +197,15 @@ impl Qcow2 {
                         let cs = self.geo.cluster_size();
                         for c in freed {
                             // A hint: a file that cannot punch keeps the bytes.
-                            let _ = self
-                                .file
-                                .discard(c, cs.min(self.file.size().saturating_sub(c)))
-                                .await;
+                            let _ = self.file.discard(c, cs.min(self.file.size().saturating_sub(c))).await;
                         }
                     }
                 }
                 Err(e) => {
                     // Keep the rest for the next round; report this one.
-                    self.refs
-                        .lock()
-                        .pending_frees
-                        .extend_from_slice(&frees[i + 1..]);
+                    self.refs.lock().pending_frees.extend_from_slice(&frees[i + 1..]);
                     if e.kind() == ErrorKind::Corrupt {
-                        eprintln!(
-                            "qcow2: {}: {e} (leaving it for 'check -r all')",
-                            self.filename
-                        );
+                        eprintln!("qcow2: {}: {e} (leaving it for 'check -r all')", self.filename);
                         continue;
                     }
                     return Err(e);
@@ -262,14 +226,7 @@ impl Qcow2 {
     }
 
     async fn write_incompatible(&self, bits: u64) -> Result<()> {
-        let (r, _) = self
-            .file
-            .write(
-                72,
-                IoBuf::from_slice(&bits.to_be_bytes()),
-                WriteFlags::default(),
-            )
-            .await;
+        let (r, _) = self.file.write(72, IoBuf::from_slice(&bits.to_be_bytes()), WriteFlags::default()).await;
         r?;
         self.file.flush().await
     }
@@ -302,10 +259,7 @@ impl Qcow2 {
     pub(super) async fn grow(&self, cur: u64, size: u64, prealloc: Prealloc) -> Result<()> {
         let need = self.geo.l1_entries_for(size);
         if need * 8 > header::MAX_L1_BYTES {
-            return Err(invalid(format!(
-                "image size {size} needs an L1 table larger than {} bytes",
-                header::MAX_L1_BYTES
-            )));
+            return Err(invalid(format!("image size {size} needs an L1 table larger than {} bytes", header::MAX_L1_BYTES)));
         }
         let have = self.cache.l1.load().len() as u64;
         if need > have {
@@ -325,8 +279,7 @@ impl Qcow2 {
             zero_end = zero_end.max(b.size().min(size));
         }
         if zero_end > cur {
-            self.do_write_zeroes(cur, zero_end - cur, engine::block::ZeroFlags::default())
-                .await?;
+            self.do_write_zeroes(cur, zero_end - cur, engine::block::ZeroFlags::default()).await?;
         }
         if prealloc != Prealloc::Off {
             self.preallocate(cur, size, prealloc).await?;
@@ -368,8 +321,7 @@ impl Qcow2 {
         self.write_header().await?;
         self.file.flush().await?;
         if old_len > 0 {
-            self.refs
-                .free_later(old_off, (old_len * 8).next_multiple_of(cs), false);
+            self.refs.free_later(old_off, (old_len * 8).next_multiple_of(cs), false);
         }
         Ok(())
     }
@@ -380,19 +332,12 @@ impl Qcow2 {
         let batch = self.refs.max_batch();
         let mut from = 0u64;
         for _ in 0..1024 {
-            let first = self
-                .refs
-                .alloc_from(&*self.file, from, n.min(batch))
-                .await?;
+            let first = self.refs.alloc_from(&*self.file, from, n.min(batch)).await?;
             let mut got = n.min(batch);
             let mut ok = true;
             while got < n {
                 let k = (n - got).min(batch);
-                if !self
-                    .refs
-                    .alloc_exact(&*self.file, first + got * cs, k)
-                    .await?
-                {
+                if !self.refs.alloc_exact(&*self.file, first + got * cs, k).await? {
                     ok = false;
                     break;
                 }
@@ -404,10 +349,7 @@ impl Qcow2 {
             self.refs.free_now(&*self.file, first, got * cs).await?;
             from = (first >> self.geo.cluster_bits) + got + 1;
         }
-        Err(engine::error::Error::new(
-            ErrorKind::NoSpace,
-            format!("found no {n} contiguous free clusters"),
-        ))
+        Err(engine::error::Error::new(ErrorKind::NoSpace, format!("found no {n} contiguous free clusters")))
     }
 
     /// Shrink: drop the clusters past the new end, then the file's tail.
@@ -524,10 +466,7 @@ impl Qcow2 {
             while c < stop {
                 // Runs of unallocated clusters, allocated together.
                 let (e, _) = self.entry(c).await?.unwrap_or((0, 0));
-                if layout::std_host_cluster(e).is_some()
-                    || e & layout::OFLAG_COMPRESSED != 0
-                    || (self.has_data_file() && e & OFLAG_COPIED != 0)
-                {
+                if layout::std_host_cluster(e).is_some() || e & layout::OFLAG_COMPRESSED != 0 || (self.has_data_file() && e & OFLAG_COPIED != 0) {
                     c += cs;
                     continue;
                 }
@@ -539,20 +478,11 @@ impl Qcow2 {
                     }
                     k += 1;
                 }
-                let host = if self.has_data_file() {
-                    c
-                } else {
-                    self.refs.alloc(&*self.file, k).await?
-                };
+                let host = if self.has_data_file() { c } else { self.refs.alloc(&*self.file, k).await? };
                 for i in 0..k {
                     let h = host + i * cs;
-                    let bm = if geo.extended_l2 {
-                        u64::from(u32::MAX)
-                    } else {
-                        0
-                    };
-                    self.set_entry(l1i, l2off, c + i * cs, |_, _| (h | OFLAG_COPIED, bm))
-                        .await?;
+                    let bm = if geo.extended_l2 { u64::from(u32::MAX) } else { 0 };
+                    self.set_entry(l1i, l2off, c + i * cs, |_, _| (h | OFLAG_COPIED, bm)).await?;
                 }
                 c += k * cs;
             }
@@ -560,30 +490,15 @@ impl Qcow2 {
         }
         self.writeback(false).await?;
         let data = self.data();
-        let end = if self.has_data_file() {
-            to
-        } else {
-            self.refs.end_of_allocation(&*self.file).await?
-        };
+        let end = if self.has_data_file() { to } else { self.refs.end_of_allocation(&*self.file).await? };
         if end > data.size() {
-            data.truncate(
-                end,
-                false,
-                if mode == Prealloc::Metadata {
-                    Prealloc::Off
-                } else {
-                    mode
-                },
-            )
-            .await?;
+            data.truncate(end, false, if mode == Prealloc::Metadata { Prealloc::Off } else { mode }).await?;
         }
         Ok(())
     }
 }
 
 async fn write_all(file: &dyn BlockNode, off: u64, data: &[u8]) -> Result<()> {
-    let (r, _) = file
-        .write(off, IoBuf::from_slice(data), WriteFlags::default())
-        .await;
+    let (r, _) = file.write(off, IoBuf::from_slice(data), WriteFlags::default()).await;
     r.map_err(|e| if e.offset().is_some() { e } else { e.at(off) })
 }

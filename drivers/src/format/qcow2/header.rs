@@ -185,11 +185,7 @@ impl Header {
             compatible: 0,
             autoclear: 0,
             refcount_order,
-            header_length: if version == 2 {
-                V2_HEADER_LEN
-            } else {
-                V3_HEADER_LEN
-            },
+            header_length: if version == 2 { V2_HEADER_LEN } else { V3_HEADER_LEN },
             compression: CompressionType::Zlib,
             extra_fields: Vec::new(),
             backing_file: None,
@@ -208,10 +204,7 @@ impl Header {
         }
         let version = be32(buf, 4);
         if version != 2 && version != 3 {
-            return Err(Error::new(
-                ErrorKind::Unsupported,
-                format!("Unsupported qcow2 version {version}"),
-            ));
+            return Err(Error::new(ErrorKind::Unsupported, format!("Unsupported qcow2 version {version}")));
         }
         let cluster_bits = be32(buf, 20);
         if !(MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&cluster_bits) {
@@ -241,11 +234,7 @@ impl Header {
             h.refcount_order = be32(buf, 96);
             h.header_length = be32(buf, 100);
             if h.header_length < 104 || !h.header_length.is_multiple_of(8) {
-                return Err(bad(format!(
-                    "qcow2 header length {} is invalid (at least 104, a multiple of 8)",
-                    h.header_length
-                ))
-                .at(100));
+                return Err(bad(format!("qcow2 header length {} is invalid (at least 104, a multiple of 8)", h.header_length)).at(100));
             }
             if u64::from(h.header_length) > cs || h.header_length as usize > buf.len() {
                 return Err(bad("qcow2 header exceeds cluster size").at(100));
@@ -267,18 +256,12 @@ impl Header {
                 let names = feature_names(buf, h.header_length as usize, cs as usize);
                 let list: Vec<String> = (0..64)
                     .filter(|b| unknown & (1u64 << b) != 0)
-                    .map(
-                        |b| match names.iter().find(|(t, bit, _)| *t == 0 && *bit == b) {
-                            Some((_, _, n)) => n.clone(),
-                            None => format!("Unknown incompatible feature: {:x}", 1u64 << b),
-                        },
-                    )
+                    .map(|b| match names.iter().find(|(t, bit, _)| *t == 0 && *bit == b) {
+                        Some((_, _, n)) => n.clone(),
+                        None => format!("Unknown incompatible feature: {:x}", 1u64 << b),
+                    })
                     .collect();
-                return Err(Error::new(
-                    ErrorKind::Unsupported,
-                    format!("Unsupported qcow2 feature(s): {}", list.join(", ")),
-                )
-                .at(72));
+                return Err(Error::new(ErrorKind::Unsupported, format!("Unsupported qcow2 feature(s): {}", list.join(", "))).at(72));
             }
             if h.refcount_order > 6 {
                 return Err(bad(format!("Reference count entry width too large; may not exceed 64 bits (refcount_order {})", h.refcount_order)).at(96));
@@ -296,10 +279,7 @@ impl Header {
             h.header_length = V2_HEADER_LEN;
         }
         if h.extended_l2() && cluster_bits < 14 {
-            return Err(bad(
-                "Extended L2 entries are only supported with cluster sizes of at least 16384 bytes",
-            )
-            .at(20));
+            return Err(bad("Extended L2 entries are only supported with cluster sizes of at least 16384 bytes").at(20));
         }
         if h.data_file_raw() && !h.has_data_file() {
             return Err(bad("data-file-raw requires a data file").at(88));
@@ -310,21 +290,14 @@ impl Header {
             ("Snapshot table", h.snapshots_offset, 64),
         ] {
             if off % cs != 0 {
-                return Err(bad(format!(
-                    "{name} offset {off:#x} is not aligned to the cluster size"
-                ))
-                .at(at));
+                return Err(bad(format!("{name} offset {off:#x} is not aligned to the cluster size")).at(at));
             }
         }
         if u64::from(h.l1_size) * 8 > MAX_L1_BYTES {
             return Err(bad(format!("Active L1 table too large ({} entries)", h.l1_size)).at(36));
         }
         if u64::from(h.refcount_table_clusters) * cs > MAX_REFTABLE_BYTES {
-            return Err(bad(format!(
-                "Reference count table too large ({} clusters)",
-                h.refcount_table_clusters
-            ))
-            .at(56));
+            return Err(bad(format!("Reference count table too large ({} clusters)", h.refcount_table_clusters)).at(56));
         }
         if h.refcount_table_clusters == 0 {
             return Err(bad("Image has no reference count table").at(56));
@@ -332,13 +305,9 @@ impl Header {
         h.parse_extensions(buf, cs as usize)?;
         if backing_offset != 0 {
             if backing_size > MAX_BACKING_NAME {
-                return Err(
-                    bad(format!("Backing file name too long ({backing_size} bytes)")).at(16),
-                );
+                return Err(bad(format!("Backing file name too long ({backing_size} bytes)")).at(16));
             }
-            let end = backing_offset
-                .checked_add(u64::from(backing_size))
-                .filter(|&e| e <= cs && e as usize <= buf.len());
+            let end = backing_offset.checked_add(u64::from(backing_size)).filter(|&e| e <= cs && e as usize <= buf.len());
             let Some(end) = end else {
                 return Err(bad("Backing file name is not within the header cluster").at(8));
             };
@@ -367,22 +336,14 @@ impl Header {
             }
             let data_at = at + 8;
             if len > limit - data_at {
-                return Err(bad(format!(
-                    "qcow2 header extension {ty:#010x} overflows the header cluster"
-                ))
-                .at(at as u64));
+                return Err(bad(format!("qcow2 header extension {ty:#010x} overflows the header cluster")).at(at as u64));
             }
             let data = &buf[data_at..data_at + len];
             match ty {
-                EXT_BACKING_FORMAT => {
-                    self.backing_format = Some(String::from_utf8_lossy(data).into_owned())
-                }
+                EXT_BACKING_FORMAT => self.backing_format = Some(String::from_utf8_lossy(data).into_owned()),
                 EXT_DATA_FILE => self.data_file = Some(String::from_utf8_lossy(data).into_owned()),
                 EXT_FEATURE_TABLE => {} // regenerated on write
-                _ => self.other_extensions.push(Extension {
-                    ty,
-                    data: data.to_vec(),
-                }),
+                _ => self.other_extensions.push(Extension { ty, data: data.to_vec() }),
             }
             at = data_at + len.next_multiple_of(8);
         }
@@ -395,8 +356,7 @@ impl Header {
     /// The header cluster's contents as we would write them. The feature
     /// name table is optional: like QEMU, we leave it out when it does not fit.
     pub fn serialize(&self) -> Result<Vec<u8>> {
-        self.serialize_with(true)
-            .or_else(|_| self.serialize_with(false))
+        self.serialize_with(true).or_else(|_| self.serialize_with(false))
     }
 
     fn serialize_with(&self, feature_table: bool) -> Result<Vec<u8>> {
@@ -424,10 +384,7 @@ impl Header {
                     CompressionType::Zlib => 0,
                     CompressionType::Zstd => 1,
                 };
-                let n = self
-                    .extra_fields
-                    .len()
-                    .min(self.header_length as usize - 105);
+                let n = self.extra_fields.len().min(self.header_length as usize - 105);
                 b[105..105 + n].copy_from_slice(&self.extra_fields[..n]);
             }
         }
@@ -492,11 +449,7 @@ fn feature_names(buf: &[u8], start: usize, cs: usize) -> Vec<(u8, u32, String)> 
             for e in buf[at + 8..at + 8 + len].chunks_exact(48) {
                 let name = &e[2..];
                 let end = name.iter().position(|&c| c == 0).unwrap_or(name.len());
-                out.push((
-                    e[0],
-                    u32::from(e[1]),
-                    String::from_utf8_lossy(&name[..end]).into_owned(),
-                ));
+                out.push((e[0], u32::from(e[1]), String::from_utf8_lossy(&name[..end]).into_owned()));
             }
         }
         at += 8 + len.next_multiple_of(8);
@@ -517,10 +470,7 @@ mod tests {
         h.refcount_table_clusters = 1;
         h.backing_file = Some("base.qcow2".into());
         h.backing_format = Some("qcow2".into());
-        h.other_extensions.push(Extension {
-            ty: 0x1234_5678,
-            data: vec![1, 2, 3],
-        });
+        h.other_extensions.push(Extension { ty: 0x1234_5678, data: vec![1, 2, 3] });
         let b = h.serialize().unwrap();
         let mut cluster = b.clone();
         cluster.resize(65536, 0);
@@ -538,10 +488,6 @@ mod tests {
         b[72..80].copy_from_slice(&(1u64 << 40).to_be_bytes());
         let e = Header::parse(&b).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::Unsupported);
-        assert!(
-            e.to_string()
-                .contains("Unknown incompatible feature: 10000000000"),
-            "{e}"
-        );
+        assert!(e.to_string().contains("Unknown incompatible feature: 10000000000"), "{e}");
     }
 }

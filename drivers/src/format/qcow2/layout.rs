@@ -52,12 +52,7 @@ pub struct Geometry {
 }
 
 impl Geometry {
-    pub fn new(
-        cluster_bits: u32,
-        extended_l2: bool,
-        refcount_order: u32,
-        version: u32,
-    ) -> Geometry {
+    pub fn new(cluster_bits: u32, extended_l2: bool, refcount_order: u32, version: u32) -> Geometry {
         let entry_bits = if extended_l2 { 4 } else { 3 };
         Geometry {
             cluster_bits,
@@ -146,14 +141,10 @@ fn corrupt(msg: String) -> Error {
 pub fn l1_l2_offset(geo: &Geometry, e: u64, index: usize) -> Result<u64> {
     let off = e & L1E_OFFSET_MASK;
     if e & L1E_RESERVED != 0 {
-        return Err(corrupt(format!(
-            "L1 entry {index} has reserved bits set ({e:#018x})"
-        )));
+        return Err(corrupt(format!("L1 entry {index} has reserved bits set ({e:#018x})")));
     }
     if !off.is_multiple_of(geo.cluster_size()) {
-        return Err(corrupt(format!(
-            "L2 table offset {off:#x} in L1 entry {index} is not cluster aligned"
-        )));
+        return Err(corrupt(format!("L2 table offset {off:#x} in L1 entry {index} is not cluster aligned")));
     }
     Ok(off)
 }
@@ -161,68 +152,41 @@ pub fn l1_l2_offset(geo: &Geometry, e: u64, index: usize) -> Result<u64> {
 /// Decode the entry for the guest range starting `in_cluster` bytes into a
 /// cluster. Returns the mapping of that first byte and how many bytes from
 /// there (up to the end of the cluster) share it.
-pub fn decode(
-    geo: &Geometry,
-    entry: u64,
-    bitmap: u64,
-    in_cluster: u64,
-    has_data_file: bool,
-) -> Result<(Mapping, u64)> {
+pub fn decode(geo: &Geometry, entry: u64, bitmap: u64, in_cluster: u64, has_data_file: bool) -> Result<(Mapping, u64)> {
     let cs = geo.cluster_size();
     let rest = cs - in_cluster;
     if entry & OFLAG_COMPRESSED != 0 {
         if has_data_file {
-            return Err(corrupt(format!(
-                "compressed cluster descriptor {entry:#018x} in an image with a data file"
-            )));
+            return Err(corrupt(format!("compressed cluster descriptor {entry:#018x} in an image with a data file")));
         }
         let (offset, len) = compressed_range(geo, entry);
         return Ok((Mapping::Compressed { offset, len }, rest));
     }
     if entry & L2E_STD_RESERVED != 0 {
-        return Err(corrupt(format!(
-            "L2 entry {entry:#018x} has reserved bits set"
-        )));
+        return Err(corrupt(format!("L2 entry {entry:#018x} has reserved bits set")));
     }
     let host = entry & L2E_OFFSET_MASK;
     let copied = entry & OFLAG_COPIED != 0;
     if !host.is_multiple_of(cs) {
-        return Err(corrupt(format!(
-            "cluster offset {host:#x} in L2 entry {entry:#018x} is not cluster aligned"
-        )));
+        return Err(corrupt(format!("cluster offset {host:#x} in L2 entry {entry:#018x} is not cluster aligned")));
     }
     let allocated = host != 0 || (copied && has_data_file);
     if !geo.extended_l2 {
         if geo.zero_flag && entry & OFLAG_ZERO != 0 {
-            return Ok((
-                Mapping::Zero {
-                    host: allocated.then_some(host),
-                },
-                rest,
-            ));
+            return Ok((Mapping::Zero { host: allocated.then_some(host) }, rest));
         }
         if allocated {
-            return Ok((
-                Mapping::Data {
-                    host: host + in_cluster,
-                    copied,
-                },
-                rest,
-            ));
+            return Ok((Mapping::Data { host: host + in_cluster, copied }, rest));
         }
         return Ok((Mapping::Unallocated, rest));
     }
     let alloc = bitmap as u32;
     let zero = (bitmap >> 32) as u32;
     if alloc & zero != 0 {
-        return Err(corrupt(format!(
-            "subcluster bitmap {bitmap:#018x} marks subclusters both allocated and zero"
-        )));
+        return Err(corrupt(format!("subcluster bitmap {bitmap:#018x} marks subclusters both allocated and zero")));
     }
     if alloc != 0 && !allocated {
-        return Err(corrupt(format!(
-            "subclusters allocated in L2 entry {entry:#018x} without a host cluster"
-        )));
+        return Err(corrupt(format!("subclusters allocated in L2 entry {entry:#018x} without a host cluster")));
     }
     let sc = geo.subcluster_size();
     let first = (in_cluster / sc) as u32;
@@ -242,13 +206,8 @@ pub fn decode(
     }
     let n = u64::from(last) * sc - in_cluster;
     let m = match c {
-        1 => Mapping::Data {
-            host: host + in_cluster,
-            copied,
-        },
-        2 => Mapping::Zero {
-            host: allocated.then_some(host),
-        },
+        1 => Mapping::Data { host: host + in_cluster, copied },
+        2 => Mapping::Zero { host: allocated.then_some(host) },
         _ => Mapping::Unallocated,
     };
     Ok((m, n))
@@ -300,9 +259,7 @@ pub fn get_refcount(order: u32, block: &[u8], index: usize) -> u64 {
         }
         3 => u64::from(block[index]),
         4 => u64::from(u16::from_be_bytes([block[index * 2], block[index * 2 + 1]])),
-        5 => u64::from(u32::from_be_bytes(
-            block[index * 4..index * 4 + 4].try_into().expect("4 bytes"),
-        )),
+        5 => u64::from(u32::from_be_bytes(block[index * 4..index * 4 + 4].try_into().expect("4 bytes"))),
         _ => u64::from_be_bytes(block[index * 8..index * 8 + 8].try_into().expect("8 bytes")),
     }
 }
@@ -333,20 +290,12 @@ mod tests {
         for order in 0..=6u32 {
             let mut block = vec![0u8; 512];
             let entries = (512 * 8) >> order;
-            let max = if order == 6 {
-                u64::MAX
-            } else {
-                (1u64 << (1 << order)) - 1
-            };
+            let max = if order == 6 { u64::MAX } else { (1u64 << (1 << order)) - 1 };
             for i in 0..entries {
                 set_refcount(order, &mut block, i, (i as u64 * 7) & max);
             }
             for i in 0..entries {
-                assert_eq!(
-                    get_refcount(order, &block, i),
-                    (i as u64 * 7) & max,
-                    "order {order} index {i}"
-                );
+                assert_eq!(get_refcount(order, &block, i), (i as u64 * 7) & max, "order {order} index {i}");
             }
         }
         // Bit 0 is the least significant bit of the first byte.
@@ -373,32 +322,9 @@ mod tests {
         // subclusters 0-1 allocated, 2 zero, rest unallocated
         let bitmap = 0b11u64 | (0b100u64 << 32);
         let e = 0x50000 | OFLAG_COPIED;
-        assert_eq!(
-            decode(&geo, e, bitmap, 0, false).unwrap(),
-            (
-                Mapping::Data {
-                    host: 0x50000,
-                    copied: true
-                },
-                2 * sc
-            )
-        );
-        assert_eq!(
-            decode(&geo, e, bitmap, 2 * sc + 5, false).unwrap(),
-            (
-                Mapping::Zero {
-                    host: Some(0x50000)
-                },
-                sc - 5
-            )
-        );
-        assert_eq!(
-            decode(&geo, e, bitmap, 3 * sc, false).unwrap(),
-            (Mapping::Unallocated, 29 * sc)
-        );
-        assert!(
-            decode(&geo, e, 1 | (1 << 32), 0, false).is_err(),
-            "allocated and zero at once"
-        );
+        assert_eq!(decode(&geo, e, bitmap, 0, false).unwrap(), (Mapping::Data { host: 0x50000, copied: true }, 2 * sc));
+        assert_eq!(decode(&geo, e, bitmap, 2 * sc + 5, false).unwrap(), (Mapping::Zero { host: Some(0x50000) }, sc - 5));
+        assert_eq!(decode(&geo, e, bitmap, 3 * sc, false).unwrap(), (Mapping::Unallocated, 29 * sc));
+        assert!(decode(&geo, e, 1 | (1 << 32), 0, false).is_err(), "allocated and zero at once");
     }
 }

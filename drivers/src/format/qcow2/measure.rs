@@ -33,11 +33,7 @@ pub fn prealloc_size(size: u64, cluster_size: u64, refcount_order: u32, extended
     meta += nl2e * l2e;
     let nl1e = (nl2e * l2e / cluster_size).next_multiple_of(cluster_size / 8);
     meta += nl1e * 8;
-    meta += refcount_metadata_size(
-        (meta + aligned) / cluster_size,
-        cluster_size,
-        refcount_order,
-    );
+    meta += refcount_metadata_size((meta + aligned) / cluster_size, cluster_size, refcount_order);
     meta + aligned
 }
 
@@ -45,63 +41,32 @@ pub fn prealloc_size(size: u64, cluster_size: u64, refcount_order: u32, extended
 /// `data` bytes of allocated guest data (whole clusters), under `opts`.
 pub fn measure(opts: &mut OptionTree, virtual_size: u64, data: u64) -> Result<(u64, u64)> {
     if opts.keys().any(|k| k.starts_with("encrypt")) {
-        return Err(Error::new(
-            ErrorKind::Unsupported,
-            "measuring encrypted qcow2 images is not supported yet",
-        ));
+        return Err(Error::new(ErrorKind::Unsupported, "measuring encrypted qcow2 images is not supported yet"));
     }
     let cluster_size = opts.take_size("cluster_size")?.unwrap_or(65536);
     if !cluster_size.is_power_of_two() || !(512..=(2 << 20)).contains(&cluster_size) {
-        return Err(invalid(
-            "Cluster size must be a power of two between 512 and 2048k",
-        ));
+        return Err(invalid("Cluster size must be a power of two between 512 and 2048k"));
     }
     let refcount_bits = match opts.take("refcount_bits") {
-        Some(v) => v
-            .parse::<u64>()
-            .map_err(|_| invalid(format!("'{v}' is not a number")))?,
+        Some(v) => v.parse::<u64>().map_err(|_| invalid(format!("'{v}' is not a number")))?,
         None => 16,
     };
     if refcount_bits > 64 || !refcount_bits.is_power_of_two() {
-        return Err(invalid(
-            "Refcount width must be a power of two and may not exceed 64 bits",
-        ));
+        return Err(invalid("Refcount width must be a power of two and may not exceed 64 bits"));
     }
     let extended_l2 = opts.take_bool("extended_l2")?.unwrap_or(false);
     if extended_l2 && cluster_size < 16384 {
-        return Err(invalid(
-            "Extended L2 entries are only supported with cluster sizes of at least 16384 bytes",
-        ));
+        return Err(invalid("Extended L2 entries are only supported with cluster sizes of at least 16384 bytes"));
     }
     let prealloc: Prealloc = opts.take_parsed("preallocation")?.unwrap_or_default();
-    for k in [
-        "compat",
-        "lazy_refcounts",
-        "compression_type",
-        "data_file",
-        "data_file_raw",
-        "backing_file",
-        "backing_fmt",
-        "nocow",
-        "extent_size_hint",
-        "size",
-    ] {
+    for k in ["compat", "lazy_refcounts", "compression_type", "data_file", "data_file_raw", "backing_file", "backing_fmt", "nocow", "extent_size_hint", "size"] {
         let _ = opts.take(k);
     }
     opts.ensure_consumed("Block format 'qcow2'")?;
     // Data is counted in whole clusters, so is the virtual size it replaces.
     let virtual_size = virtual_size.next_multiple_of(cluster_size);
-    let full = prealloc_size(
-        virtual_size,
-        cluster_size,
-        refcount_bits.trailing_zeros(),
-        extended_l2,
-    );
-    let data = if prealloc == Prealloc::Off {
-        data.min(virtual_size)
-    } else {
-        virtual_size
-    };
+    let full = prealloc_size(virtual_size, cluster_size, refcount_bits.trailing_zeros(), extended_l2);
+    let data = if prealloc == Prealloc::Off { data.min(virtual_size) } else { virtual_size };
     Ok((full - virtual_size + data, full))
 }
 

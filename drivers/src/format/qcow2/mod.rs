@@ -11,10 +11,10 @@
 //! both allocate the same cluster; the allocator's mutex is held only for
 //! in-memory work.
 
-mod amend;
 mod cache;
 pub mod check;
 mod compress;
+mod amend;
 mod create;
 mod flush;
 pub mod header;
@@ -22,17 +22,17 @@ mod io;
 pub mod layout;
 pub mod measure;
 mod refcount;
+mod zero;
 #[cfg(test)]
 mod tests;
-mod zero;
 
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use engine::block::{
-    open_image, resolve_relative, BlockNode, BoxFuture, Child, CreateOpt, Driver, DriverKind,
-    Extent, Limits, OpenCtx, Perm, Prealloc, RangeTracker, WriteFlags, ZeroFlags, MAX_CHAIN_DEPTH,
+    open_image, resolve_relative, BlockNode, BoxFuture, Child, CreateOpt, Driver, DriverKind, Extent, Limits, OpenCtx, Perm, Prealloc,
+    RangeTracker, WriteFlags, ZeroFlags, MAX_CHAIN_DEPTH,
 };
 use engine::error::{invalid, Error, ErrorKind, Result};
 use engine::options::OptionTree;
@@ -122,10 +122,8 @@ impl Qcow2 {
     /// Refuse writes once the image is known corrupt.
     fn check_not_corrupt(&self) -> Result<()> {
         if self.corrupt.load(Ordering::Acquire) {
-            return Err(corrupt_err(
-                "qcow2 image is marked corrupt; writes are refused (run 'ringblk check -r all')",
-            )
-            .with_file(self.filename.clone()));
+            return Err(corrupt_err("qcow2 image is marked corrupt; writes are refused (run 'ringblk check -r all')")
+                .with_file(self.filename.clone()));
         }
         Ok(())
     }
@@ -138,23 +136,14 @@ impl Qcow2 {
         if self.read_only || self.corrupt.swap(true, Ordering::AcqRel) {
             return e;
         }
-        eprintln!(
-            "qcow2: Marking image as corrupt: {e}; further corruption events will be suppressed"
-        );
+        eprintln!("qcow2: Marking image as corrupt: {e}; further corruption events will be suppressed");
         if !self.is_v2() {
             let bits = {
                 let mut h = self.header();
                 h.incompatible |= header::INCOMPAT_CORRUPT;
                 h.incompatible
             };
-            let (r, _) = self
-                .file
-                .write(
-                    72,
-                    IoBuf::from_slice(&bits.to_be_bytes()),
-                    WriteFlags::default(),
-                )
-                .await;
+            let (r, _) = self.file.write(72, IoBuf::from_slice(&bits.to_be_bytes()), WriteFlags::default()).await;
             if r.is_ok() {
                 let _ = self.file.flush().await;
             }
@@ -193,14 +182,7 @@ impl Qcow2 {
             h.incompatible &= !header::INCOMPAT_CORRUPT;
             h.incompatible
         };
-        let (r, _) = self
-            .file
-            .write(
-                72,
-                IoBuf::from_slice(&bits.to_be_bytes()),
-                WriteFlags::default(),
-            )
-            .await;
+        let (r, _) = self.file.write(72, IoBuf::from_slice(&bits.to_be_bytes()), WriteFlags::default()).await;
         r?;
         self.file.flush().await?;
         self.corrupt.store(false, Ordering::Release);
@@ -225,10 +207,7 @@ impl Qcow2 {
             d.insert("data-file-raw".into(), json!(h.data_file_raw()));
         }
         if v3 {
-            d.insert(
-                "corrupt".into(),
-                json!(h.incompatible & header::INCOMPAT_CORRUPT != 0),
-            );
+            d.insert("corrupt".into(), json!(h.incompatible & header::INCOMPAT_CORRUPT != 0));
             d.insert("extended-l2".into(), json!(h.extended_l2()));
         }
         json!({ "type": "qcow2", "data": Value::Object(d) })
@@ -246,11 +225,7 @@ impl BlockNode for Qcow2 {
         self.size.load(Ordering::Acquire)
     }
     fn limits(&self) -> Limits {
-        Limits {
-            request_alignment: 1,
-            mem_alignment: self.file.limits().mem_alignment,
-            max_transfer: 0,
-        }
+        Limits { request_alignment: 1, mem_alignment: self.file.limits().mem_alignment, max_transfer: 0 }
     }
     fn read_only(&self) -> bool {
         self.read_only
@@ -259,21 +234,12 @@ impl BlockNode for Qcow2 {
         Some(self.geo.cluster_size())
     }
     fn children(&self) -> Vec<Child> {
-        let mut v = vec![Child {
-            role: "file",
-            node: self.file.clone(),
-        }];
+        let mut v = vec![Child { role: "file", node: self.file.clone() }];
         if let Some(d) = &self.data_file {
-            v.push(Child {
-                role: "data-file",
-                node: d.clone(),
-            });
+            v.push(Child { role: "data-file", node: d.clone() });
         }
         if let Some(b) = &self.backing {
-            v.push(Child {
-                role: "backing",
-                node: b.clone(),
-            });
+            v.push(Child { role: "backing", node: b.clone() });
         }
         v
     }
@@ -282,30 +248,14 @@ impl BlockNode for Qcow2 {
         let n = buf.len();
         self.read_part(offset, buf, 0..n)
     }
-    fn write(
-        &self,
-        offset: u64,
-        buf: IoBuf,
-        flags: WriteFlags,
-    ) -> BoxFuture<'_, (Result<()>, IoBuf)> {
+    fn write(&self, offset: u64, buf: IoBuf, flags: WriteFlags) -> BoxFuture<'_, (Result<()>, IoBuf)> {
         let n = buf.len();
         self.write_part(offset, buf, 0..n, flags)
     }
-    fn read_part(
-        &self,
-        offset: u64,
-        buf: IoBuf,
-        range: Range<usize>,
-    ) -> BoxFuture<'_, (Result<()>, IoBuf)> {
+    fn read_part(&self, offset: u64, buf: IoBuf, range: Range<usize>) -> BoxFuture<'_, (Result<()>, IoBuf)> {
         Box::pin(self.do_read(offset, buf, range))
     }
-    fn write_part(
-        &self,
-        offset: u64,
-        buf: IoBuf,
-        range: Range<usize>,
-        flags: WriteFlags,
-    ) -> BoxFuture<'_, (Result<()>, IoBuf)> {
+    fn write_part(&self, offset: u64, buf: IoBuf, range: Range<usize>, flags: WriteFlags) -> BoxFuture<'_, (Result<()>, IoBuf)> {
         Box::pin(self.do_write(offset, buf, range, flags))
     }
     fn write_compressed(&self, offset: u64, buf: IoBuf) -> BoxFuture<'_, (Result<()>, IoBuf)> {
@@ -355,10 +305,7 @@ impl BlockNode for Qcow2 {
         // The image file only, as qemu-img reports it.
         self.file.allocated_size()
     }
-    fn check(
-        &self,
-        fix: engine::block::CheckFix,
-    ) -> BoxFuture<'_, Result<engine::block::CheckReport>> {
+    fn check(&self, fix: engine::block::CheckFix) -> BoxFuture<'_, Result<engine::block::CheckReport>> {
         Box::pin(async move {
             let r = check::check(self, fix).await.map_err(|e| self.err(e))?;
             if (fix.leaks || fix.errors) && r.corruptions == 0 {
@@ -371,10 +318,7 @@ impl BlockNode for Qcow2 {
         Box::pin(async move {
             engine::block::check_writable(self)?;
             if backing.is_some() && self.data_file_raw() {
-                return Err(
-                    invalid("data-file-raw requires that the image has no backing file")
-                        .with_file(self.filename()),
-                );
+                return Err(invalid("data-file-raw requires that the image has no backing file").with_file(self.filename()));
             }
             {
                 let mut h = self.header();
@@ -404,9 +348,7 @@ impl BlockNode for Qcow2 {
     }
     fn backing_name(&self) -> Option<(String, Option<String>)> {
         let h = self.header();
-        h.backing_file
-            .clone()
-            .map(|b| (b, h.backing_format.clone()))
+        h.backing_file.clone().map(|b| (b, h.backing_format.clone()))
     }
 }
 
@@ -414,88 +356,37 @@ pub struct Qcow2Driver;
 
 /// qemu-img's order and wording for `create -f qcow2 -o help`.
 pub const CREATE_OPTS: &[CreateOpt] = &[
-    CreateOpt {
-        name: "backing_file",
-        ty: "str",
-        help: "File name of a base image",
-    },
-    CreateOpt {
-        name: "backing_fmt",
-        ty: "str",
-        help: "Image format of the base image",
-    },
-    CreateOpt {
-        name: "cluster_size",
-        ty: "size",
-        help: "qcow2 cluster size",
-    },
-    CreateOpt {
-        name: "compat",
-        ty: "str",
-        help: "Compatibility level (v2 [0.10] or v3 [1.1])",
-    },
-    CreateOpt {
-        name: "compression_type",
-        ty: "str",
-        help: "Compression method used for image cluster compression",
-    },
-    CreateOpt {
-        name: "data_file",
-        ty: "str",
-        help: "File name of an external data file",
-    },
+    CreateOpt { name: "backing_file", ty: "str", help: "File name of a base image" },
+    CreateOpt { name: "backing_fmt", ty: "str", help: "Image format of the base image" },
+    CreateOpt { name: "cluster_size", ty: "size", help: "qcow2 cluster size" },
+    CreateOpt { name: "compat", ty: "str", help: "Compatibility level (v2 [0.10] or v3 [1.1])" },
+    CreateOpt { name: "compression_type", ty: "str", help: "Compression method used for image cluster compression" },
+    CreateOpt { name: "data_file", ty: "str", help: "File name of an external data file" },
     CreateOpt {
         name: "data_file_raw",
         ty: "bool (on/off)",
         help: "The external data file must stay valid as a raw image",
     },
-    CreateOpt {
-        name: "extended_l2",
-        ty: "bool (on/off)",
-        help: "Extended L2 tables",
-    },
-    CreateOpt {
-        name: "lazy_refcounts",
-        ty: "bool (on/off)",
-        help: "Postpone refcount updates",
-    },
-    CreateOpt {
-        name: "nocow",
-        ty: "bool (on/off)",
-        help: "Turn off copy-on-write (valid only on btrfs)",
-    },
+    CreateOpt { name: "extended_l2", ty: "bool (on/off)", help: "Extended L2 tables" },
+    CreateOpt { name: "lazy_refcounts", ty: "bool (on/off)", help: "Postpone refcount updates" },
+    CreateOpt { name: "nocow", ty: "bool (on/off)", help: "Turn off copy-on-write (valid only on btrfs)" },
     CreateOpt {
         name: "preallocation",
         ty: "str",
         help: "Preallocation mode (allowed values: off, metadata, falloc, full)",
     },
-    CreateOpt {
-        name: "refcount_bits",
-        ty: "num",
-        help: "Width of a reference count entry in bits",
-    },
-    CreateOpt {
-        name: "size",
-        ty: "size",
-        help: "Virtual disk size",
-    },
+    CreateOpt { name: "refcount_bits", ty: "num", help: "Width of a reference count entry in bits" },
+    CreateOpt { name: "size", ty: "size", help: "Virtual disk size" },
 ];
 
 async fn read_header(file: &dyn BlockNode) -> Result<Header> {
     let fsize = file.size();
     let first = engine::block::read_vec(file, 0, fsize.min(512) as usize).await?;
     if first.len() < 72 {
-        return Err(Error::new(
-            ErrorKind::InvalidImage,
-            "Image is not in qcow2 format (file too short)",
-        ));
+        return Err(Error::new(ErrorKind::InvalidImage, "Image is not in qcow2 format (file too short)"));
     }
     let cluster_bits = u32::from_be_bytes(first[20..24].try_into().expect("4 bytes"));
-    let cs = if (header::MIN_CLUSTER_BITS..=header::MAX_CLUSTER_BITS).contains(&cluster_bits) {
-        1u64 << cluster_bits
-    } else {
-        512
-    };
+    let cs = if (header::MIN_CLUSTER_BITS..=header::MAX_CLUSTER_BITS).contains(&cluster_bits) { 1u64 << cluster_bits } else { 512 };
     let buf = engine::block::read_vec(file, 0, cs.min(fsize.max(512)) as usize).await?;
     Header::parse(&buf)
 }
@@ -505,29 +396,18 @@ async fn read_table(file: &dyn BlockNode, offset: u64, entries: usize) -> Result
         return Ok(Vec::new());
     }
     let buf = engine::block::read_vec(file, offset, entries * 8).await?;
-    Ok(buf
-        .chunks_exact(8)
-        .map(|c| u64::from_be_bytes(c.try_into().expect("8 bytes")))
-        .collect())
+    Ok(buf.chunks_exact(8).map(|c| u64::from_be_bytes(c.try_into().expect("8 bytes"))).collect())
 }
 
 impl Qcow2Driver {
-    async fn open(
-        &self,
-        ctx: &OpenCtx,
-        mut opts: OptionTree,
-        file: Arc<dyn BlockNode>,
-    ) -> Result<Arc<Qcow2>> {
+    async fn open(&self, ctx: &OpenCtx, mut opts: OptionTree, file: Arc<dyn BlockNode>) -> Result<Arc<Qcow2>> {
         let filename = file.filename();
         let fsize = file.size();
-        let mut h = read_header(&*file)
-            .await
-            .map_err(|e| e.with_file(filename.clone()))?;
+        let mut h = read_header(&*file).await.map_err(|e| e.with_file(filename.clone()))?;
         let geo = Geometry::new(h.cluster_bits, h.extended_l2(), h.refcount_order, h.version);
         let cs = geo.cluster_size();
         let write = ctx.flags.write;
-        let bad =
-            |msg: String| Error::new(ErrorKind::InvalidImage, msg).with_file(filename.clone());
+        let bad = |msg: String| Error::new(ErrorKind::InvalidImage, msg).with_file(filename.clone());
 
         if h.crypt_method != 0 {
             return Err(Error::new(
@@ -543,10 +423,7 @@ impl Qcow2Driver {
             )
             .with_file(filename));
         }
-        if write
-            && h.has_extension(header::EXT_BITMAPS)
-            && h.autoclear & header::AUTOCLEAR_BITMAPS != 0
-        {
+        if write && h.has_extension(header::EXT_BITMAPS) && h.autoclear & header::AUTOCLEAR_BITMAPS != 0 {
             return Err(Error::new(
                 ErrorKind::Unsupported,
                 "image has persistent dirty bitmaps; writing such images is not supported yet: open it read-only",
@@ -561,62 +438,38 @@ impl Qcow2Driver {
             .with_file(filename));
         }
         if h.data_file_raw() && h.backing_file.is_some() {
-            return Err(bad(
-                "data-file-raw requires that the image has no backing file".into(),
-            ));
+            return Err(bad("data-file-raw requires that the image has no backing file".into()));
         }
         let needed_l1 = geo.l1_entries_for(h.size);
         if u64::from(h.l1_size) < needed_l1 {
-            return Err(bad(format!(
-                "L1 table is too small ({} entries for a {} byte image)",
-                h.l1_size, h.size
-            )));
+            return Err(bad(format!("L1 table is too small ({} entries for a {} byte image)", h.l1_size, h.size)));
         }
         if h.size > (header::MAX_L1_BYTES / 8) * geo.l2_span() {
-            return Err(bad(format!(
-                "Image size {} is too large for the cluster size",
-                h.size
-            )));
+            return Err(bad(format!("Image size {} is too large for the cluster size", h.size)));
         }
         for (what, off, len) in [
             ("L1 table", h.l1_table_offset, u64::from(h.l1_size) * 8),
-            (
-                "Reference count table",
-                h.refcount_table_offset,
-                u64::from(h.refcount_table_clusters) * cs,
-            ),
+            ("Reference count table", h.refcount_table_offset, u64::from(h.refcount_table_clusters) * cs),
         ] {
             if len > 0 && (off == 0 || off.checked_add(len).is_none_or(|e| e > (1u64 << 56))) {
-                return Err(bad(format!(
-                    "{what} offset {off:#x} (length {len}) is invalid"
-                )));
+                return Err(bad(format!("{what} offset {off:#x} (length {len}) is invalid")));
             }
             // A table past the end of the file reads as zeroes; refuse it rather
             // than guess.
             if len > 0 && off >= fsize.max(cs) && fsize > 0 {
-                return Err(bad(format!(
-                    "{what} at offset {off:#x} lies past the end of the file ({fsize} bytes)"
-                )));
+                return Err(bad(format!("{what} at offset {off:#x} lies past the end of the file ({fsize} bytes)")));
             }
         }
 
         // Runtime options (QEMU's names).
-        let lazy = opts
-            .take_bool("lazy-refcounts")?
-            .unwrap_or(h.lazy_refcounts());
+        let lazy = opts.take_bool("lazy-refcounts")?.unwrap_or(h.lazy_refcounts());
         if lazy && h.version == 2 {
-            return Err(invalid(
-                "Lazy refcounts require a qcow2 image with at least qemu 1.1 compatibility level",
-            ));
+            return Err(invalid("Lazy refcounts require a qcow2 image with at least qemu 1.1 compatibility level"));
         }
         let discard_unmap = match opts.take("discard").as_deref() {
             None | Some("ignore") | Some("off") => false,
             Some("unmap") | Some("on") => true,
-            Some(v) => {
-                return Err(invalid(format!(
-                    "Invalid discard option '{v}' (expected ignore or unmap)"
-                )))
-            }
+            Some(v) => return Err(invalid(format!("Invalid discard option '{v}' (expected ignore or unmap)"))),
         };
         let pass_discard_request = opts.take_bool("pass-discard-request")?.unwrap_or(true);
         let _ = opts.take_bool("pass-discard-snapshot")?;
@@ -625,17 +478,13 @@ impl Qcow2Driver {
         let l2_cache_size = opts.take_size("l2-cache-size")?;
         let rc_cache_size = opts.take_size("refcount-cache-size")?;
         let entry_size = opts.take_size("l2-cache-entry-size")?;
-        let clean_interval = opts
-            .take_parsed::<CleanInterval>("cache-clean-interval")?
-            .unwrap_or(CleanInterval(600));
+        let clean_interval = opts.take_parsed::<CleanInterval>("cache-clean-interval")?.unwrap_or(CleanInterval(600));
         for k in ["overlap-check", "discard-no-unref", "detect-zeroes"] {
             let _ = opts.take(k);
         }
         let _ = opts.take_subtree("overlap-check");
         if cache_size.is_some() && l2_cache_size.is_some() && rc_cache_size.is_some() {
-            return Err(invalid(
-                "cache-size, l2-cache-size and refcount-cache-size may not be set at the same time",
-            ));
+            return Err(invalid("cache-size, l2-cache-size and refcount-cache-size may not be set at the same time"));
         }
         let table_bytes = cs;
         let entry_size = entry_size.unwrap_or(DEFAULT_L2_ENTRY_SIZE.min(cs));
@@ -651,9 +500,7 @@ impl Qcow2Driver {
             (None, Some(total), rc) => total.saturating_sub(rc.unwrap_or(rc_min)).min(max_l2),
             (None, None, _) => DEFAULT_L2_CACHE_MAX.min(max_l2),
         };
-        let rc_size = rc_cache_size.unwrap_or_else(|| {
-            cache_size.map_or(rc_min, |t| t.saturating_sub(l2_size).max(rc_min))
-        });
+        let rc_size = rc_cache_size.unwrap_or_else(|| cache_size.map_or(rc_min, |t| t.saturating_sub(l2_size).max(rc_min)));
         let l2_slices = (l2_size / entry_size).max(2) as usize;
 
         // Children: data file, backing.
@@ -661,24 +508,15 @@ impl Qcow2Driver {
         let backing = open_backing(ctx, &mut opts, &h, &filename).await?;
         opts.ensure_consumed("Block format 'qcow2'")?;
 
-        let l1 = read_table(&*file, h.l1_table_offset, h.l1_size as usize)
-            .await
-            .map_err(|e| e.with_file(filename.clone()))?;
+        let l1 = read_table(&*file, h.l1_table_offset, h.l1_size as usize).await.map_err(|e| e.with_file(filename.clone()))?;
         let rt_entries = (u64::from(h.refcount_table_clusters) * cs / 8) as usize;
-        let rt = read_table(&*file, h.refcount_table_offset, rt_entries)
-            .await
-            .map_err(|e| e.with_file(filename.clone()))?;
+        let rt = read_table(&*file, h.refcount_table_offset, rt_entries).await.map_err(|e| e.with_file(filename.clone()))?;
         for (i, &e) in rt.iter().enumerate() {
             if (e & 0x1ff != 0 || !(e & layout::REFT_OFFSET_MASK).is_multiple_of(cs))
-                && write
-                && !ctx.flags.repair
-            {
-                return Err(Error::new(
-                    ErrorKind::Corrupt,
-                    format!("Reference count table entry {i} ({e:#x}) is invalid"),
-                )
-                .with_file(filename));
-            }
+                && write && !ctx.flags.repair {
+                    return Err(Error::new(ErrorKind::Corrupt, format!("Reference count table entry {i} ({e:#x}) is invalid"))
+                        .with_file(filename));
+                }
         }
 
         let mut header_changed = false;
@@ -687,10 +525,7 @@ impl Qcow2Driver {
             h.autoclear &= header::AUTOCLEAR_KNOWN;
             header_changed = true;
         }
-        if write
-            && h.autoclear & header::AUTOCLEAR_BITMAPS != 0
-            && !h.has_extension(header::EXT_BITMAPS)
-        {
+        if write && h.autoclear & header::AUTOCLEAR_BITMAPS != 0 && !h.has_extension(header::EXT_BITMAPS) {
             h.autoclear &= !header::AUTOCLEAR_BITMAPS;
             header_changed = true;
         }
@@ -698,19 +533,8 @@ impl Qcow2Driver {
         let size = h.size;
         let corrupt = h.incompatible & header::INCOMPAT_CORRUPT != 0;
         let node = Arc::new(Qcow2 {
-            refs: Refcounts::new(
-                geo,
-                rt,
-                h.refcount_table_offset,
-                h.refcount_table_clusters,
-                (rc_size / cs) as usize,
-            ),
-            cache: L2Cache::new(
-                L1::new(l1),
-                entry_size as usize,
-                table_bytes as usize,
-                l2_slices,
-            ),
+            refs: Refcounts::new(geo, rt, h.refcount_table_offset, h.refcount_table_clusters, (rc_size / cs) as usize),
+            cache: L2Cache::new(L1::new(l1), entry_size as usize, table_bytes as usize, l2_slices),
             file,
             data_file,
             backing,
@@ -723,12 +547,7 @@ impl Qcow2Driver {
             flush_lock: async_lock::Mutex::new(()),
             corrupt: AtomicBool::new(corrupt && !ctx.flags.repair),
             dirty_on_disk: AtomicBool::new(dirty),
-            opts: Options {
-                discard_unmap,
-                pass_discard_request,
-                pass_discard_other,
-                lazy_refcounts: lazy,
-            },
+            opts: Options { discard_unmap, pass_discard_request, pass_discard_other, lazy_refcounts: lazy },
             filename,
         });
         if clean_interval.0 > 0 {
@@ -748,23 +567,12 @@ impl Qcow2Driver {
         if write && dirty && !ctx.flags.repair {
             // Refcounts may be stale after a crash with lazy refcounts: rebuild
             // them from the tables before anything is allocated.
-            let report = check::check(
-                &node,
-                check::Fix {
-                    leaks: true,
-                    errors: true,
-                },
-            )
-            .await?;
+            let report = check::check(&node, check::Fix { leaks: true, errors: true }).await?;
             for m in &report.messages {
                 (ctx.warn)(m);
             }
             if report.corruptions_left() > 0 {
-                return Err(Error::new(
-                    ErrorKind::Corrupt,
-                    "could not repair the dirty image's refcounts",
-                )
-                .with_file(node.filename()));
+                return Err(Error::new(ErrorKind::Corrupt, "could not repair the dirty image's refcounts").with_file(node.filename()));
             }
             node.clear_dirty_bit().await?;
         }
@@ -783,10 +591,7 @@ impl std::str::FromStr for CleanInterval {
     fn from_str(s: &str) -> Result<CleanInterval> {
         match s.parse::<u64>() {
             Ok(v) if v <= u64::from(u32::MAX) => Ok(CleanInterval(v)),
-            _ => Err(invalid(format!(
-                "cache-clean-interval: '{s}' is not a number of seconds up to {}",
-                u32::MAX
-            ))),
+            _ => Err(invalid(format!("cache-clean-interval: '{s}' is not a number of seconds up to {}", u32::MAX))),
         }
     }
 }
@@ -795,27 +600,16 @@ impl Qcow2 {
     /// One `cache-clean-interval` round over the L2 and refcount caches.
     fn clean_caches(&self) {
         self.cache.clean_unused();
-        self.refs
-            .state
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clean_unused();
+        self.refs.state.lock().unwrap_or_else(|e| e.into_inner()).clean_unused();
     }
 }
 
-async fn open_data_file(
-    ctx: &OpenCtx,
-    opts: &mut OptionTree,
-    h: &Header,
-    image: &str,
-) -> Result<Option<Arc<dyn BlockNode>>> {
+async fn open_data_file(ctx: &OpenCtx, opts: &mut OptionTree, h: &Header, image: &str) -> Result<Option<Arc<dyn BlockNode>>> {
     let sub = opts.take_subtree("data-file");
     let named = opts.take("data-file");
     if !h.has_data_file() {
         if !sub.is_empty() || named.is_some() {
-            return Err(invalid(
-                "'data-file' can only be set for images with an external data file",
-            ));
+            return Err(invalid("'data-file' can only be set for images with an external data file"));
         }
         return Ok(None);
     }
@@ -837,13 +631,7 @@ async fn open_data_file(
     }
     let mut child_ctx = ctx.clone();
     child_ctx.flags.shared = Perm::ALL;
-    let node = if child_opts.contains("driver")
-        && !child_opts.contains("file")
-        && child_ctx
-            .registry
-            .get(child_opts.get("driver").unwrap_or(""))
-            .is_some_and(|d| d.kind() == DriverKind::Protocol)
-    {
+    let node = if child_opts.contains("driver") && !child_opts.contains("file") && child_ctx.registry.get(child_opts.get("driver").unwrap_or("")).is_some_and(|d| d.kind() == DriverKind::Protocol) {
         child_ctx.open_protocol(child_opts).await?
     } else if child_opts.contains("driver") {
         open_image(&child_ctx, child_opts).await?
@@ -853,12 +641,7 @@ async fn open_data_file(
     Ok(Some(node))
 }
 
-async fn open_backing(
-    ctx: &OpenCtx,
-    opts: &mut OptionTree,
-    h: &Header,
-    image: &str,
-) -> Result<Option<Arc<dyn BlockNode>>> {
+async fn open_backing(ctx: &OpenCtx, opts: &mut OptionTree, h: &Header, image: &str) -> Result<Option<Arc<dyn BlockNode>>> {
     let sub = opts.take_subtree("backing");
     let named = opts.take("backing");
     if named.as_deref() == Some("null") || named.as_deref() == Some("") {
@@ -869,9 +652,7 @@ async fn open_backing(
         bopts.set_default("file.filename", n);
     }
     if bopts.is_empty() {
-        let Some(name) = &h.backing_file else {
-            return Ok(None);
-        };
+        let Some(name) = &h.backing_file else { return Ok(None) };
         if !ctx.flags.follow_backing {
             return Err(Error::new(
                 ErrorKind::PermissionDenied,
@@ -936,12 +717,7 @@ impl Driver for Qcow2Driver {
     fn create_opts(&self) -> &'static [CreateOpt] {
         CREATE_OPTS
     }
-    fn create<'a>(
-        &'a self,
-        ctx: &'a OpenCtx,
-        filename: &'a str,
-        opts: OptionTree,
-    ) -> BoxFuture<'a, Result<()>> {
+    fn create<'a>(&'a self, ctx: &'a OpenCtx, filename: &'a str, opts: OptionTree) -> BoxFuture<'a, Result<()>> {
         Box::pin(create::create(ctx, filename, opts))
     }
 }

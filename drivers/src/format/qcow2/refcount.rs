@@ -113,11 +113,7 @@ impl State {
         match self.blocks.get_mut(&rti) {
             Some(b) => {
                 b.last_use = tick;
-                Ok(get_refcount(
-                    geo.refcount_order,
-                    &b.data,
-                    (c & (geo.refblock_entries() - 1)) as usize,
-                ))
+                Ok(get_refcount(geo.refcount_order, &b.data, (c & (geo.refblock_entries() - 1)) as usize))
             }
             None => Err(Need::Block(rti)),
         }
@@ -130,10 +126,7 @@ impl State {
         while x < c + n {
             let rti = (x >> geo.rb_bits) as usize;
             let stop = (c + n).min(((rti as u64) + 1) << geo.rb_bits);
-            let b = self
-                .blocks
-                .get_mut(&rti)
-                .expect("refcount block loaded before set");
+            let b = self.blocks.get_mut(&rti).expect("refcount block loaded before set");
             for y in x..stop {
                 set_refcount(geo.refcount_order, &mut b.data, (y & (per - 1)) as usize, 1);
             }
@@ -145,16 +138,8 @@ impl State {
     /// Set the refcount of cluster `c`, whose block exists and is loaded.
     fn set(&mut self, geo: &Geometry, c: u64, v: u64) {
         let rti = (c >> geo.rb_bits) as usize;
-        let b = self
-            .blocks
-            .get_mut(&rti)
-            .expect("refcount block loaded before set");
-        set_refcount(
-            geo.refcount_order,
-            &mut b.data,
-            (c & (geo.refblock_entries() - 1)) as usize,
-            v,
-        );
+        let b = self.blocks.get_mut(&rti).expect("refcount block loaded before set");
+        set_refcount(geo.refcount_order, &mut b.data, (c & (geo.refblock_entries() - 1)) as usize, v);
         b.mods += 1;
     }
 
@@ -162,18 +147,12 @@ impl State {
     /// dirty) if the table has none for it. Ok(true) if something was created,
     /// which may have used clusters the caller had picked.
     fn ensure_block(&mut self, geo: &Geometry, c: u64) -> std::result::Result<bool, Need> {
-        self.ensure_block_avoiding(geo, c, 0..0)
-            .map(|r| r.is_some_and(|placed| placed))
+        self.ensure_block_avoiding(geo, c, 0..0).map(|r| r.is_some_and(|placed| placed))
     }
 
     /// `ensure_block`, placing a new block outside `avoid` (the run being
     /// taken). Ok(None): the block cannot be placed outside it.
-    fn ensure_block_avoiding(
-        &mut self,
-        geo: &Geometry,
-        c: u64,
-        avoid: std::ops::Range<u64>,
-    ) -> std::result::Result<Option<bool>, Need> {
+    fn ensure_block_avoiding(&mut self, geo: &Geometry, c: u64, avoid: std::ops::Range<u64>) -> std::result::Result<Option<bool>, Need> {
         let rti = (c >> geo.rb_bits) as usize;
         if rti >= self.table.len() {
             self.grow_table(geo, rti);
@@ -198,21 +177,8 @@ impl State {
         }
         let cs = self.cluster_size(geo) as usize;
         let mut data = vec![0u8; cs].into_boxed_slice();
-        set_refcount(
-            geo.refcount_order,
-            &mut data,
-            (first - range_start) as usize,
-            1,
-        );
-        self.blocks.insert(
-            rti,
-            RefBlock {
-                data,
-                mods: 1,
-                written: 0,
-                last_use: self.tick,
-            },
-        );
+        set_refcount(geo.refcount_order, &mut data, (first - range_start) as usize, 1);
+        self.blocks.insert(rti, RefBlock { data, mods: 1, written: 0, last_use: self.tick });
         self.table[rti] = first << geo.cluster_bits;
         self.table_mods += 1;
         Ok(Some(true))
@@ -241,15 +207,7 @@ impl State {
             let rti = old_len + i as usize;
             table[rti] = (end + i) << geo.cluster_bits;
             let data = vec![0u8; cs as usize].into_boxed_slice();
-            self.blocks.insert(
-                rti,
-                RefBlock {
-                    data,
-                    mods: 1,
-                    written: 0,
-                    last_use: self.tick,
-                },
-            );
+            self.blocks.insert(rti, RefBlock { data, mods: 1, written: 0, last_use: self.tick });
         }
         let old = self.moved.map(|m| (m.old_offset, m.old_clusters));
         let (cur_off, cur_clusters) = (self.table_offset, self.table_clusters);
@@ -263,18 +221,12 @@ impl State {
         // freed the same way.
         let (old_offset, old_clusters) = match old {
             Some((o, n)) => {
-                self.pending_frees
-                    .push((cur_off, u64::from(cur_clusters) * cs, false));
+                self.pending_frees.push((cur_off, u64::from(cur_clusters) * cs, false));
                 (o, n)
             }
             None => (cur_off, cur_clusters),
         };
-        self.moved = Some(TableMove {
-            offset,
-            clusters: t_clusters as u32,
-            old_offset,
-            old_clusters,
-        });
+        self.moved = Some(TableMove { offset, clusters: t_clusters as u32, old_offset, old_clusters });
         self.table_offset = offset;
         self.table_clusters = t_clusters as u32;
         self.table_mods += 1;
@@ -294,9 +246,7 @@ impl State {
                     c = stop; // no block yet: all free
                     continue;
                 }
-                let Some(b) = self.blocks.get(&rti) else {
-                    return Err(Need::Block(rti));
-                };
+                let Some(b) = self.blocks.get(&rti) else { return Err(Need::Block(rti)) };
                 while c < stop {
                     if get_refcount(geo.refcount_order, &b.data, (c & (per - 1)) as usize) != 0 {
                         start = c + 1;
@@ -323,12 +273,7 @@ impl State {
     }
 
     /// Take exactly clusters [c, c+n) if all are free. Ok(false) if not.
-    fn try_alloc_exact(
-        &mut self,
-        geo: &Geometry,
-        c: u64,
-        n: u64,
-    ) -> std::result::Result<bool, Need> {
+    fn try_alloc_exact(&mut self, geo: &Geometry, c: u64, n: u64) -> std::result::Result<bool, Need> {
         for x in c..c + n {
             if self.get(geo, x)? != 0 {
                 return Ok(false);
@@ -350,18 +295,11 @@ impl State {
         Ok(true)
     }
 
-    fn change(
-        &mut self,
-        geo: &Geometry,
-        c: u64,
-        delta: i64,
-    ) -> std::result::Result<std::result::Result<u64, String>, Need> {
+    fn change(&mut self, geo: &Geometry, c: u64, delta: i64) -> std::result::Result<std::result::Result<u64, String>, Need> {
         let cur = self.get(geo, c)?;
         let new = cur as i128 + delta as i128;
         if new < 0 || new as u128 > geo.refcount_max() as u128 {
-            return Ok(Err(format!(
-                "refcount of cluster {c} would go from {cur} to {new}"
-            )));
+            return Ok(Err(format!("refcount of cluster {c} would go from {cur} to {new}")));
         }
         if delta > 0 {
             self.ensure_block(geo, c)?;
@@ -391,12 +329,7 @@ impl State {
         if self.blocks.len() <= self.capacity {
             return;
         }
-        let mut clean: Vec<(u64, usize)> = self
-            .blocks
-            .iter()
-            .filter(|(_, b)| !b.dirty())
-            .map(|(&k, b)| (b.last_use, k))
-            .collect();
+        let mut clean: Vec<(u64, usize)> = self.blocks.iter().filter(|(_, b)| !b.dirty()).map(|(&k, b)| (b.last_use, k)).collect();
         clean.sort_unstable();
         let excess = self.blocks.len() - self.capacity;
         for (_, k) in clean.into_iter().take(excess) {
@@ -406,13 +339,7 @@ impl State {
 }
 
 impl Refcounts {
-    pub fn new(
-        geo: Geometry,
-        table: Vec<u64>,
-        table_offset: u64,
-        table_clusters: u32,
-        capacity: usize,
-    ) -> Refcounts {
+    pub fn new(geo: Geometry, table: Vec<u64>, table_offset: u64, table_clusters: u32, capacity: usize) -> Refcounts {
         Refcounts {
             geo,
             state: Mutex::new(State {
@@ -449,31 +376,19 @@ impl Refcounts {
         };
         let cs = self.geo.cluster_size();
         if off % cs != 0 {
-            return Err(Error::new(
-                ErrorKind::Corrupt,
-                format!("refcount block {rti} at offset {off:#x} is not cluster aligned"),
-            ));
+            return Err(Error::new(ErrorKind::Corrupt, format!("refcount block {rti} at offset {off:#x} is not cluster aligned")));
         }
         let (r, buf) = file.read(off, IoBuf::new(cs as usize)).await;
         r?;
         let mut st = self.lock();
         let tick = st.tick;
-        st.blocks.entry(rti).or_insert_with(|| RefBlock {
-            data: buf.to_vec().into_boxed_slice(),
-            mods: 0,
-            written: 0,
-            last_use: tick,
-        });
+        st.blocks.entry(rti).or_insert_with(|| RefBlock { data: buf.to_vec().into_boxed_slice(), mods: 0, written: 0, last_use: tick });
         st.trim();
         Ok(())
     }
 
     /// Run `f` under the lock, loading whatever block it needs first.
-    async fn with<T>(
-        &self,
-        file: &dyn BlockNode,
-        mut f: impl FnMut(&mut State) -> std::result::Result<T, Need>,
-    ) -> Result<T> {
+    async fn with<T>(&self, file: &dyn BlockNode, mut f: impl FnMut(&mut State) -> std::result::Result<T, Need>) -> Result<T> {
         loop {
             let need = {
                 let mut st = self.lock();
@@ -498,14 +413,8 @@ impl Refcounts {
         let geo = self.geo;
         debug_assert!(n >= 1 && n <= self.max_batch());
         let off = self.with(file, |st| st.try_alloc(&geo, 0, n)).await?;
-        if off
-            .checked_add(n << geo.cluster_bits)
-            .is_none_or(|end| end > (1u64 << 56))
-        {
-            return Err(Error::new(
-                ErrorKind::NoSpace,
-                "qcow2 image would grow past 64 PiB",
-            ));
+        if off.checked_add(n << geo.cluster_bits).is_none_or(|end| end > (1u64 << 56)) {
+            return Err(Error::new(ErrorKind::NoSpace, "qcow2 image would grow past 64 PiB"));
         }
         Ok(off)
     }
@@ -519,10 +428,7 @@ impl Refcounts {
     /// Take clusters [off, off + n clusters) if they are all free.
     pub async fn alloc_exact(&self, file: &dyn BlockNode, off: u64, n: u64) -> Result<bool> {
         let geo = self.geo;
-        self.with(file, |st| {
-            st.try_alloc_exact(&geo, off >> geo.cluster_bits, n)
-        })
-        .await
+        self.with(file, |st| st.try_alloc_exact(&geo, off >> geo.cluster_bits, n)).await
     }
 
     /// Dirty refcount blocks have piled up past the cache's size.
@@ -592,13 +498,7 @@ impl Refcounts {
 
     /// Change the refcount of every cluster of a byte range; returns the
     /// clusters that became free.
-    pub async fn adjust(
-        &self,
-        file: &dyn BlockNode,
-        offset: u64,
-        len: u64,
-        delta: i64,
-    ) -> Result<Vec<u64>> {
+    pub async fn adjust(&self, file: &dyn BlockNode, offset: u64, len: u64, delta: i64) -> Result<Vec<u64>> {
         let geo = self.geo;
         let first = offset >> geo.cluster_bits;
         let last = (offset + len.max(1) - 1) >> geo.cluster_bits;
@@ -608,9 +508,7 @@ impl Refcounts {
             match r {
                 Ok(0) => freed.push(c << geo.cluster_bits),
                 Ok(_) => {}
-                Err(msg) => {
-                    return Err(Error::new(ErrorKind::Corrupt, msg).at(c << geo.cluster_bits))
-                }
+                Err(msg) => return Err(Error::new(ErrorKind::Corrupt, msg).at(c << geo.cluster_bits)),
             }
         }
         Ok(freed)
@@ -619,8 +517,7 @@ impl Refcounts {
     /// Refcount of the cluster at host offset `off`.
     pub async fn refcount(&self, file: &dyn BlockNode, off: u64) -> Result<u64> {
         let geo = self.geo;
-        self.with(file, |st| st.get(&geo, off >> geo.cluster_bits))
-            .await
+        self.with(file, |st| st.get(&geo, off >> geo.cluster_bits)).await
     }
 
     /// Bytes the highest allocated cluster reaches (needs every block loaded;

@@ -18,21 +18,11 @@ fn cache_clean_interval_empties_idle_caches() {
     let rt = Runtime::single().unwrap();
     let counts = rt.block_on(move || async move {
         let reg = crate::registry();
-        let ctx = OpenCtx::new(
-            reg.clone(),
-            OpenFlags {
-                write: true,
-                ..Default::default()
-            },
-        );
+        let ctx = OpenCtx::new(reg.clone(), OpenFlags { write: true, ..Default::default() });
         let mut o = OptionTree::new();
         o.set("size", (256u64 << 20).to_string());
         o.set("cluster_size", "65536");
-        reg.get("qcow2")
-            .unwrap()
-            .create(&ctx, &path, o)
-            .await
-            .unwrap();
+        reg.get("qcow2").unwrap().create(&ctx, &path, o).await.unwrap();
         let mut nodes = Vec::new();
         for interval in ["1", "0"] {
             let mut fo = OptionTree::new();
@@ -46,13 +36,7 @@ fn cache_clean_interval_empties_idle_caches() {
             // Touch L2 slices all over the disk, then write the metadata back
             // so nothing is dirty.
             for i in 0..64u64 {
-                let (r, _) = q
-                    .write(
-                        i * (4 << 20),
-                        IoBuf::zeroed(4096).tap_fill(i as u8 + 1),
-                        WriteFlags::default(),
-                    )
-                    .await;
+                let (r, _) = q.write(i * (4 << 20), IoBuf::zeroed(4096).tap_fill(i as u8 + 1), WriteFlags::default()).await;
                 r.unwrap();
             }
             q.flush().await.unwrap();
@@ -68,15 +52,9 @@ fn cache_clean_interval_empties_idle_caches() {
         }
         out
     });
-    let [(before, after), (kept_before, kept_after)] = counts[..] else {
-        panic!("{counts:?}")
-    };
+    let [(before, after), (kept_before, kept_after)] = counts[..] else { panic!("{counts:?}") };
     assert!(before.0 >= 8 && before.1 >= 1, "caches filled: {before:?}");
-    assert_eq!(
-        after,
-        (0, 0),
-        "idle caches emptied after two rounds (was {before:?})"
-    );
+    assert_eq!(after, (0, 0), "idle caches emptied after two rounds (was {before:?})");
     assert_eq!(kept_before, kept_after, "interval 0 never cleans");
 }
 

@@ -11,12 +11,7 @@ use super::layout::{self, Mapping, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO};
 use super::Qcow2;
 
 impl Qcow2 {
-    pub(super) async fn do_write_zeroes(
-        &self,
-        offset: u64,
-        len: u64,
-        flags: ZeroFlags,
-    ) -> Result<()> {
+    pub(super) async fn do_write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
         let r = self.zeroes_inner(offset, len, flags).await;
         match r {
             Err(e) if e.kind() == ErrorKind::Corrupt => Err(self.mark_corrupt(e).await),
@@ -48,14 +43,10 @@ impl Qcow2 {
             return Ok(());
         }
         if no_fallback {
-            return Err(Error::new(
-                ErrorKind::Unsupported,
-                "zeroing this range needs writing zeroes",
-            ));
+            return Err(Error::new(ErrorKind::Unsupported, "zeroing this range needs writing zeroes"));
         }
         let mut b = IoBuf::zeroed(n as usize);
-        self.write_inner(g, &mut b, 0..n as usize, WriteFlags { fua })
-            .await
+        self.write_inner(g, &mut b, 0..n as usize, WriteFlags { fua }).await
     }
 
     async fn zeroes_inner(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
@@ -76,8 +67,7 @@ impl Qcow2 {
             let mut pos = offset;
             while pos < end {
                 let n = (end - pos).min(MAX_ALLOC_BATCH);
-                self.zero_by_writing(pos, n, false, flags.no_fallback)
-                    .await?;
+                self.zero_by_writing(pos, n, false, flags.no_fallback).await?;
                 pos += n;
             }
             return self.finish_fua(flags.fua).await;
@@ -87,29 +77,20 @@ impl Qcow2 {
         // counts as whole.
         let size = self.size();
         let a = offset.next_multiple_of(gran);
-        let b = if end == size {
-            end.next_multiple_of(gran)
-        } else {
-            end - end % gran
-        };
+        let b = if end == size { end.next_multiple_of(gran) } else { end - end % gran };
         if a >= b {
-            self.zero_by_writing(offset, len, false, flags.no_fallback)
-                .await?;
+            self.zero_by_writing(offset, len, false, flags.no_fallback).await?;
             return self.finish_fua(flags.fua).await;
         }
-        self.zero_by_writing(offset, a - offset, false, flags.no_fallback)
-            .await?;
+        self.zero_by_writing(offset, a - offset, false, flags.no_fallback).await?;
         if b < end {
-            self.zero_by_writing(b, end - b, false, flags.no_fallback)
-                .await?;
+            self.zero_by_writing(b, end - b, false, flags.no_fallback).await?;
         }
         let mut pos = a;
         while pos < b {
             let c0 = geo.cluster_start(pos);
             let span = geo.l2_span();
-            let stop = b
-                .min((c0 / span + 1) * span)
-                .min(c0 + MAX_ALLOC_BATCH.max(cs));
+            let stop = b.min((c0 / span + 1) * span).min(c0 + MAX_ALLOC_BATCH.max(cs));
             self.zero_clusters(pos, stop, flags).await?;
             pos = stop;
         }
@@ -130,10 +111,7 @@ impl Qcow2 {
         let cs = geo.cluster_size();
         let sc = geo.subcluster_size();
         let c0 = geo.cluster_start(a);
-        let _lock = self
-            .cluster_locks
-            .begin(c0, b.next_multiple_of(cs), true)
-            .await;
+        let _lock = self.cluster_locks.begin(c0, b.next_multiple_of(cs), true).await;
         let l1i = geo.l1_index(layout::Guest(c0));
         let no_backing = self.backing.as_ref().is_none_or(|bk| a >= bk.size());
         if self.l2_table(l1i)?.0 == 0 && no_backing {
@@ -151,37 +129,25 @@ impl Qcow2 {
                 if e & OFLAG_COMPRESSED != 0 && mask != u32::MAX {
                     // Part of a compressed cluster: rewrite it uncompressed.
                     drop(_lock);
-                    return self
-                        .zero_by_writing_range(c + za, c + zb, a, b, flags)
-                        .await;
+                    return self.zero_by_writing_range(c + za, c + zb, a, b, flags).await;
                 }
                 let keep_alloc = (bm as u32) & !mask;
                 let mut new_e = if e & OFLAG_COMPRESSED != 0 { 0 } else { e };
                 let mut freed = None;
                 if e & OFLAG_COMPRESSED != 0 {
                     freed = Some(e);
-                } else if keep_alloc == 0
-                    && flags.may_unmap
-                    && layout::std_host_cluster(e).is_some()
-                    && e & OFLAG_COPIED != 0
-                {
+                } else if keep_alloc == 0 && flags.may_unmap && layout::std_host_cluster(e).is_some() && e & OFLAG_COPIED != 0 {
                     freed = Some(e);
                     new_e = 0;
                 }
                 let zero = ((bm >> 32) as u32) | mask;
-                self.set_entry(l1i, l2off, c, |_, _| {
-                    (new_e, u64::from(keep_alloc) | (u64::from(zero) << 32))
-                })
-                .await?;
+                self.set_entry(l1i, l2off, c, |_, _| (new_e, u64::from(keep_alloc) | (u64::from(zero) << 32))).await?;
                 if let Some(old) = freed {
                     self.release(old, true);
                 }
             } else {
                 let host = layout::std_host_cluster(e);
-                let keep = !flags.may_unmap
-                    && host.is_some()
-                    && e & OFLAG_COPIED != 0
-                    && !self.has_data_file();
+                let keep = !flags.may_unmap && host.is_some() && e & OFLAG_COPIED != 0 && !self.has_data_file();
                 let new_e = if keep || (self.has_data_file() && e & OFLAG_COPIED != 0) {
                     (e & (layout::L2E_OFFSET_MASK | OFLAG_COPIED)) | OFLAG_ZERO
                 } else {
@@ -199,16 +165,8 @@ impl Qcow2 {
         Ok(())
     }
 
-    async fn zero_by_writing_range(
-        &self,
-        s: u64,
-        e: u64,
-        a: u64,
-        b: u64,
-        flags: ZeroFlags,
-    ) -> Result<()> {
-        self.zero_by_writing(s, e - s, false, flags.no_fallback)
-            .await?;
+    async fn zero_by_writing_range(&self, s: u64, e: u64, a: u64, b: u64, flags: ZeroFlags) -> Result<()> {
+        self.zero_by_writing(s, e - s, false, flags.no_fallback).await?;
         if e < b {
             Box::pin(self.zero_clusters(e.max(a), b, flags)).await?;
         }
@@ -235,11 +193,7 @@ impl Qcow2 {
         let size = self.size();
         let end = offset + len;
         let a = offset.next_multiple_of(gran);
-        let b = if end == size {
-            end.next_multiple_of(gran)
-        } else {
-            end - end % gran
-        };
+        let b = if end == size { end.next_multiple_of(gran) } else { end - end % gran };
         if a >= b {
             return Ok(());
         }
@@ -251,13 +205,8 @@ impl Qcow2 {
         while pos < b {
             let c0 = geo.cluster_start(pos);
             let span = geo.l2_span();
-            let stop = b
-                .min((c0 / span + 1) * span)
-                .min(c0 + MAX_ALLOC_BATCH.max(cs));
-            let _lock = self
-                .cluster_locks
-                .begin(c0, stop.next_multiple_of(cs), true)
-                .await;
+            let stop = b.min((c0 / span + 1) * span).min(c0 + MAX_ALLOC_BATCH.max(cs));
+            let _lock = self.cluster_locks.begin(c0, stop.next_multiple_of(cs), true).await;
             let l1i = geo.l1_index(layout::Guest(c0));
             let (mut l2off, _) = self.l2_table(l1i)?;
             if l2off == 0 {
@@ -276,39 +225,23 @@ impl Qcow2 {
                 if geo.extended_l2 {
                     let mask = sub_mask(gran, za, zb);
                     if mask == u32::MAX {
-                        let zero = if has_backing {
-                            u64::from(u32::MAX) << 32
-                        } else {
-                            0
-                        };
+                        let zero = if has_backing { u64::from(u32::MAX) << 32 } else { 0 };
                         if (e, bm) != (0, zero) {
                             self.set_entry(l1i, l2off, c, |_, _| (0, zero)).await?;
                             self.release(e, true);
                         }
                     } else if e & OFLAG_COMPRESSED == 0 {
                         let alloc = (bm as u32) & !mask;
-                        let zero = if has_backing {
-                            ((bm >> 32) as u32) | mask
-                        } else {
-                            ((bm >> 32) as u32) & !mask
-                        };
-                        self.set_entry(l1i, l2off, c, |e, _| {
-                            (e, u64::from(alloc) | (u64::from(zero) << 32))
-                        })
-                        .await?;
+                        let zero = if has_backing { ((bm >> 32) as u32) | mask } else { ((bm >> 32) as u32) & !mask };
+                        self.set_entry(l1i, l2off, c, |e, _| (e, u64::from(alloc) | (u64::from(zero) << 32))).await?;
                     }
                 } else if za == 0 && zb == cs {
                     let new_e = if has_backing { OFLAG_ZERO } else { 0 };
                     if e != new_e {
                         self.set_entry(l1i, l2off, c, |_, _| (new_e, 0)).await?;
                         if self.has_data_file() {
-                            if let Some(h) =
-                                layout::std_host_cluster(e).or((e & OFLAG_COPIED != 0).then_some(c))
-                            {
-                                self.data()
-                                    .discard(h, cs.min(self.data().size().saturating_sub(h)))
-                                    .await
-                                    .ok();
+                            if let Some(h) = layout::std_host_cluster(e).or((e & OFLAG_COPIED != 0).then_some(c)) {
+                                self.data().discard(h, cs.min(self.data().size().saturating_sub(h))).await.ok();
                             }
                         } else {
                             self.release(e, true);
@@ -323,4 +256,5 @@ impl Qcow2 {
     }
 
     // ---- block status ----
+
 }
