@@ -375,3 +375,204 @@ impl Hs<'_> {
         Ok(Next::Continue)
     }
 }
+
+/// Shared with the fuzz target and tests: run one negotiation over the
+/// bytes `input` (what a client would send), against an export of `node`.
+/// Returns what the server wrote back. Never panics on any input.
+#[doc(hidden)]
+pub fn negotiate_bytes(node: Arc<dyn engine::block::BlockNode>, input: &[u8]) -> Vec<u8> {
+    use std::os::unix::net::UnixStream;
+    let (ours, theirs) = UnixStream::pair().expect("socketpair");
+    let size = node.size();
+    let server = Server {
+        export: Arc::new(Export {
+            name: String::new(),
+            description: Some("fuzz".into()),
+            node,
+            offset: 0,
+            size,
+            read_only: false,
+            allocation_depth: true,
+            multi_conn: true,
+            discard: true,
+            detect_zeroes: super::DetectZeroes::Off,
+        }),
+        tls: None,
+        handshake_limit: Some(std::time::Duration::from_secs(5)),
+        max_request: super::DEFAULT_MAX_REQUEST,
+        stats: Default::default(),
+        verbose: false,
+    };
+    let data = input.to_vec();
+    let mut client = theirs;
+    let reader = std::thread::spawn(move || {
+        // Feed the input, then read everything the server says until it closes.
+        let _ = client.write_all(&data);
+        let _ = client.shutdown(std::net::Shutdown::Write);
+        let mut out = Vec::new();
+        let _ = client.read_to_end(&mut out);
+        out
+    });
+    let r = negotiate(&server, ours.into(), "fuzz");
+    drop(r);
+    reader.join().unwrap_or_default()
+}
+
+/// A 1 MiB node that stores nothing: negotiation only asks a node for its
+/// size and limits (tests and the fuzz target use it).
+#[doc(hidden)]
+pub struct BlankNode;
+impl engine::block::BlockNode for BlankNode {
+    fn driver(&self) -> &'static str {
+        "blank"
+    }
+    fn filename(&self) -> String {
+        "blank".into()
+    }
+    fn size(&self) -> u64 {
+        1 << 20
+    }
+    fn read_only(&self) -> bool {
+        false
+    }
+    fn read(
+        &self,
+        _: u64,
+        b: engine::runtime::IoBuf,
+    ) -> engine::block::BoxFuture<'_, (engine::Result<()>, engine::runtime::IoBuf)> {
+        Box::pin(async move { (Ok(()), b) })
+    }
+    fn write(
+        &self,
+        _: u64,
+        b: engine::runtime::IoBuf,
+        _: engine::block::WriteFlags,
+    ) -> engine::block::BoxFuture<'_, (engine::Result<()>, engine::runtime::IoBuf)> {
+        Box::pin(async move { (Ok(()), b) })
+    }
+    fn write_zeroes(
+        &self,
+        _: u64,
+        _: u64,
+        _: engine::block::ZeroFlags,
+    ) -> engine::block::BoxFuture<'_, engine::Result<()>> {
+        Box::pin(async move { Ok(()) })
+    }
+    fn discard(&self, _: u64, _: u64) -> engine::block::BoxFuture<'_, engine::Result<()>> {
+        Box::pin(async move { Ok(()) })
+    }
+    fn flush(&self) -> engine::block::BoxFuture<'_, engine::Result<()>> {
+        Box::pin(async move { Ok(()) })
+    }
+    fn block_status(&self, _: u64, len: u64) -> engine::block::BoxFuture<'_, engine::Result<engine::block::Extent>> {
+        Box::pin(async move {
+            Ok(engine::block::Extent { len, data: true, zero: false, allocated: true, offset: None, compressed: false })
+        })
+    }
+    fn truncate(
+        &self,
+        _: u64,
+        _: bool,
+        _: engine::block::Prealloc,
+    ) -> engine::block::BoxFuture<'_, engine::Result<()>> {
+        Box::pin(async move { Ok(()) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opt(code: u32, data: &[u8]) -> Vec<u8> {
+        let mut v = IHAVEOPT.to_be_bytes().to_vec();
+        v.extend_from_slice(&code.to_be_bytes());
+        v.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        v.extend_from_slice(data);
+        v
+    }
+
+    /// Option replies in `out` after the 18-byte greeting: (option, type).
+    fn replies(out: &[u8]) -> Vec<(u32, u32)> {
+        let mut v = Vec::new();
+        let mut b = &out[18.min(out.len())..];
+        while b.len() >= 20 && be64(&b[..8]) == REPLY_MAGIC_OPT {
+            let len = be32(&b[16..20]) as usize;
+            v.push((be32(&b[8..12]), be32(&b[12..16])));
+            b = &b[(20 + len).min(b.len())..];
+        }
+        v
+    }
+
+    #[test]
+    fn options_in_any_order_get_the_right_answers() {
+        let mut input = 3u32.to_be_bytes().to_vec();
+        let meta = |names: &[&str]| {
+            let mut d = 0u32.to_be_bytes().to_vec();
+            d.extend_from_slice(&(names.len() as u32).to_be_bytes());
+            for n in names {
+                d.extend_from_slice(&(n.len() as u32).to_be_bytes());
+                d.extend_from_slice(n.as_bytes());
+            }
+            d
+        };
+        input.extend(opt(OPT_SET_META_CONTEXT, &meta(&["base:allocation"])));
+        input.extend(opt(OPT_STRUCTURED_REPLY, &[]));
+        input.extend(opt(OPT_STRUCTURED_REPLY, &[]));
+        input.extend(opt(OPT_EXTENDED_HEADERS, &[]));
+        input.extend(opt(OPT_LIST_META_CONTEXT, &meta(&["qemu:"])));
+        input.extend(opt(OPT_SET_META_CONTEXT, &meta(&["base:allocation", "nosuch:x"])));
+        input.extend(opt(OPT_STARTTLS, &[]));
+        input.extend(opt(99, b"?"));
+        input.extend(opt(OPT_LIST, b"junk"));
+        input.extend(opt(OPT_INFO, &[0, 0, 0, 5, b'x']));
+        input.extend(opt(OPT_ABORT, &[]));
+        let out = negotiate_bytes(Arc::new(BlankNode), &input);
+        let r = replies(&out);
+        let want = vec![
+            (OPT_SET_META_CONTEXT, REP_ERR_INVALID), // before structured replies
+            (OPT_STRUCTURED_REPLY, REP_ACK),
+            (OPT_STRUCTURED_REPLY, REP_ERR_INVALID),
+            (OPT_EXTENDED_HEADERS, REP_ACK),
+            (OPT_LIST_META_CONTEXT, REP_META_CONTEXT), // qemu:allocation-depth
+            (OPT_LIST_META_CONTEXT, REP_ACK),
+            (OPT_SET_META_CONTEXT, REP_META_CONTEXT), // only the one we know
+            (OPT_SET_META_CONTEXT, REP_ACK),
+            (OPT_STARTTLS, REP_ERR_POLICY),
+            (99, REP_ERR_UNSUP),
+            (OPT_LIST, REP_ERR_INVALID),
+            (OPT_INFO, REP_ERR_INVALID),
+            (OPT_ABORT, REP_ACK),
+        ];
+        assert_eq!(r, want);
+    }
+
+    #[test]
+    fn random_and_mutated_handshakes_never_panic() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let node: Arc<dyn engine::block::BlockNode> = Arc::new(BlankNode);
+        let mut good = 3u32.to_be_bytes().to_vec();
+        good.extend(opt(OPT_EXTENDED_HEADERS, &[]));
+        good.extend(opt(OPT_GO, &[0, 0, 0, 0, 0, 1, 0, 3]));
+        for i in 0..300 {
+            let mut input = good.clone();
+            // Flip, cut and extend: lengths and counts turn hostile.
+            for _ in 0..(1 + next() % 4) {
+                let at = (next() as usize) % input.len();
+                input[at] = next() as u8;
+            }
+            if i % 3 == 0 {
+                input.truncate((next() as usize) % input.len());
+            }
+            if i % 5 == 0 {
+                input.extend((0..next() % 64).map(|_| next() as u8));
+            }
+            negotiate_bytes(node.clone(), &input);
+        }
+    }
+}

@@ -16,7 +16,7 @@ use engine::block::BlockNode;
 
 use crate::proto::*;
 
-pub use handshake::Negotiated;
+pub use handshake::{negotiate_bytes, BlankNode, Negotiated};
 
 /// `--detect-zeroes`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
