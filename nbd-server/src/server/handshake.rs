@@ -17,6 +17,39 @@ use crate::stream::{discard, FdStream, HsStream};
 /// it bounds the memory a client can make a handshake hold.
 const MAX_OPTION: u32 = 64 << 10;
 
+/// Shuts a socket down when a negotiation outlives its limit; dropping it
+/// (negotiation over) stands it down.
+struct Watchdog {
+    state: Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>,
+}
+
+impl Watchdog {
+    fn start(fd: &OwnedFd, limit: std::time::Duration) -> io::Result<Watchdog> {
+        let dup = fd.try_clone()?;
+        let state = Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
+        let st = state.clone();
+        std::thread::Builder::new().name("nbd-handshake-limit".into()).spawn(move || {
+            let (lock, cv) = &*st;
+            let guard = lock.lock().unwrap_or_else(|e| e.into_inner());
+            let (done, _) = cv.wait_timeout_while(guard, limit, |done| !*done).unwrap_or_else(|e| e.into_inner());
+            if !*done {
+                // Decided under the lock: negotiation cannot finish meanwhile.
+                // SAFETY: shutdown on a dup of the socket that we own.
+                unsafe { libc::shutdown(std::os::fd::AsRawFd::as_raw_fd(&dup), libc::SHUT_RDWR) };
+            }
+        })?;
+        Ok(Watchdog { state })
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        let (lock, cv) = &*self.state;
+        *lock.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        cv.notify_all();
+    }
+}
+
 /// A meta context the client selected.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MetaContext {
@@ -71,6 +104,13 @@ struct Hs<'a> {
 pub fn negotiate(server: &Server, fd: OwnedFd, peer: &str) -> io::Result<Option<Negotiated>> {
     let fs = FdStream(fd);
     fs.set_timeout(server.handshake_limit)?;
+    // The limit is on the whole negotiation, not on each read: a client
+    // dripping a byte at a time must not hold its slot. At the deadline a
+    // watchdog shuts the socket, which ends whatever read or write is on.
+    let _watchdog = match server.handshake_limit {
+        Some(limit) => Some(Watchdog::start(&fs.0, limit)?),
+        None => None,
+    };
     let mut hs = Hs {
         server,
         s: HsStream::Plain(fs),

@@ -163,13 +163,14 @@ impl TlsServer {
     }
 }
 
-/// The subject of a certificate as an RFC 4514 string ("CN=client,O=Example"),
-/// the form QEMU's authz-simple identities use.
+/// The subject of a certificate as QEMU's authz-simple identities spell it:
+/// the attributes in the certificate's own order ("C=GB,O=Example,CN=client"),
+/// which is what GnuTLS's gnutls_x509_crt_get_dn gives QEMU (not the reversed
+/// RFC 4514 order certtool -i prints).
 pub fn distinguished_name(der: &[u8]) -> Option<String> {
     let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
     let mut parts = Vec::new();
-    // RFC 4514 lists the most specific RDN first: the reverse of DER order.
-    for rdn in cert.subject().iter().collect::<Vec<_>>().into_iter().rev() {
+    for rdn in cert.subject().iter() {
         for atv in rdn.iter() {
             let key = x509_parser::objects::oid2abbrev(atv.attr_type(), x509_parser::objects::oid_registry())
                 .map(str::to_string)
