@@ -208,11 +208,7 @@ impl NbdNode {
                 let Some(me) = self.me.upgrade() else {
                     return (Err(invalid("NBD node closed")), buf);
                 };
-                home.spawn(move || async move {
-                    let (r, b) = me.call_home(ty, flags, offset, len, buf, is_read).await;
-                    (r, b)
-                })
-                .await
+                home.spawn(move || async move { me.call_home(ty, flags, offset, len, buf, is_read).await }).await
             }
         }
     }
