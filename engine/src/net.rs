@@ -30,6 +30,12 @@ pub enum SendPart {
         offset: u64,
         len: usize,
     },
+    /// The next `len` bytes of the socket's stage pipe (`Socket::stage`),
+    /// which hold them in `slots` pipe buffers.
+    Staged {
+        len: usize,
+        slots: usize,
+    },
 }
 
 impl SendPart {
@@ -37,7 +43,7 @@ impl SendPart {
         match self {
             SendPart::Buf(_, r) | SendPart::Shared(_, r) => r.len(),
             SendPart::Bytes(v) => v.len(),
-            SendPart::File { len, .. } => *len,
+            SendPart::File { len, .. } | SendPart::Staged { len, .. } => *len,
         }
     }
 
@@ -51,7 +57,7 @@ impl SendPart {
             SendPart::Buf(b, r) => &b[r.clone()],
             SendPart::Shared(b, r) => &b[r.clone()],
             SendPart::Bytes(v) => v,
-            SendPart::File { .. } => &[],
+            SendPart::File { .. } | SendPart::Staged { .. } => &[],
         }
     }
 }
@@ -62,10 +68,40 @@ pub struct Socket {
     /// (read end, write end) of the pipe file parts travel through, made on
     /// first use.
     pipe: std::cell::OnceCell<(OwnedFd, OwnedFd)>,
+    /// The stage pipe (`stage`), made on first use; None if that failed.
+    stage: std::cell::OnceCell<Option<Stage>>,
+}
+
+/// A pipe replies are assembled in: a header written into it, then file data
+/// spliced into it by reference, reply after reply, all of it moved to the
+/// socket by one splice per batch. Every call is a plain system call on the
+/// shard's thread: io_uring runs splice only in its worker threads, whose
+/// hand-offs cost more than the whole of a 4 KiB reply.
+struct Stage {
+    rd: OwnedFd,
+    wr: OwnedFd,
+    /// Pipe buffers the pipe holds.
+    slots: usize,
+    /// Pipe buffers staged parts may occupy (counted until they are sent).
+    used: std::cell::Cell<usize>,
 }
 
 /// Size asked for the splice pipe: one splice moves at most this much.
 const PIPE_SIZE: usize = 1 << 20;
+/// Size asked for the stage pipe: 256 buffers, 127 staged 4 KiB replies.
+const STAGE_PIPE_SIZE: usize = 1 << 20;
+
+/// A new pipe (read end, write end), close-on-exec, with `flags` (O_NONBLOCK).
+fn new_pipe(flags: libc::c_int) -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0i32; 2];
+    // SAFETY: pipe2 fills two ints.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | flags) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    use std::os::fd::FromRawFd;
+    // SAFETY: both fds are new and ours.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
 
 /// Most iovecs one sendmsg carries (the kernel's UIO_MAXIOV).
 pub const MAX_IOV: usize = 1024;
@@ -78,7 +114,7 @@ struct MsgRes {
 
 impl Socket {
     pub fn new(fd: OwnedFd) -> Socket {
-        Socket { fd, pipe: std::cell::OnceCell::new() }
+        Socket { fd, pipe: std::cell::OnceCell::new(), stage: std::cell::OnceCell::new() }
     }
 
     pub fn fd(&self) -> RawFd {
@@ -123,27 +159,44 @@ impl Socket {
     /// parts with as few sendmsg calls as the socket allows, file parts by
     /// splice. The parts come back for reuse.
     pub async fn send_all(&self, parts: Vec<SendPart>) -> (io::Result<()>, Vec<SendPart>) {
-        if !parts.iter().any(|p| matches!(p, SendPart::File { .. })) {
+        if !parts.iter().any(|p| matches!(p, SendPart::File { .. } | SendPart::Staged { .. })) {
             return self.send_mem(parts, false).await;
         }
         let mut done = Vec::with_capacity(parts.len());
         let mut run = Vec::new();
+        // Staged parts in a row, sent by one splice: (bytes, pipe buffers).
+        let mut staged = (0usize, 0usize);
         for p in parts {
-            if let SendPart::File { fd, offset, len } = p {
-                if !run.is_empty() {
-                    // MSG_MORE: the header goes out with the data that follows.
-                    let (r, back) = self.send_mem(std::mem::take(&mut run), true).await;
-                    done.extend(back);
-                    if let Err(e) = r {
-                        return (Err(e), done);
-                    }
-                }
-                if let Err(e) = self.splice_file(fd, offset, len).await {
+            if !matches!(p, SendPart::Staged { .. }) && staged.0 > 0 {
+                if let Err(e) = self.send_staged(std::mem::take(&mut staged)).await {
                     return (Err(e), done);
                 }
-                done.push(p);
-            } else {
-                run.push(p);
+            }
+            if !matches!(p, SendPart::Buf(..) | SendPart::Shared(..) | SendPart::Bytes(_)) && !run.is_empty() {
+                // MSG_MORE: the header goes out with the data that follows.
+                let (r, back) = self.send_mem(std::mem::take(&mut run), true).await;
+                done.extend(back);
+                if let Err(e) = r {
+                    return (Err(e), done);
+                }
+            }
+            match p {
+                SendPart::File { fd, offset, len } => {
+                    if let Err(e) = self.splice_file(fd, offset, len).await {
+                        return (Err(e), done);
+                    }
+                    done.push(p);
+                }
+                SendPart::Staged { len, slots } => {
+                    staged = (staged.0 + len, staged.1 + slots);
+                    done.push(p);
+                }
+                p => run.push(p),
+            }
+        }
+        if staged.0 > 0 {
+            if let Err(e) = self.send_staged(staged).await {
+                return (Err(e), done);
             }
         }
         let (r, back) = self.send_mem(run, false).await;
@@ -151,18 +204,105 @@ impl Socket {
         (r, done)
     }
 
+    fn stage(&self) -> Option<&Stage> {
+        self.stage
+            .get_or_init(|| {
+                let (rd, wr) = new_pipe(libc::O_NONBLOCK).ok()?;
+                // SAFETY: fcntl on a pipe we own; a smaller pipe (the limit) still works.
+                let size = unsafe { libc::fcntl(wr.as_raw_fd(), libc::F_SETPIPE_SZ, STAGE_PIPE_SIZE as libc::c_int) };
+                // SAFETY: as above; F_GETPIPE_SZ only reads.
+                let size = if size > 0 { size } else { unsafe { libc::fcntl(wr.as_raw_fd(), libc::F_GETPIPE_SZ) } };
+                let slots = usize::try_from(size).ok()? / 4096;
+                Some(Stage { rd, wr, slots, used: std::cell::Cell::new(0) })
+            })
+            .as_ref()
+    }
+
+    /// Stage a reply: `header`, then `len` bytes of the page-cached file `fd`
+    /// at `offset`, spliced by reference (no copy anywhere, not even in the
+    /// kernel), returning the part that sends them. `Ok(None)`: the stage is
+    /// full or unusable and nothing was staged (send the bytes another way).
+    /// An error means the stage holds a partial reply: the connection's
+    /// stream is broken and must be dropped. The file's pages must be in the
+    /// page cache (the splice reads them on this thread), and every staged
+    /// part must be sent, in the order staged, before other bytes of the
+    /// stream (mixing with other parts in `send_all` keeps that order).
+    pub fn stage_file(&self, header: &[u8], fd: RawFd, offset: u64, len: usize) -> io::Result<Option<SendPart>> {
+        let Some(st) = self.stage() else { return Ok(None) };
+        // One buffer for the header; the data takes at most one per page it touches.
+        let slots = 1 + ((offset % 4096) as usize + len).div_ceil(4096);
+        if st.used.get() + slots > st.slots || header.len() > 4096 {
+            return Ok(None);
+        }
+        // SAFETY: writes `header`, a live slice, to our pipe.
+        let n = unsafe { libc::write(st.wr.as_raw_fd(), header.as_ptr().cast(), header.len()) };
+        if n != header.len() as isize {
+            if n <= 0 {
+                let e = io::Error::last_os_error();
+                return if n == 0 || e.kind() == io::ErrorKind::WouldBlock { Ok(None) } else { Err(e) };
+            }
+            return Err(io::Error::other("short write of a reply header into the stage pipe"));
+        }
+        st.used.set(st.used.get() + slots);
+        let mut off = offset as libc::loff_t;
+        let mut left = len;
+        while left > 0 {
+            // SAFETY: splice between fds the caller and we own; `off` is a live local.
+            let n = unsafe {
+                libc::splice(fd, &mut off, st.wr.as_raw_fd(), std::ptr::null_mut(), left, libc::SPLICE_F_NONBLOCK)
+            };
+            match n {
+                n if n > 0 => left -= n as usize,
+                0 => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "file ended before the data to send")),
+                _ => {
+                    let e = io::Error::last_os_error();
+                    if e.kind() != io::ErrorKind::Interrupted {
+                        return Err(e);
+                    }
+                }
+            }
+        }
+        Ok(Some(SendPart::Staged { len: header.len() + len, slots }))
+    }
+
+    /// Move `len` staged bytes to the socket: by plain non-blocking splices
+    /// while the socket takes them, by the ring (which waits) when it is full.
+    async fn send_staged(&self, (mut len, slots): (usize, usize)) -> io::Result<()> {
+        let st = self.stage().expect("staged parts without a stage");
+        let rd = st.rd.as_raw_fd();
+        let r = async {
+            while len > 0 {
+                // SAFETY: splice from our pipe to our socket; no offsets.
+                let n = unsafe {
+                    libc::splice(rd, std::ptr::null_mut(), self.fd(), std::ptr::null_mut(), len, libc::SPLICE_F_NONBLOCK)
+                };
+                let n = if n >= 0 {
+                    n as usize
+                } else {
+                    let e = io::Error::last_os_error();
+                    match e.kind() {
+                        io::ErrorKind::Interrupted => continue,
+                        io::ErrorKind::WouldBlock => self.splice_op(rd, -1, self.fd(), len).await?,
+                        _ => return Err(e),
+                    }
+                };
+                if n == 0 {
+                    return Err(io::ErrorKind::WriteZero.into());
+                }
+                len -= n;
+            }
+            Ok(())
+        }
+        .await;
+        st.used.set(st.used.get().saturating_sub(slots));
+        r
+    }
+
     fn pipe(&self) -> io::Result<&(OwnedFd, OwnedFd)> {
         if let Some(p) = self.pipe.get() {
             return Ok(p);
         }
-        let mut fds = [0i32; 2];
-        // SAFETY: pipe2 fills two ints.
-        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        use std::os::fd::FromRawFd;
-        // SAFETY: both fds are new and ours.
-        let p = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        let p = new_pipe(0)?;
         // SAFETY: fcntl on a pipe we own; a smaller pipe (the limit) still works.
         unsafe { libc::fcntl(p.1.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_SIZE as libc::c_int) };
         Ok(self.pipe.get_or_init(|| p))

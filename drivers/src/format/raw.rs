@@ -149,6 +149,13 @@ impl BlockNode for RawNode {
         self.file.passthrough_fd().map(|(fd, base)| (fd, base + self.offset))
     }
 
+    fn cached_extent(&self, offset: u64, len: u64) -> Option<(std::os::fd::RawFd, u64)> {
+        if offset.checked_add(len)? > self.size() {
+            return None;
+        }
+        self.file.cached_extent(offset + self.offset, len)
+    }
+
     fn map_cached(&self, offset: u64, len: usize) -> Option<IoBuf> {
         if offset.checked_add(len as u64)? > self.size() {
             return None;

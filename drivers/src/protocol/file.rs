@@ -58,6 +58,8 @@ pub struct FileNode {
     /// `map_cached` may map this file: buffered, read-only, regular, and
     /// locked so that no cooperating process writes (or shrinks) it.
     mappable: bool,
+    /// Page-cache residency, for `cached_extent`: buffered regular files only.
+    residency: Option<sys::Residency>,
     /// `x-reserve-ahead`: when a write grows the file to within half of
     /// this of the blocks reserved so far, reserve this much more past EOF
     /// (fallocate KEEP_SIZE, so the size does not change). Writes into
@@ -486,6 +488,15 @@ impl BlockNode for FileNode {
         Some((self.file.fd(), 0))
     }
 
+    fn cached_extent(&self, offset: u64, len: u64) -> Option<(RawFd, u64)> {
+        // `size` is EOF rounded up to 512: stay clear of a partial last sector.
+        let residency = self.residency.as_ref()?;
+        if offset.checked_add(len)? > self.size().saturating_sub(511) {
+            return None;
+        }
+        residency.cached(self.file.fd(), self.size(), offset, len).then_some((self.file.fd(), offset))
+    }
+
     fn map_cached(&self, offset: u64, len: usize) -> Option<IoBuf> {
         // Below this, a copy costs less than mapping and unmapping.
         if !self.mappable || len < MIN_MAPPED || offset.checked_add(len as u64)? > self.size() {
@@ -621,6 +632,7 @@ impl FileDriver {
                 && !ctx.flags.force_share
                 && !ctx.flags.shared.contains(Perm::WRITE)
                 && !ctx.flags.shared.contains(Perm::RESIZE),
+            residency: (!direct && !is_blk).then(sys::Residency::default),
             reserve_ahead: if write && !is_blk { reserve_ahead } else { 0 },
             reserved_end: AtomicU64::new(size),
             reserving: Default::default(),
@@ -665,6 +677,7 @@ impl FileDriver {
             mem_align: 1,
             inflight: RangeTracker::new(),
             mappable: false,
+            residency: None,
             reserve_ahead: 0,
             reserved_end: AtomicU64::new(0),
             reserving: Default::default(),

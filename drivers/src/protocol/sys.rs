@@ -153,11 +153,65 @@ struct Cachestat {
 /// Is every page of [off, off+len) (page aligned) in the page cache? Asks
 /// cachestat, which walks folios, not pages; kernels without it answer no.
 fn all_cached(fd: RawFd, off: u64, len: u64) -> bool {
+    cached_pages(fd, off, len).is_some_and(|n| n >= len / 4096)
+}
+
+/// How many of the pages of [off, off+len) are in the page cache (None when
+/// the kernel has no cachestat).
+fn cached_pages(fd: RawFd, off: u64, len: u64) -> Option<u64> {
     let range = CachestatRange { off, len };
     let mut cs = Cachestat::default();
     // SAFETY: the kernel reads `range` and fills `cs`, both live locals.
     let r = unsafe { libc::syscall(SYS_CACHESTAT, fd, &range as *const CachestatRange, &mut cs as *mut Cachestat, 0u32) };
-    r == 0 && cs.nr_cache >= len / 4096
+    (r == 0).then_some(cs.nr_cache)
+}
+
+/// Whether ranges of a file are in the page cache, cheaply enough to ask
+/// per request. Now and then the whole file is asked of cachestat; while the
+/// answer is "all of it", each range is taken as cached without a system
+/// call. That answer is trusted for a hundred times as long as asking took
+/// (at least `TRUST_MIN`), so a huge file costs at most 1 % of a core. While
+/// some of the file is not cached, each range is asked about on its own.
+/// A page evicted inside the trust window is read from the disk by whoever
+/// relies on the answer: a rare stall, never a wrong byte.
+#[derive(Default)]
+pub struct Residency {
+    /// Nanoseconds since `epoch()` until which `all` holds, and whether
+    /// the whole file was cached then (low bit).
+    state: std::sync::atomic::AtomicU64,
+}
+
+const TRUST_MIN: std::time::Duration = std::time::Duration::from_millis(500);
+
+fn epoch() -> std::time::Instant {
+    static E: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    *E.get_or_init(std::time::Instant::now)
+}
+
+impl Residency {
+    /// Are all pages of [off, off+len) of `fd` (which is `size` bytes long)
+    /// in the page cache?
+    pub fn cached(&self, fd: RawFd, size: u64, off: u64, len: u64) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        let now = epoch().elapsed().as_nanos() as u64;
+        let st = self.state.load(Relaxed);
+        let all = if now < st >> 1 {
+            st & 1 == 1
+        } else {
+            let t = std::time::Instant::now();
+            let pages = size.div_ceil(4096);
+            let all = cached_pages(fd, 0, pages * 4096).is_some_and(|n| n >= pages);
+            let trust = (t.elapsed() * 100).max(TRUST_MIN).as_nanos() as u64;
+            self.state.store((now + trust) << 1 | u64::from(all), Relaxed);
+            all
+        };
+        if all {
+            return true;
+        }
+        let start = off - off % 4096;
+        let end = (off + len).next_multiple_of(4096);
+        cached_pages(fd, start, end - start).is_some_and(|n| n >= (end - start) / 4096)
+    }
 }
 
 /// A private mapping of `len` bytes of `fd` at `off`, when every page of the

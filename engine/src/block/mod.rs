@@ -235,6 +235,14 @@ pub trait BlockNode: Send + Sync {
         None
     }
 
+    /// Where `len` bytes at `offset` lie, whole, contiguous and guest data,
+    /// in a buffered host file whose pages are in the page cache, found
+    /// without waiting: (fd, host offset). A server can then splice them to
+    /// a socket by reference without blocking. `None`: read them instead.
+    fn cached_extent(&self, _offset: u64, _len: u64) -> Option<(std::os::fd::RawFd, u64)> {
+        None
+    }
+
     /// `len` bytes at `offset` as a buffer that maps the host's page cache, a
     /// read without a copy, when the node can give one without blocking: a
     /// buffered regular file opened read-only and locked against writers, the

@@ -36,6 +36,9 @@ const SPARSE_READ_MIN: u64 = 64 << 10;
 /// Reads at least this large are spliced from the file when the export
 /// maps linearly onto one (raw).
 const SPLICE_MIN: u64 = 64 << 10;
+/// Reads up to this size whose data is in the page cache are staged
+/// (`Socket::stage_file`); the stage pipe holds 1 MiB.
+const STAGE_MAX: usize = 256 << 10;
 /// Most extents one block status reply describes.
 const MAX_EXTENTS: usize = 2048;
 /// Bytes of large buffers kept for reuse per connection: a fresh heap
@@ -579,12 +582,35 @@ async fn read(c: &Conn, req: &Request) -> Result<Vec<SendPart>, Fail> {
             return Ok(parts);
         }
     }
-    // Large reads of a file that maps linearly (raw) go by splice: the
-    // page cache's pages are handed to the socket, never copied, not even
-    // by the kernel into a buffer of ours.
+    // Data in the page cache goes by splice: its pages are handed to the
+    // socket by reference, copied nowhere, not even by the kernel into a
+    // buffer of ours. Staged now, on this thread, behind the replies staged
+    // before it; the writer sends them all with one splice.
+    if let (Wire::Plain(sock), true) = (&c.wire, len <= STAGE_MAX) {
+        if let Some((fd, host)) = e.node.cached_extent(off, len as u64) {
+            match sock.stage_file(&data_header(c, req), fd, host, len) {
+                Ok(Some(part)) => {
+                    Stats::add(&c.server.stats.served_bytes, len as u64);
+                    Stats::add(&c.server.stats.spliced_bytes, len as u64);
+                    return Ok(vec![part]);
+                }
+                Ok(None) => {}
+                Err(err) => {
+                    // A partial reply is in the stage: the stream is broken.
+                    c.server.log(format!("staging a read reply: {err}; dropping the connection"));
+                    c.dead.set(true);
+                    sock.shutdown();
+                    return Err(fail(EIO, err.to_string()));
+                }
+            }
+        }
+    }
+    // Large reads of a file that maps linearly (raw) go by splice from an
+    // io_uring worker when the data may have to come from the disk.
     if len as u64 >= SPLICE_MIN && matches!(c.wire, Wire::Plain(_)) {
         if let Some((fd, base)) = e.node.passthrough_fd() {
             Stats::add(&c.server.stats.served_bytes, len as u64);
+            Stats::add(&c.server.stats.spliced_bytes, len as u64);
             return Ok(vec![SendPart::Bytes(data_header(c, req)), SendPart::File { fd, offset: base + off, len }]);
         }
     }

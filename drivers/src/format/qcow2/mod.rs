@@ -248,6 +248,15 @@ impl BlockNode for Qcow2 {
         let n = buf.len();
         self.read_part(offset, buf, 0..n)
     }
+    fn cached_extent(&self, offset: u64, len: u64) -> Option<(std::os::fd::RawFd, u64)> {
+        if offset.checked_add(len)? > self.size() {
+            return None;
+        }
+        match self.map_cached(offset, len)? {
+            (layout::Mapping::Data { host, .. }, n) if n >= len => self.data().cached_extent(host, len),
+            _ => None,
+        }
+    }
     fn write(&self, offset: u64, buf: IoBuf, flags: WriteFlags) -> BoxFuture<'_, (Result<()>, IoBuf)> {
         let n = buf.len();
         self.write_part(offset, buf, 0..n, flags)
