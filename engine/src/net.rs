@@ -103,6 +103,67 @@ fn new_pipe(flags: libc::c_int) -> io::Result<(OwnedFd, OwnedFd)> {
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
+/// A pipe a payload travels through from a socket to a file by splice: the
+/// socket's pages are passed by reference into the pipe (`Socket::splice_in`),
+/// and copied once, into the page cache, on the way out (`Pipe::to_file`).
+pub struct Pipe {
+    rd: OwnedFd,
+    wr: OwnedFd,
+}
+
+impl Pipe {
+    /// A non-blocking pipe of (asked) `size` bytes.
+    pub fn new(size: usize) -> io::Result<Pipe> {
+        let (rd, wr) = new_pipe(libc::O_NONBLOCK)?;
+        // SAFETY: fcntl on a pipe we own; a smaller pipe (the limit) still works.
+        unsafe { libc::fcntl(wr.as_raw_fd(), libc::F_SETPIPE_SZ, size as libc::c_int) };
+        Ok(Pipe { rd, wr })
+    }
+
+    /// Read what the pipe holds (up to `buf.len()` bytes) into `buf`.
+    pub fn drain(&self, buf: &mut [u8]) -> io::Result<usize> {
+        let mut got = 0;
+        while got < buf.len() {
+            // SAFETY: reads into the live slice `buf[got..]`.
+            let n = unsafe { libc::read(self.rd.as_raw_fd(), buf[got..].as_mut_ptr().cast(), buf.len() - got) };
+            match n {
+                n if n > 0 => got += n as usize,
+                0 => break,
+                _ => {
+                    let e = io::Error::last_os_error();
+                    match e.kind() {
+                        io::ErrorKind::Interrupted => {}
+                        io::ErrorKind::WouldBlock => break,
+                        _ => return Err(e),
+                    }
+                }
+            }
+        }
+        Ok(got)
+    }
+
+    /// Move `len` bytes from the pipe into `fd` at `offset`, in an io_uring
+    /// worker (a buffered write may wait on the filesystem).
+    pub async fn to_file(&self, fd: RawFd, mut offset: u64, mut len: usize) -> io::Result<()> {
+        while len > 0 {
+            let shard = expect_current();
+            let sqe = opcode::Splice::new(types::Fd(self.rd.as_raw_fd()), -1, types::Fd(fd), offset as i64, len as u32)
+                .build();
+            let key = shard.submit_op(sqe);
+            match errno_result(Op::new(shard, key, ()).await.0) {
+                Ok(0) => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "pipe ran dry before the payload's end")),
+                Ok(n) => {
+                    offset += n as u64;
+                    len -= n;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Most iovecs one sendmsg carries (the kernel's UIO_MAXIOV).
 pub const MAX_IOV: usize = 1024;
 
@@ -153,6 +214,57 @@ impl Socket {
             }
         }
         (Ok(()), buf)
+    }
+
+    /// Wait until the socket has something to read (or has ended).
+    pub async fn readable(&self) -> io::Result<()> {
+        let shard = expect_current();
+        let sqe = opcode::PollAdd::new(types::Fd(self.fd()), libc::POLLIN as u32).build();
+        let key = shard.submit_op(sqe);
+        errno_result(Op::new(shard, key, ()).await.0).map(|_| ())
+    }
+
+    /// Move the next `len` bytes of the stream into `pipe` by splice: the
+    /// socket's pages by reference, no copy. Waits for bytes still on their
+    /// way. Returns how many bytes moved: fewer than `len` when the pipe
+    /// filled up (the rest is still in the socket). An early end of stream
+    /// is UnexpectedEof.
+    pub async fn splice_in(&self, pipe: &Pipe, len: usize) -> io::Result<usize> {
+        let mut moved = 0;
+        let mut waited = false;
+        while moved < len {
+            // SAFETY: splice from our socket into our pipe; no offsets.
+            let n = unsafe {
+                libc::splice(
+                    self.fd(),
+                    std::ptr::null_mut(),
+                    pipe.wr.as_raw_fd(),
+                    std::ptr::null_mut(),
+                    len - moved,
+                    libc::SPLICE_F_NONBLOCK | libc::SPLICE_F_MOVE,
+                )
+            };
+            if n > 0 {
+                moved += n as usize;
+                waited = false;
+                continue;
+            }
+            if n == 0 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+            let e = io::Error::last_os_error();
+            match e.kind() {
+                io::ErrorKind::Interrupted => {}
+                // Readable and still nothing moved: the pipe is full.
+                io::ErrorKind::WouldBlock if waited => return Ok(moved),
+                io::ErrorKind::WouldBlock => {
+                    self.readable().await?;
+                    waited = true;
+                }
+                _ => return Err(e),
+            }
+        }
+        Ok(moved)
     }
 
     /// Send every byte of `parts` (at most MAX_IOV of them) in order: memory

@@ -156,6 +156,13 @@ impl BlockNode for RawNode {
         self.file.cached_extent(offset + self.offset, len)
     }
 
+    fn write_extent(&self, offset: u64, len: u64) -> Option<(std::os::fd::RawFd, u64)> {
+        if offset.checked_add(len)? > self.size() {
+            return None;
+        }
+        self.file.write_extent(offset + self.offset, len)
+    }
+
     fn map_cached(&self, offset: u64, len: usize) -> Option<IoBuf> {
         if offset.checked_add(len as u64)? > self.size() {
             return None;

@@ -497,6 +497,16 @@ impl BlockNode for FileNode {
         residency.cached(self.file.fd(), self.size(), offset, len).then_some((self.file.fd(), offset))
     }
 
+    fn write_extent(&self, offset: u64, len: u64) -> Option<(RawFd, u64)> {
+        // Buffered regular files only (`residency` says which), inside the
+        // file: writing past EOF would grow it behind our back.
+        self.residency.as_ref()?;
+        if self.read_only || offset.checked_add(len)? > self.size().saturating_sub(511) {
+            return None;
+        }
+        Some((self.file.fd(), offset))
+    }
+
     fn map_cached(&self, offset: u64, len: usize) -> Option<IoBuf> {
         // Below this, a copy costs less than mapping and unmapping.
         if !self.mappable || len < MIN_MAPPED || offset.checked_add(len as u64)? > self.size() {

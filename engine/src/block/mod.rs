@@ -243,6 +243,14 @@ pub trait BlockNode: Send + Sync {
         None
     }
 
+    /// Where `len` bytes at `offset` may be written straight into a buffered
+    /// host file (fd, host offset): the range inside the node, writable,
+    /// contiguous on the host, and needing no metadata update, so a server
+    /// can splice a payload there. `None`: write through the node.
+    fn write_extent(&self, _offset: u64, _len: u64) -> Option<(std::os::fd::RawFd, u64)> {
+        None
+    }
+
     /// `len` bytes at `offset` as a buffer that maps the host's page cache, a
     /// read without a copy, when the node can give one without blocking: a
     /// buffered regular file opened read-only and locked against writers, the

@@ -15,7 +15,7 @@ use std::task::{Poll, Waker};
 
 use engine::block::{chain_status, BlockNode, WriteFlags, ZeroFlags};
 use engine::error::{Error, ErrorKind};
-use engine::net::{SendPart, Socket, MAX_IOV};
+use engine::net::{Pipe, SendPart, Socket, MAX_IOV};
 use engine::runtime::IoBuf;
 
 use super::handshake::{MetaContext, Negotiated};
@@ -39,6 +39,11 @@ const SPLICE_MIN: u64 = 64 << 10;
 /// Reads up to this size whose data is in the page cache are staged
 /// (`Socket::stage_file`); the stage pipe holds 1 MiB.
 const STAGE_MAX: usize = 256 << 10;
+/// Writes of this size and up to SPLICE_WRITE_MAX go from the socket to the
+/// file by splice (`splice_write`), through pipes of WRITE_PIPE_SIZE bytes.
+const SPLICE_WRITE_MIN: u64 = 64 << 10;
+const SPLICE_WRITE_MAX: u64 = 256 << 10;
+const WRITE_PIPE_SIZE: usize = 1 << 20;
 /// Most extents one block status reply describes.
 const MAX_EXTENTS: usize = 2048;
 /// Bytes of large buffers kept for reuse per connection: a fresh heap
@@ -70,6 +75,9 @@ struct Conn {
     /// The peer is gone: replies are dropped.
     dead: Cell<bool>,
     bufs: RefCell<Vec<IoBuf>>,
+    /// Empty pipes for spliced write payloads (as many as were ever in use
+    /// at once; the back-pressure on held bytes bounds them).
+    pipes: RefCell<Vec<Pipe>>,
 }
 
 fn wake(w: &RefCell<Option<Waker>>) {
@@ -104,6 +112,7 @@ pub async fn serve(server: Arc<Server>, n: Negotiated) {
         closing: Cell::new(false),
         dead: Cell::new(false),
         bufs: RefCell::new(Vec::new()),
+        pipes: RefCell::new(Vec::new()),
     });
     let writer = engine::runtime::spawn_local(writer(c.clone()));
     if let Err(e) = reader(&c).await {
@@ -319,6 +328,8 @@ async fn reader(c: &Rc<Conn>) -> io::Result<()> {
     let hlen = Request::header_len(ext);
     let mut stage = IoBuf::new(STAGE);
     let (mut start, mut end) = (0usize, 0usize);
+    // Receive no more than the next header (a payload may follow it).
+    let mut exact = false;
     loop {
         while end - start < hlen {
             if start > 0 {
@@ -326,7 +337,8 @@ async fn reader(c: &Rc<Conn>) -> io::Result<()> {
                 end -= start;
                 start = 0;
             }
-            let (r, b) = c.recv(stage, end..STAGE).await;
+            let limit = if exact { start + hlen } else { STAGE };
+            let (r, b) = c.recv(stage, end..limit).await;
             Stats::add(&c.server.stats.recvs, 1);
             stage = b;
             match r? {
@@ -349,13 +361,21 @@ async fn reader(c: &Rc<Conn>) -> io::Result<()> {
         // A payload follows WRITE, and any command sent with PAYLOAD_LEN.
         let has_payload = req.ty == CMD_WRITE || (ext && req.flags & CMD_FLAG_PAYLOAD_LEN != 0);
         let mut payload = None;
+        exact = false;
         if has_payload {
             if req.len > u64::from(c.server.max_request) {
                 c.server.log(format!("request payload of {} bytes exceeds the maximum, closing", req.len));
                 return Ok(());
             }
             let len = req.len as usize;
-            if end - start >= len && end - start - len < hlen {
+            // Large writes arrive by splice; receive only headers after one,
+            // so the next payload stays in the socket for the splice whole.
+            exact = len as u64 >= SPLICE_WRITE_MIN;
+            let have = (end - start).min(len);
+            if let Some(p) = splice_write(c, &req, &stage[start..start + have]).await? {
+                start += have;
+                payload = Some(p);
+            } else if end - start >= len && end - start - len < hlen {
                 // The payload is the last thing received: the receive buffer
                 // becomes the write's buffer, and a fresh one takes over
                 // receiving (with the partial header, if any, that followed).
@@ -365,7 +385,7 @@ async fn reader(c: &Rc<Conn>) -> io::Result<()> {
                 let rest = end - start - len;
                 fresh[..rest].copy_from_slice(&stage[start + len..end]);
                 let full = std::mem::replace(&mut stage, fresh);
-                payload = Some((full, start..start + len));
+                payload = Some(Payload::Buf(full, start..start + len));
                 (start, end) = (0, rest);
             } else {
                 // Partly here, or followed by more requests: copy what is
@@ -377,12 +397,16 @@ async fn reader(c: &Rc<Conn>) -> io::Result<()> {
                 start += have;
                 let (r, b) = c.recv_exact(buf, have..len).await;
                 r?;
-                payload = Some((b, 0..len));
+                payload = Some(Payload::Buf(b, 0..len));
             }
             Stats::add(&c.server.stats.received_bytes, len as u64);
         }
         let held = if req.ty == CMD_READ { req.len.min(u64::from(c.server.max_request)) as usize } else { 0 }
-            + payload.as_ref().map_or(0, |p| p.0.capacity());
+            + match &payload {
+                Some(Payload::Buf(b, _)) => b.capacity(),
+                Some(Payload::Pipe { head, len, .. }) => len + head.as_ref().map_or(0, IoBuf::capacity),
+                None => 0,
+            };
         c.inflight.set(c.inflight.get() + 1);
         c.held.set(c.held.get() + held);
         let c2 = c.clone();
@@ -401,6 +425,80 @@ async fn reader(c: &Rc<Conn>) -> io::Result<()> {
             return Ok(());
         }
     }
+}
+
+/// Splice a WRITE's payload from the socket into a pipe, when it is large
+/// and the export takes it straight into a buffered host file (raw): the
+/// socket's pages go to the pipe by reference, and the one copy is the
+/// kernel's, into the page cache. `have` is the start of the payload,
+/// received already with the header; it is written from memory. None:
+/// receive the payload into memory instead (nothing was taken from the
+/// socket). If the pipe fills before the payload's end, what it holds is
+/// read back and the rest received behind it.
+async fn splice_write(c: &Conn, req: &Request, have: &[u8]) -> io::Result<Option<Payload>> {
+    let e = &*c.export;
+    let len = req.len as usize;
+    let (align, _, _) = e.block_sizes(c.server.max_request);
+    let usable = matches!(c.wire, Wire::Plain(_))
+        && req.ty == CMD_WRITE
+        && (SPLICE_WRITE_MIN..=SPLICE_WRITE_MAX).contains(&req.len)
+        && len - have.len() >= SPLICE_WRITE_MIN as usize / 2
+        && !e.read_only
+        && e.detect_zeroes == DetectZeroes::Off
+        && req.offset.checked_add(req.len).is_some_and(|end| end <= e.size)
+        && req.offset.is_multiple_of(u64::from(align))
+        && req.len.is_multiple_of(u64::from(align));
+    if !usable {
+        return Ok(None);
+    }
+    let Some((fd, host)) = e.node.write_extent(req.offset + e.offset, req.len) else { return Ok(None) };
+    let pipe = match c.pipes.borrow_mut().pop() {
+        Some(p) => p,
+        None => match Pipe::new(WRITE_PIPE_SIZE) {
+            Ok(p) => p,
+            Err(_) => return Ok(None),
+        },
+    };
+    let head = (!have.is_empty()).then(|| {
+        let mut b = c.buffer(have.len());
+        b[..have.len()].copy_from_slice(have);
+        Stats::add(&c.server.stats.write_copied_bytes, have.len() as u64);
+        b
+    });
+    let tail = len - have.len();
+    let moved = c.socket().splice_in(&pipe, tail).await?;
+    if moved == tail {
+        Stats::add(&c.server.stats.spliced_in_bytes, tail as u64);
+        return Ok(Some(Payload::Pipe { head, pipe, len: tail, fd, host: host + have.len() as u64 }));
+    }
+    let mut buf = c.buffer(len);
+    buf[..have.len()].copy_from_slice(have);
+    let got = pipe.drain(&mut buf[have.len()..have.len() + moved])?;
+    if got != moved {
+        return Err(io::Error::other(format!("pipe gave back {got} of {moved} payload bytes")));
+    }
+    Stats::add(&c.server.stats.write_copied_bytes, (have.len() + moved) as u64);
+    if let Some(h) = head {
+        c.recycle(h);
+    }
+    let (r, b) = c.recv_exact(buf, have.len() + moved..len).await;
+    r?;
+    c.pipes.borrow_mut().push(pipe);
+    Ok(Some(Payload::Buf(b, 0..len)))
+}
+
+/// A request's payload: in memory, or in a pipe on its way to a file.
+enum Payload {
+    Buf(IoBuf, Range<usize>),
+    /// The payload's start (`head`, received with the header, if any), then
+    /// `len` bytes spliced from the socket, for the host file `fd` at `host`.
+    Pipe {
+        head: Option<IoBuf>,
+        pipe: Pipe,
+        len: usize,
+        fd: std::os::fd::RawFd,
+        host: u64,
+    },
 }
 
 /// An error to send back: the wire errno and a message for the client.
@@ -423,7 +521,7 @@ fn fail(errno: u32, msg: impl Into<String>) -> Fail {
     Fail(errno, msg.into())
 }
 
-async fn handle(c: Rc<Conn>, req: Request, payload: Option<(IoBuf, Range<usize>)>, held: usize) {
+async fn handle(c: Rc<Conn>, req: Request, payload: Option<Payload>, held: usize) {
     let parts = match run(&c, &req, payload).await {
         Ok(parts) => parts,
         Err(Fail(errno, msg)) => error_reply(&c, &req, errno, &msg),
@@ -469,7 +567,7 @@ fn allowed_flags(c: &Conn, ty: u16) -> u16 {
     }
 }
 
-async fn run(c: &Conn, req: &Request, payload: Option<(IoBuf, Range<usize>)>) -> Result<Vec<SendPart>, Fail> {
+async fn run(c: &Conn, req: &Request, payload: Option<Payload>) -> Result<Vec<SendPart>, Fail> {
     let e = &*c.export;
     if req.flags & !allowed_flags(c, req.ty) != 0 {
         return Err(fail(EINVAL, format!("unsupported flags {:#x} for command {}", req.flags, req.ty)));
@@ -502,7 +600,23 @@ async fn run(c: &Conn, req: &Request, payload: Option<(IoBuf, Range<usize>)>) ->
     match req.ty {
         CMD_READ => read(c, req).await,
         CMD_WRITE => {
-            let (buf, range) = payload.expect("WRITE has a payload");
+            let (buf, range) = match payload.expect("WRITE has a payload") {
+                Payload::Buf(buf, range) => (buf, range),
+                Payload::Pipe { head, pipe, len, fd, host } => {
+                    if let Some(h) = head {
+                        let n = h.len();
+                        let (r, h) = node.write_part(off, h, 0..n, WriteFlags { fua: false }).await;
+                        c.recycle(h);
+                        r?;
+                    }
+                    pipe.to_file(fd, host, len).await.map_err(|err| fail(EIO, format!("writing: {err}")))?;
+                    c.pipes.borrow_mut().push(pipe);
+                    if fua {
+                        node.flush().await?;
+                    }
+                    return Ok(ok_reply(c, req));
+                }
+            };
             if req.len == 0 {
                 return Ok(ok_reply(c, req));
             }

@@ -87,6 +87,9 @@ pub struct Stats {
     /// Read payload bytes handed to the socket by splice, page-cache pages
     /// by reference: copied by no one, the kernel included.
     pub spliced_bytes: AtomicU64,
+    /// Write payload bytes spliced from the socket to the file (copied
+    /// once, by the kernel, into the page cache).
+    pub spliced_in_bytes: AtomicU64,
     /// Bytes of write payload copied in user space (the part of a payload
     /// that arrived in the same receive as its header).
     pub write_copied_bytes: AtomicU64,
@@ -104,12 +107,13 @@ impl Stats {
     pub fn line(&self) -> String {
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
         format!(
-            "requests={} served-bytes={} user-copied-bytes={} spliced-bytes={} received-bytes={} write-copied-bytes={} recvs={} sends={}",
+            "requests={} served-bytes={} user-copied-bytes={} spliced-bytes={} received-bytes={} spliced-in-bytes={} write-copied-bytes={} recvs={} sends={}",
             g(&self.requests),
             g(&self.served_bytes),
             g(&self.read_copied_bytes),
             g(&self.spliced_bytes),
             g(&self.received_bytes),
+            g(&self.spliced_in_bytes),
             g(&self.write_copied_bytes),
             g(&self.recvs),
             g(&self.sends)
