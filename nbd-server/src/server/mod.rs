@@ -3,6 +3,7 @@
 //! `handshake.rs`, the transmission phase in `conn.rs`, TLS in `tls.rs`, the
 //! accept loop in `listen.rs`.
 
+mod cmd;
 mod conn;
 mod handshake;
 pub mod listen;
