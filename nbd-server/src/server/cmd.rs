@@ -92,12 +92,14 @@ fn allowed_flags(c: &Conn, ty: u16) -> u16 {
     }
 }
 
-async fn run(c: &Conn, req: &Request, payload: Option<Payload>) -> Result<Vec<SendPart>, Fail> {
+/// The checks every request passes before it runs: flags, payload,
+/// permission, range and alignment.
+fn check(c: &Conn, req: &Request, has_payload: bool) -> Result<(), Fail> {
     let e = &*c.export;
     if req.flags & !allowed_flags(c, req.ty) != 0 {
         return Err(fail(EINVAL, format!("unsupported flags {:#x} for command {}", req.flags, req.ty)));
     }
-    if req.ty != CMD_WRITE && payload.is_some() {
+    if req.ty != CMD_WRITE && has_payload {
         return Err(fail(EINVAL, "unexpected payload"));
     }
     let writes = matches!(req.ty, CMD_WRITE | CMD_WRITE_ZEROES | CMD_TRIM);
@@ -119,6 +121,27 @@ async fn run(c: &Conn, req: &Request, payload: Option<Payload>) -> Result<Vec<Se
     {
         return Err(fail(EINVAL, format!("request is not aligned to {align} bytes")));
     }
+    if req.ty == CMD_READ && req.len > u64::from(c.server.max_request) {
+        return Err(fail(EINVAL, format!("read of {} bytes exceeds the maximum of {}", req.len, c.server.max_request)));
+    }
+    Ok(())
+}
+
+/// A read answered at once, without a task of its own, when its data is in
+/// the page cache and can be staged (`stage_read`); None: run it as a task.
+pub(super) fn read_now(c: &Conn, req: &Request) -> Option<SendPart> {
+    if req.ty != CMD_READ || req.len == 0 || check(c, req, false).is_err() {
+        return None;
+    }
+    if c.mode != ReplyMode::Simple && req.flags & CMD_FLAG_DF == 0 && req.len >= SPARSE_READ_MIN {
+        return None;
+    }
+    stage_read(c, req).unwrap_or(None)
+}
+
+async fn run(c: &Conn, req: &Request, payload: Option<Payload>) -> Result<Vec<SendPart>, Fail> {
+    check(c, req, payload.is_some())?;
+    let e = &*c.export;
     let node: &dyn BlockNode = &*e.node;
     let off = req.offset + e.offset;
     let fua = req.flags & CMD_FLAG_FUA != 0;
@@ -207,9 +230,6 @@ async fn run(c: &Conn, req: &Request, payload: Option<Payload>) -> Result<Vec<Se
 
 async fn read(c: &Conn, req: &Request) -> Result<Vec<SendPart>, Fail> {
     let e = &*c.export;
-    if req.len > u64::from(c.server.max_request) {
-        return Err(fail(EINVAL, format!("read of {} bytes exceeds the maximum of {}", req.len, c.server.max_request)));
-    }
     let len = req.len as usize;
     if len == 0 {
         return Ok(ok_reply(c, req));
@@ -221,28 +241,8 @@ async fn read(c: &Conn, req: &Request) -> Result<Vec<SendPart>, Fail> {
             return Ok(parts);
         }
     }
-    // Data in the page cache goes by splice: its pages are handed to the
-    // socket by reference, copied nowhere, not even by the kernel into a
-    // buffer of ours. Staged now, on this thread, behind the replies staged
-    // before it; the writer sends them all with one splice.
-    if let (Wire::Plain(sock), true) = (&c.wire, len <= STAGE_MAX) {
-        if let Some((fd, host)) = e.node.cached_extent(off, len as u64) {
-            match sock.stage_file(&data_header(c, req), fd, host, len) {
-                Ok(Some(part)) => {
-                    Stats::add(&c.server.stats.served_bytes, len as u64);
-                    Stats::add(&c.server.stats.spliced_bytes, len as u64);
-                    return Ok(vec![part]);
-                }
-                Ok(None) => {}
-                Err(err) => {
-                    // A partial reply is in the stage: the stream is broken.
-                    c.server.log(format!("staging a read reply: {err}; dropping the connection"));
-                    c.dead.set(true);
-                    sock.shutdown();
-                    return Err(fail(EIO, err.to_string()));
-                }
-            }
-        }
+    if let Some(part) = stage_read(c, req)? {
+        return Ok(vec![part]);
     }
     // Large reads of a file that maps linearly (raw) go by splice from an
     // io_uring worker when the data may have to come from the disk.
@@ -261,6 +261,36 @@ async fn read(c: &Conn, req: &Request) -> Result<Vec<SendPart>, Fail> {
     Stats::add(&c.server.stats.served_bytes, len as u64);
     let hdr = data_header(c, req);
     Ok(vec![SendPart::Bytes(hdr), SendPart::Buf(buf, 0..len)])
+}
+
+/// Data in the page cache goes by splice: its pages are handed to the
+/// socket by reference, copied nowhere, not even by the kernel into a buffer
+/// of ours. Staged now, on this thread, behind the replies staged before it
+/// (so the caller queues the part before anything else can stage); the
+/// writer sends them all with one splice. Ok(None): read it another way.
+fn stage_read(c: &Conn, req: &Request) -> Result<Option<SendPart>, Fail> {
+    let Wire::Plain(sock) = &c.wire else { return Ok(None) };
+    let len = req.len as usize;
+    if len > STAGE_MAX {
+        return Ok(None);
+    }
+    let e = &*c.export;
+    let Some((fd, host)) = e.node.cached_extent(req.offset + e.offset, req.len) else { return Ok(None) };
+    match sock.stage_file(&data_header(c, req), fd, host, len) {
+        Ok(Some(part)) => {
+            Stats::add(&c.server.stats.served_bytes, len as u64);
+            Stats::add(&c.server.stats.spliced_bytes, len as u64);
+            Ok(Some(part))
+        }
+        Ok(None) => Ok(None),
+        Err(err) => {
+            // A partial reply is in the stage: the stream is broken.
+            c.server.log(format!("staging a read reply: {err}; dropping the connection"));
+            c.dead.set(true);
+            sock.shutdown();
+            Err(fail(EIO, err.to_string()))
+        }
+    }
 }
 
 /// The header in front of a read's data: a simple reply, or one

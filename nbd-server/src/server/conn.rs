@@ -17,7 +17,7 @@ use std::task::{Poll, Waker};
 use engine::net::{Pipe, SendPart, Socket, MAX_IOV};
 use engine::runtime::IoBuf;
 
-use super::cmd::handle;
+use super::cmd::{handle, read_now};
 use super::handshake::{MetaContext, Negotiated};
 use super::{DetectZeroes, Export, Server, Stats};
 use crate::proto::*;
@@ -388,6 +388,13 @@ async fn reader(c: &Rc<Conn>) -> io::Result<()> {
                 payload = Some(Payload::Buf(b, 0..len));
             }
             Stats::add(&c.server.stats.received_bytes, len as u64);
+        }
+        if payload.is_none() {
+            if let Some(part) = read_now(c, &req) {
+                c.inflight.set(c.inflight.get() + 1);
+                c.reply(vec![part], 0);
+                continue;
+            }
         }
         let held = if req.ty == CMD_READ { req.len.min(u64::from(c.server.max_request)) as usize } else { 0 }
             + match &payload {
