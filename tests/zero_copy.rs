@@ -177,3 +177,42 @@ fn reserve_ahead_reserves_past_eof_and_gives_back() {
         assert!(std_read(&path, i * MIB, MIB as usize).iter().all(|&b| b == i as u8 + 1));
     }
 }
+
+/// Bytes this thread has passed to write system calls (`wchar`).
+fn thread_wchar() -> u64 {
+    let io = std::fs::read_to_string("/proc/thread-self/io").unwrap();
+    io.lines().find_map(|l| l.strip_prefix("wchar: ")).unwrap().trim().parse().unwrap()
+}
+
+/// `x-inline-writes`: a small write into cached pages of a buffered file runs
+/// as a pwrite on the shard's own thread (whose write count grows by it),
+/// not in an io_uring worker; with the option off, or into pages that are
+/// not in the page cache, it does not. The bytes land every way.
+#[test]
+fn small_cached_writes_run_inline_on_the_shard() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("inline.img");
+    make_file(&path, 4 * MIB, Some(&vec![1u8; 4 * MIB as usize]));
+    let p = path_str(&path);
+    let flags = OpenFlags { write: true, aio: engine::aio::Backend::IoUring, ..Default::default() };
+    for (i, (opt, evicted, inline)) in [("on", false, true), ("off", false, false), ("on", true, false)].into_iter().enumerate() {
+        if evicted {
+            // Dirty pages stay cached: write them back first.
+            std::fs::File::open(&path).unwrap().sync_all().unwrap();
+            evict(&path);
+        } else {
+            std_read(&path, 0, 4 * MIB as usize);
+        }
+        let node = open_with(&p, flags.clone(), &[("file.x-inline-writes", opt)]);
+        let n = node.clone();
+        let off = (i as u64 + 1) * 65536;
+        let on_thread = on_shard(move || async move {
+            let before = thread_wchar();
+            write_at(&*n, off, &[i as u8 + 7; 4096], WriteFlags::default()).await.unwrap();
+            thread_wchar() - before
+        });
+        assert_eq!(on_thread >= 4096, inline, "x-inline-writes={opt} evicted={evicted}: {on_thread} bytes written on the shard");
+        on_shard(move || async move { node.close().await.unwrap() });
+        assert!(std_read(&path, off, 4096).iter().all(|&b| b == i as u8 + 7));
+    }
+}

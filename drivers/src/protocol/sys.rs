@@ -214,6 +214,45 @@ impl Residency {
     }
 }
 
+/// Is the system's dirty page cache (dirty plus under writeback) below the
+/// background writeback threshold? Below it the kernel never throttles a
+/// writer (it starts to at the midpoint of the background and hard limits),
+/// so a small write into cached pages returns without sleeping. Read from
+/// /proc at most every `DIRTY_RECHECK` (about 50 us each time), any thread.
+pub fn dirty_headroom() -> bool {
+    use std::sync::atomic::Ordering::Relaxed;
+    static STATE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let now = epoch().elapsed().as_nanos() as u64;
+    let st = STATE.load(Relaxed);
+    if now < st >> 1 {
+        return st & 1 == 1;
+    }
+    let ok = dirty_below_background().unwrap_or(false);
+    STATE.store((now + DIRTY_RECHECK.as_nanos() as u64) << 1 | u64::from(ok), Relaxed);
+    ok
+}
+
+const DIRTY_RECHECK: std::time::Duration = std::time::Duration::from_millis(50);
+
+fn dirty_below_background() -> Option<bool> {
+    let field = |text: &str, key: &str| -> Option<u64> {
+        text.lines().find_map(|l| l.strip_prefix(key)?.split_whitespace().next()?.parse().ok())
+    };
+    let vm = std::fs::read_to_string("/proc/vmstat").ok()?;
+    let dirty = (field(&vm, "nr_dirty ")? + field(&vm, "nr_writeback ")?) * 4096;
+    let sysctl = |name: &str| -> Option<u64> { std::fs::read_to_string(format!("/proc/sys/vm/{name}")).ok()?.trim().parse().ok() };
+    let limit = match sysctl("dirty_background_bytes")? {
+        0 => {
+            // The kernel takes the ratio of the memory that can hold dirty
+            // pages (free and page cache); MemAvailable is close to it.
+            let mem = std::fs::read_to_string("/proc/meminfo").ok()?;
+            field(&mem, "MemAvailable:")? * 1024 / 100 * sysctl("dirty_background_ratio")?
+        }
+        b => b,
+    };
+    Some(dirty < limit)
+}
+
 /// A private mapping of `len` bytes of `fd` at `off`, when every page of the
 /// range is in the page cache (cachestat), so touching it does not wait for
 /// the disk. The pages are mapped by the faults of first touch (each maps

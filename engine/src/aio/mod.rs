@@ -172,6 +172,31 @@ impl AioFile {
         (!Arc::ptr_eq(&here.shared, &home) && !home.shutdown.load(Ordering::Acquire)).then_some(home)
     }
 
+    /// Write `buf[at..at+len]` at `off` now, with pwrite(2) on this thread:
+    /// for the caller that knows the write cannot block for long (into
+    /// pages already in the page cache). Returns the bytes written (all, or
+    /// an error).
+    pub fn write_now(&self, buf: &IoBuf, at: usize, len: usize, off: u64) -> io::Result<usize> {
+        let data = &buf[at..at + len];
+        let mut done = 0;
+        while done < len {
+            let rest = &data[done..];
+            // SAFETY: pwrite reads the live slice `rest` from our fd.
+            let n = unsafe { libc::pwrite(self.fd(), rest.as_ptr().cast(), rest.len(), (off + done as u64) as libc::off_t) };
+            match n {
+                n if n > 0 => done += n as usize,
+                0 => return Err(io::ErrorKind::WriteZero.into()),
+                _ => {
+                    let e = io::Error::last_os_error();
+                    if e.kind() != io::ErrorKind::Interrupted {
+                        return Err(e);
+                    }
+                }
+            }
+        }
+        Ok(done)
+    }
+
     /// fdatasync (or fsync when `datasync` is false).
     pub async fn fsync(&self, datasync: bool) -> io::Result<()> {
         match self.backend {
