@@ -416,6 +416,14 @@ fn clients_vanishing_mid_request_leave_the_server_serving() {
     }
     drop(c);
 
+    // Reads of cached data (staged in a pipe, answered by the reader at
+    // once) past what the stage holds, then gone.
+    let mut c = Client::connect(f.sock());
+    for i in 0..200u64 {
+        c.send(CMD_READ, 0, (i % 16) << 16, 65536);
+    }
+    drop(c);
+
     // The same, gone after reading part of the first reply.
     let mut c = Client::connect(f.sock());
     for i in 0..64u64 {

@@ -129,7 +129,22 @@ fn parse_size(s: &str) -> std::result::Result<u64, String> {
     engine::size::parse_size(s).map_err(|e| e.to_string())
 }
 
+/// Raise the open-file limit to its hard maximum: a connection holds a few
+/// pipes for splicing besides its socket, and the soft limit (often 1024)
+/// would cap a server at a few hundred connections. Failure is harmless.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit read and write the live local `lim`.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
 fn main() -> ExitCode {
+    raise_fd_limit();
     let args = Args::parse();
     match real_main(args) {
         Ok(code) => code,

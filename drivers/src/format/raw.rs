@@ -156,11 +156,12 @@ impl BlockNode for RawNode {
         self.file.cached_extent(offset + self.offset, len)
     }
 
-    fn write_extent(&self, offset: u64, len: u64) -> Option<(std::os::fd::RawFd, u64)> {
-        if offset.checked_add(len)? > self.size() {
-            return None;
-        }
-        self.file.write_extent(offset + self.offset, len)
+    fn pipe_writable(&self, offset: u64, len: u64) -> bool {
+        offset.checked_add(len).is_some_and(|end| end <= self.size()) && self.file.pipe_writable(offset + self.offset, len)
+    }
+
+    fn write_pipe(&self, offset: u64, pipe: engine::net::Pipe, len: usize) -> BoxFuture<'_, (Result<()>, engine::net::Pipe)> {
+        self.file.write_pipe(offset + self.offset, pipe, len)
     }
 
     fn map_cached(&self, offset: u64, len: usize) -> Option<IoBuf> {

@@ -524,14 +524,22 @@ impl BlockNode for FileNode {
         residency.cached(self.file.fd(), self.size(), offset, len).then_some((self.file.fd(), offset))
     }
 
-    fn write_extent(&self, offset: u64, len: u64) -> Option<(RawFd, u64)> {
+    fn pipe_writable(&self, offset: u64, len: u64) -> bool {
         // Buffered regular files only (`residency` says which), inside the
         // file: writing past EOF would grow it behind our back.
-        self.residency.as_ref()?;
-        if self.read_only || offset.checked_add(len)? > self.size().saturating_sub(511) {
-            return None;
-        }
-        Some((self.file.fd(), offset))
+        self.residency.is_some()
+            && !self.read_only
+            && offset.checked_add(len).is_some_and(|end| end <= self.size().saturating_sub(511))
+    }
+
+    fn write_pipe(&self, offset: u64, pipe: engine::net::Pipe, len: usize) -> BoxFuture<'_, (Result<()>, engine::net::Pipe)> {
+        Box::pin(async move {
+            if !self.pipe_writable(offset, len as u64) {
+                return (Err(unsupported("writing from a pipe here").with_file(&self.filename)), pipe);
+            }
+            let (r, pipe) = self.file.write_pipe(pipe, len, offset).await;
+            (r.map_err(|e| self.err(e, "write", offset)), pipe)
+        })
     }
 
     fn map_cached(&self, offset: u64, len: usize) -> Option<IoBuf> {

@@ -197,6 +197,31 @@ impl AioFile {
         Ok(done)
     }
 
+    /// Move `len` bytes from `pipe` into the file at `off` (splice, in an
+    /// io_uring worker). Large ones go to the file's home ring, as large
+    /// writes do (`write_home`): from two rings, two workers would spin on
+    /// the inode lock. The pipe comes back with the result.
+    pub async fn write_pipe(&self, pipe: crate::net::Pipe, len: usize, off: u64) -> (io::Result<()>, crate::net::Pipe) {
+        let rw = Rw { at: 0, len, off, write: true, fua: false };
+        match self.remote_home(&rw) {
+            Some(home) => {
+                let fd = self.fd.clone();
+                let (tx, rx) = crate::runtime::join_channel();
+                home.post(Box::new(move || {
+                    crate::runtime::spawn_local(async move {
+                        let r = pipe.to_file(fd.as_raw_fd(), off, len).await;
+                        tx.send((r, pipe))
+                    });
+                }));
+                rx.await
+            }
+            None => {
+                let r = pipe.to_file(self.fd(), off, len).await;
+                (r, pipe)
+            }
+        }
+    }
+
     /// fdatasync (or fsync when `datasync` is false).
     pub async fn fsync(&self, datasync: bool) -> io::Result<()> {
         match self.backend {

@@ -243,12 +243,19 @@ pub trait BlockNode: Send + Sync {
         None
     }
 
-    /// Where `len` bytes at `offset` may be written straight into a buffered
-    /// host file (fd, host offset): the range inside the node, writable,
-    /// contiguous on the host, and needing no metadata update, so a server
-    /// can splice a payload there. `None`: write through the node.
-    fn write_extent(&self, _offset: u64, _len: u64) -> Option<(std::os::fd::RawFd, u64)> {
-        None
+    /// Can `len` bytes at `offset` be written from a pipe (`write_pipe`):
+    /// the range inside the node, writable, lying contiguously in a buffered
+    /// host file, needing no metadata update? A server then splices a
+    /// payload from its socket into a pipe, never into memory.
+    fn pipe_writable(&self, _offset: u64, _len: u64) -> bool {
+        false
+    }
+
+    /// Write `len` bytes from `pipe` at `offset`, where `pipe_writable`
+    /// said yes (anything else fails with Unsupported). Not durable until
+    /// a flush. The pipe comes back with the result.
+    fn write_pipe(&self, _offset: u64, pipe: crate::net::Pipe, _len: usize) -> BoxFuture<'_, (Result<()>, crate::net::Pipe)> {
+        Box::pin(async move { (Err(Error::new(ErrorKind::Unsupported, "writing from a pipe")), pipe) })
     }
 
     /// `len` bytes at `offset` as a buffer that maps the host's page cache, a

@@ -150,14 +150,15 @@ async fn run(c: &Conn, req: &Request, payload: Option<Payload>) -> Result<Vec<Se
         CMD_WRITE => {
             let (buf, range) = match payload.expect("WRITE has a payload") {
                 Payload::Buf(buf, range) => (buf, range),
-                Payload::Pipe { head, pipe, len, fd, host } => {
+                Payload::Pipe { head, pipe, len } => {
+                    let at = head.as_ref().map_or(0, |h| h.len());
                     if let Some(h) = head {
-                        let n = h.len();
-                        let (r, h) = node.write_part(off, h, 0..n, WriteFlags { fua: false }).await;
+                        let (r, h) = node.write_part(off, h, 0..at, WriteFlags { fua: false }).await;
                         c.recycle(h);
                         r?;
                     }
-                    pipe.to_file(fd, host, len).await.map_err(|err| fail(EIO, format!("writing: {err}")))?;
+                    let (r, pipe) = node.write_pipe(off + at as u64, pipe, len).await;
+                    r?;
                     c.pipes.borrow_mut().push(pipe);
                     if fua {
                         node.flush().await?;

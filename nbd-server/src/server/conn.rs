@@ -34,6 +34,9 @@ const STAGE: usize = 64 << 10;
 const SPLICE_WRITE_MIN: u64 = 64 << 10;
 const SPLICE_WRITE_MAX: u64 = 256 << 10;
 const WRITE_PIPE_SIZE: usize = 1 << 20;
+/// Most pipes one connection makes for write payloads (a pipe lost to an
+/// error is not replaced).
+const MAX_WRITE_PIPES: usize = 8;
 /// Bytes of large buffers kept for reuse per connection: a fresh heap
 /// buffer costs a page fault per page (nbdcopy's 256 KiB reads spent a
 /// quarter of the server's time faulting in buffers with a cache of 16).
@@ -63,9 +66,9 @@ pub(super) struct Conn {
     /// The peer is gone: replies are dropped.
     pub(super) dead: Cell<bool>,
     pub(super) bufs: RefCell<Vec<IoBuf>>,
-    /// Empty pipes for spliced write payloads (as many as were ever in use
-    /// at once; the back-pressure on held bytes bounds them).
+    /// Empty pipes for spliced write payloads, and how many were made.
     pub(super) pipes: RefCell<Vec<Pipe>>,
+    pub(super) pipes_made: Cell<usize>,
 }
 
 fn wake(w: &RefCell<Option<Waker>>) {
@@ -101,6 +104,7 @@ pub async fn serve(server: Arc<Server>, n: Negotiated) {
         dead: Cell::new(false),
         bufs: RefCell::new(Vec::new()),
         pipes: RefCell::new(Vec::new()),
+        pipes_made: Cell::new(0),
     });
     let writer = engine::runtime::spawn_local(writer(c.clone()));
     if let Err(e) = reader(&c).await {
@@ -446,11 +450,19 @@ async fn splice_write(c: &Conn, req: &Request, have: &[u8]) -> io::Result<Option
     if !usable {
         return Ok(None);
     }
-    let Some((fd, host)) = e.node.write_extent(req.offset + e.offset, req.len) else { return Ok(None) };
-    let pipe = match c.pipes.borrow_mut().pop() {
+    if !e.node.pipe_writable(req.offset + e.offset, req.len) {
+        return Ok(None);
+    }
+    let pooled = c.pipes.borrow_mut().pop();
+    let pipe = match pooled {
         Some(p) => p,
+        // Each pipe is two file descriptors: a few per connection, no more.
+        None if c.pipes_made.get() >= MAX_WRITE_PIPES => return Ok(None),
         None => match Pipe::new(WRITE_PIPE_SIZE) {
-            Ok(p) => p,
+            Ok(p) => {
+                c.pipes_made.set(c.pipes_made.get() + 1);
+                p
+            }
             Err(_) => return Ok(None),
         },
     };
@@ -464,7 +476,7 @@ async fn splice_write(c: &Conn, req: &Request, have: &[u8]) -> io::Result<Option
     let moved = c.socket().splice_in(&pipe, tail).await?;
     if moved == tail {
         Stats::add(&c.server.stats.spliced_in_bytes, tail as u64);
-        return Ok(Some(Payload::Pipe { head, pipe, len: tail, fd, host: host + have.len() as u64 }));
+        return Ok(Some(Payload::Pipe { head, pipe, len: tail }));
     }
     let mut buf = c.buffer(len);
     buf[..have.len()].copy_from_slice(have);
@@ -486,12 +498,10 @@ async fn splice_write(c: &Conn, req: &Request, have: &[u8]) -> io::Result<Option
 pub(super) enum Payload {
     Buf(IoBuf, Range<usize>),
     /// The payload's start (`head`, received with the header, if any), then
-    /// `len` bytes spliced from the socket, for the host file `fd` at `host`.
+    /// `len` bytes spliced from the socket into `pipe`.
     Pipe {
         head: Option<IoBuf>,
         pipe: Pipe,
         len: usize,
-        fd: std::os::fd::RawFd,
-        host: u64,
     },
 }
