@@ -457,6 +457,33 @@ fn clients_vanishing_mid_request_leave_the_server_serving() {
     f.srv.finish();
 }
 
+/// A client that asks for far more data than its socket can hold and reads
+/// none of it must not stall the server: replies wait for room on the ring,
+/// never in a system call on the shard's thread. Clients on every shard
+/// (several connections land on each) are still served meanwhile.
+#[test]
+fn a_client_that_never_reads_stalls_no_one() {
+    let f = start();
+    let mut hogs = Vec::new();
+    for _ in 0..2 {
+        let mut hog = Client::connect(f.sock());
+        // 2000 cached 4 KiB reads: 8 MiB of replies against a socket buffer
+        // of a few hundred KiB. The requests go in one write (56 KiB), which
+        // the socket's receive side holds even if the server reads none.
+        let reqs: Vec<u8> = (0..2000u64).flat_map(|i| request(CMD_READ, 0, i + 1, (i % 512) << 12, 4096)).collect();
+        hog.s.write_all(&reqs).unwrap();
+        hogs.push(hog);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    for _ in 0..4 {
+        let mut c = Client::connect(f.sock());
+        f.check_reads(&mut c);
+        c.disconnect();
+    }
+    drop(hogs);
+    f.srv.finish();
+}
+
 /// `--handshake-limit` bounds the whole negotiation (as in qemu-nbd), not
 /// each read: a client that drips a byte now and then must still be cut
 /// off once the limit has passed.

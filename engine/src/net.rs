@@ -70,6 +70,8 @@ pub struct Socket {
     pipe: std::cell::OnceCell<(OwnedFd, OwnedFd)>,
     /// The stage pipe (`stage`), made on first use; None if that failed.
     stage: std::cell::OnceCell<Option<Stage>>,
+    /// The socket's status flags when adopted (negative if unknown).
+    flags: libc::c_int,
 }
 
 /// A pipe replies are assembled in: a header written into it, then file data
@@ -84,6 +86,16 @@ struct Stage {
     slots: usize,
     /// Pipe buffers staged parts may occupy (counted until they are sent).
     used: std::cell::Cell<usize>,
+    /// A send of staged bytes failed: what the pipe holds no longer matches
+    /// the parts, so nothing more may be staged.
+    broken: std::cell::Cell<bool>,
+}
+
+/// The kernel's page size: a pipe buffer holds at most one page.
+fn page_size() -> usize {
+    // SAFETY: sysconf only reads.
+    let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    usize::try_from(p).ok().filter(|&p| p > 0).unwrap_or(4096)
 }
 
 /// Size asked for the splice pipe: one splice moves at most this much.
@@ -174,8 +186,35 @@ struct MsgRes {
 }
 
 impl Socket {
+    /// Adopt a connected socket.
     pub fn new(fd: OwnedFd) -> Socket {
-        Socket { fd, pipe: std::cell::OnceCell::new(), stage: std::cell::OnceCell::new() }
+        // SAFETY: fcntl only reads the fd's status flags.
+        let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
+        Socket { fd, pipe: std::cell::OnceCell::new(), stage: std::cell::OnceCell::new(), flags }
+    }
+
+    /// Run `f` (a splice(2) on this socket) with the socket non-blocking,
+    /// then restore its flags. A socket's O_NONBLOCK is the only thing that
+    /// keeps splice from sleeping on it, and the shard's thread must not; it
+    /// is not left set because the ring's own receives and sends on an
+    /// O_NONBLOCK socket come back with EAGAIN instead of waiting (they
+    /// retry when one slips through anyway). Returns None (and runs
+    /// nothing) when the flags cannot be set.
+    fn nonblocking<T>(&self, f: impl FnOnce() -> T) -> Option<T> {
+        if self.flags < 0 {
+            return None;
+        }
+        if self.flags & libc::O_NONBLOCK != 0 {
+            return Some(f());
+        }
+        // SAFETY: fcntl sets status flags of an fd we own.
+        if unsafe { libc::fcntl(self.fd(), libc::F_SETFL, self.flags | libc::O_NONBLOCK) } != 0 {
+            return None;
+        }
+        let r = f();
+        // SAFETY: as above, restoring what was there.
+        unsafe { libc::fcntl(self.fd(), libc::F_SETFL, self.flags) };
+        Some(r)
     }
 
     pub fn fd(&self) -> RawFd {
@@ -198,7 +237,14 @@ impl Socket {
         let sqe = opcode::Recv::new(types::Fd(self.fd()), ptr, len).build();
         let key = shard.submit_op(sqe);
         let (res, buf) = Op::new(shard, key, buf).await;
-        (errno_result(res), buf)
+        match errno_result(res) {
+            // The socket was non-blocking when the ring tried (`nonblocking`).
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => match self.readable().await {
+                Ok(()) => Box::pin(self.recv(buf, range)).await,
+                Err(e) => (Err(e), buf),
+            },
+            r => (r, buf),
+        }
     }
 
     /// Fill `buf[range]` completely; an early end of stream is UnexpectedEof.
@@ -234,7 +280,7 @@ impl Socket {
         let mut waited = false;
         while moved < len {
             // SAFETY: splice from our socket into our pipe; no offsets.
-            let n = unsafe {
+            let splice = || unsafe {
                 libc::splice(
                     self.fd(),
                     std::ptr::null_mut(),
@@ -244,6 +290,9 @@ impl Socket {
                     libc::SPLICE_F_NONBLOCK | libc::SPLICE_F_MOVE,
                 )
             };
+            // Unable to make it non-blocking: move nothing (the caller
+            // receives the payload instead).
+            let Some(n) = self.nonblocking(splice) else { return Ok(moved) };
             if n > 0 {
                 moved += n as usize;
                 waited = false;
@@ -274,6 +323,18 @@ impl Socket {
         if !parts.iter().any(|p| matches!(p, SendPart::File { .. } | SendPart::Staged { .. })) {
             return self.send_mem(parts, false).await;
         }
+        let staged = parts.iter().any(|p| matches!(p, SendPart::Staged { .. }));
+        let r = self.send_mixed(parts).await;
+        if r.0.is_err() && staged {
+            // Staged bytes may be left in the pipe, no longer matching parts.
+            if let Some(st) = self.stage() {
+                st.broken.set(true);
+            }
+        }
+        r
+    }
+
+    async fn send_mixed(&self, parts: Vec<SendPart>) -> (io::Result<()>, Vec<SendPart>) {
         let mut done = Vec::with_capacity(parts.len());
         let mut run = Vec::new();
         // Staged parts in a row, sent by one splice: (bytes, pipe buffers).
@@ -319,13 +380,16 @@ impl Socket {
     fn stage(&self) -> Option<&Stage> {
         self.stage
             .get_or_init(|| {
+                if self.flags < 0 {
+                    return None;
+                }
                 let (rd, wr) = new_pipe(libc::O_NONBLOCK).ok()?;
                 // SAFETY: fcntl on a pipe we own; a smaller pipe (the limit) still works.
                 let size = unsafe { libc::fcntl(wr.as_raw_fd(), libc::F_SETPIPE_SZ, STAGE_PIPE_SIZE as libc::c_int) };
                 // SAFETY: as above; F_GETPIPE_SZ only reads.
                 let size = if size > 0 { size } else { unsafe { libc::fcntl(wr.as_raw_fd(), libc::F_GETPIPE_SZ) } };
-                let slots = usize::try_from(size).ok()? / 4096;
-                Some(Stage { rd, wr, slots, used: std::cell::Cell::new(0) })
+                let slots = usize::try_from(size).ok()? / page_size();
+                Some(Stage { rd, wr, slots, used: std::cell::Cell::new(0), broken: std::cell::Cell::new(false) })
             })
             .as_ref()
     }
@@ -340,10 +404,11 @@ impl Socket {
     /// part must be sent, in the order staged, before other bytes of the
     /// stream (mixing with other parts in `send_all` keeps that order).
     pub fn stage_file(&self, header: &[u8], fd: RawFd, offset: u64, len: usize) -> io::Result<Option<SendPart>> {
-        let Some(st) = self.stage() else { return Ok(None) };
+        let Some(st) = self.stage().filter(|st| !st.broken.get()) else { return Ok(None) };
         // One buffer for the header; the data takes at most one per page it touches.
-        let slots = 1 + ((offset % 4096) as usize + len).div_ceil(4096);
-        if st.used.get() + slots > st.slots || header.len() > 4096 {
+        let page = page_size();
+        let slots = 1 + ((offset % page as u64) as usize + len).div_ceil(page);
+        if st.used.get() + slots > st.slots || header.len() > page {
             return Ok(None);
         }
         // SAFETY: writes `header`, a live slice, to our pipe.
@@ -377,37 +442,56 @@ impl Socket {
         Ok(Some(SendPart::Staged { len: header.len() + len, slots }))
     }
 
-    /// Move `len` staged bytes to the socket: by plain non-blocking splices
-    /// while the socket takes them, by the ring (which waits) when it is full.
-    async fn send_staged(&self, (mut len, slots): (usize, usize)) -> io::Result<()> {
+    /// Move `len` staged bytes to the socket.
+    async fn send_staged(&self, (len, slots): (usize, usize)) -> io::Result<()> {
         let st = self.stage().expect("staged parts without a stage");
-        let rd = st.rd.as_raw_fd();
-        let r = async {
-            while len > 0 {
-                // SAFETY: splice from our pipe to our socket; no offsets.
-                let n = unsafe {
-                    libc::splice(rd, std::ptr::null_mut(), self.fd(), std::ptr::null_mut(), len, libc::SPLICE_F_NONBLOCK)
-                };
-                let n = if n >= 0 {
-                    n as usize
-                } else {
+        let r = self.pipe_to_socket(st.rd.as_raw_fd(), len).await;
+        st.used.set(st.used.get().saturating_sub(slots));
+        if r.is_err() {
+            st.broken.set(true);
+        }
+        r
+    }
+
+    /// Splice `len` bytes from the pipe `rd` to the (non-blocking) socket:
+    /// plain system calls while the socket takes them, waiting on the ring
+    /// for room when it is full.
+    async fn pipe_to_socket(&self, rd: RawFd, mut len: usize) -> io::Result<()> {
+        while len > 0 {
+            // SAFETY: splice from a pipe of ours to our socket; no offsets.
+            let splice = || unsafe {
+                libc::splice(rd, std::ptr::null_mut(), self.fd(), std::ptr::null_mut(), len, libc::SPLICE_F_NONBLOCK)
+            };
+            let Some(n) = self.nonblocking(splice) else {
+                // Cannot make it non-blocking: let a ring worker wait instead.
+                match self.splice_op(rd, -1, self.fd(), len).await? {
+                    0 => return Err(io::ErrorKind::WriteZero.into()),
+                    k => len -= k,
+                }
+                continue;
+            };
+            match n {
+                n if n > 0 => len -= n as usize,
+                0 => return Err(io::ErrorKind::WriteZero.into()),
+                _ => {
                     let e = io::Error::last_os_error();
                     match e.kind() {
-                        io::ErrorKind::Interrupted => continue,
-                        io::ErrorKind::WouldBlock => self.splice_op(rd, -1, self.fd(), len).await?,
+                        io::ErrorKind::Interrupted => {}
+                        io::ErrorKind::WouldBlock => self.writable().await?,
                         _ => return Err(e),
                     }
-                };
-                if n == 0 {
-                    return Err(io::ErrorKind::WriteZero.into());
                 }
-                len -= n;
             }
-            Ok(())
         }
-        .await;
-        st.used.set(st.used.get().saturating_sub(slots));
-        r
+        Ok(())
+    }
+
+    /// Wait until the socket has room to send (or has failed).
+    async fn writable(&self) -> io::Result<()> {
+        let shard = expect_current();
+        let sqe = opcode::PollAdd::new(types::Fd(self.fd()), libc::POLLOUT as u32).build();
+        let key = shard.submit_op(sqe);
+        errno_result(Op::new(shard, key, ()).await.0).map(|_| ())
     }
 
     fn pipe(&self) -> io::Result<&(OwnedFd, OwnedFd)> {
@@ -436,13 +520,7 @@ impl Socket {
             if n == 0 {
                 return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "file ended before the data to send"));
             }
-            let mut left = n;
-            while left > 0 {
-                match self.splice_op(rd, -1, self.fd(), left).await? {
-                    0 => return Err(io::ErrorKind::WriteZero.into()),
-                    k => left -= k,
-                }
-            }
+            self.pipe_to_socket(rd, n).await?;
             offset += n as u64;
             len -= n;
         }
@@ -484,6 +562,12 @@ impl Socket {
                 Ok(0) => return (Err(io::ErrorKind::WriteZero.into()), parts),
                 Ok(n) => sent += n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                // The socket was non-blocking when the ring tried (`nonblocking`).
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if let Err(e) = self.writable().await {
+                        return (Err(e), parts);
+                    }
+                }
                 Err(e) => return (Err(e), parts),
             }
         }

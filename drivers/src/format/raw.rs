@@ -157,7 +157,10 @@ impl BlockNode for RawNode {
     }
 
     fn pipe_writable(&self, offset: u64, len: u64) -> bool {
-        offset.checked_add(len).is_some_and(|end| end <= self.size()) && self.file.pipe_writable(offset + self.offset, len)
+        // A probed image's sector 0 is checked before it is written
+        // (`check_sector0`), which needs the bytes in memory.
+        !(self.probed && offset < SECTOR)
+            && offset.checked_add(len).is_some_and(|end| end <= self.size()) && self.file.pipe_writable(offset + self.offset, len)
     }
 
     fn write_pipe(&self, offset: u64, pipe: engine::net::Pipe, len: usize) -> BoxFuture<'_, (Result<()>, engine::net::Pipe)> {

@@ -43,6 +43,22 @@ impl Kind {
     }
 }
 
+/// Counts a write running outside the shard while alive (`worker_writes`).
+struct WorkerWrite<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl<'a> WorkerWrite<'a> {
+    fn new(n: &'a std::sync::atomic::AtomicUsize) -> WorkerWrite<'a> {
+        n.fetch_add(1, Ordering::AcqRel);
+        WorkerWrite(n)
+    }
+}
+
+impl Drop for WorkerWrite<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 pub struct FileNode {
     file: AioFile,
     kind: Kind,
@@ -65,6 +81,9 @@ pub struct FileNode {
     /// `x-inline-writes` (default on): small page-cache writes may run on
     /// the shard's thread (`write_inline`).
     inline_writes: bool,
+    /// Writes of this file running outside the shard (io_uring workers,
+    /// the thread pool), which hold its inode lock while they run.
+    worker_writes: std::sync::atomic::AtomicUsize,
     /// `x-reserve-ahead`: when a write grows the file to within half of
     /// this of the blocks reserved so far, reserve this much more past EOF
     /// (fallocate KEEP_SIZE, so the size does not change). Writes into
@@ -94,6 +113,7 @@ impl FileNode {
         let inline = self.inline_writes && self.file.backend() == Backend::IoUring;
         let Some(res) = self.residency.as_ref().filter(|_| inline) else { return false };
         len <= INLINE_WRITE_MAX
+            && self.worker_writes.load(Ordering::Acquire) == 0
             && offset + len <= self.size().saturating_sub(511)
             && res.cached(self.file.fd(), self.size(), offset, len)
             && sys::dirty_headroom()
@@ -405,6 +425,7 @@ impl BlockNode for FileNode {
                 let r = self.file.write_now(&buf, range.start, len, offset);
                 return (r.map(|_| ()).map_err(|e| self.err(e, "write", offset)), buf);
             }
+            let _busy = WorkerWrite::new(&self.worker_writes);
             let r = if !self.aligned(offset, len, buf.as_ptr().wrapping_add(range.start)) {
                 self.write_rmw(offset, buf, range, fua).await
             } else {
@@ -537,6 +558,7 @@ impl BlockNode for FileNode {
             if !self.pipe_writable(offset, len as u64) {
                 return (Err(unsupported("writing from a pipe here").with_file(&self.filename)), pipe);
             }
+            let _busy = WorkerWrite::new(&self.worker_writes);
             let (r, pipe) = self.file.write_pipe(pipe, len, offset).await;
             (r.map_err(|e| self.err(e, "write", offset)), pipe)
         })
@@ -601,7 +623,8 @@ impl FileDriver {
         opts.take("discard");
         opts.take("aio-max-batch");
         let reserve_ahead = opts.take_size("x-reserve-ahead")?.unwrap_or(0);
-        let inline_writes = opts.take_bool("x-inline-writes")?.unwrap_or(true);
+        // Not with O_DSYNC (writethrough): each write waits for the disk.
+        let inline_writes = opts.take_bool("x-inline-writes")?.unwrap_or(true) && !ctx.flags.cache.writethrough;
         if reserve_ahead > 1 << 40 {
             return Err(invalid("x-reserve-ahead may be at most 1T").with_file(&filename));
         }
@@ -680,6 +703,7 @@ impl FileDriver {
                 && !ctx.flags.shared.contains(Perm::RESIZE),
             residency: (!direct && !is_blk).then(sys::Residency::default),
             inline_writes,
+            worker_writes: Default::default(),
             reserve_ahead: if write && !is_blk { reserve_ahead } else { 0 },
             reserved_end: AtomicU64::new(size),
             reserving: Default::default(),
@@ -726,6 +750,7 @@ impl FileDriver {
             mappable: false,
             residency: None,
             inline_writes: false,
+            worker_writes: Default::default(),
             reserve_ahead: 0,
             reserved_end: AtomicU64::new(0),
             reserving: Default::default(),

@@ -193,14 +193,15 @@ impl Residency {
     /// in the page cache?
     pub fn cached(&self, fd: RawFd, size: u64, off: u64, len: u64) -> bool {
         use std::sync::atomic::Ordering::Relaxed;
+        let page = page_size();
         let now = epoch().elapsed().as_nanos() as u64;
         let st = self.state.load(Relaxed);
         let all = if now < st >> 1 {
             st & 1 == 1
         } else {
             let t = std::time::Instant::now();
-            let pages = size.div_ceil(4096);
-            let all = cached_pages(fd, 0, pages * 4096).is_some_and(|n| n >= pages);
+            let pages = size.div_ceil(page);
+            let all = cached_pages(fd, 0, pages * page).is_some_and(|n| n >= pages);
             let trust = (t.elapsed() * 100).max(TRUST_MIN).as_nanos() as u64;
             self.state.store((now + trust) << 1 | u64::from(all), Relaxed);
             all
@@ -208,10 +209,17 @@ impl Residency {
         if all {
             return true;
         }
-        let start = off - off % 4096;
-        let end = (off + len).next_multiple_of(4096);
-        cached_pages(fd, start, end - start).is_some_and(|n| n >= (end - start) / 4096)
+        let start = off - off % page;
+        let end = (off + len).next_multiple_of(page);
+        cached_pages(fd, start, end - start).is_some_and(|n| n >= (end - start) / page)
     }
+}
+
+/// The kernel's page size (what cachestat counts).
+fn page_size() -> u64 {
+    // SAFETY: sysconf only reads.
+    let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    u64::try_from(p).ok().filter(|&p| p > 0).unwrap_or(4096)
 }
 
 /// Is the system's dirty page cache (dirty plus under writeback) below the

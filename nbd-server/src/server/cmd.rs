@@ -27,7 +27,7 @@ const STAGE_MAX: usize = 256 << 10;
 const MAX_EXTENTS: usize = 2048;
 
 /// An error to send back: the wire errno and a message for the client.
-struct Fail(u32, String);
+pub(super) struct Fail(u32, String);
 
 impl From<Error> for Fail {
     fn from(e: Error) -> Fail {
@@ -94,7 +94,7 @@ fn allowed_flags(c: &Conn, ty: u16) -> u16 {
 
 /// The checks every request passes before it runs: flags, payload,
 /// permission, range and alignment.
-fn check(c: &Conn, req: &Request, has_payload: bool) -> Result<(), Fail> {
+pub(super) fn check(c: &Conn, req: &Request, has_payload: bool) -> Result<(), Fail> {
     let e = &*c.export;
     if req.flags & !allowed_flags(c, req.ty) != 0 {
         return Err(fail(EINVAL, format!("unsupported flags {:#x} for command {}", req.flags, req.ty)));

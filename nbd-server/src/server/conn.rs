@@ -17,7 +17,7 @@ use std::task::{Poll, Waker};
 use engine::net::{Pipe, SendPart, Socket, MAX_IOV};
 use engine::runtime::IoBuf;
 
-use super::cmd::{handle, read_now};
+use super::cmd::{check, handle, read_now};
 use super::handshake::{MetaContext, Negotiated};
 use super::{DetectZeroes, Export, Server, Stats};
 use crate::proto::*;
@@ -447,7 +447,9 @@ async fn splice_write(c: &Conn, req: &Request, have: &[u8]) -> io::Result<Option
         && req.offset.checked_add(req.len).is_some_and(|end| end <= e.size)
         && req.offset.is_multiple_of(u64::from(align))
         && req.len.is_multiple_of(u64::from(align));
-    if !usable {
+    // A request that will fail its checks keeps its payload in memory (a
+    // pipe lost to it would not be replaced).
+    if !usable || check(c, req, true).is_err() {
         return Ok(None);
     }
     if !e.node.pipe_writable(req.offset + e.offset, req.len) {

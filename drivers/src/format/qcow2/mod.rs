@@ -249,7 +249,10 @@ impl BlockNode for Qcow2 {
         self.read_part(offset, buf, 0..n)
     }
     fn cached_extent(&self, offset: u64, len: u64) -> Option<(std::os::fd::RawFd, u64)> {
-        if offset.checked_add(len)? > self.size() {
+        // Read-only images only: the caller sends the host pages later, and
+        // a writable image could free the cluster and reuse it for other
+        // guest data in between (a discard, then an allocating write).
+        if !self.read_only || offset.checked_add(len)? > self.size() {
             return None;
         }
         match self.map_cached(offset, len)? {
