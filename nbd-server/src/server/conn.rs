@@ -66,6 +66,8 @@ pub(super) struct Conn {
     /// The peer is gone: replies are dropped.
     pub(super) dead: Cell<bool>,
     pub(super) bufs: RefCell<Vec<IoBuf>>,
+    /// Bytes `bufs` holds.
+    pub(super) bufs_held: Cell<usize>,
     /// Empty pipes for spliced write payloads, and how many were made.
     pub(super) pipes: RefCell<Vec<Pipe>>,
     pub(super) pipes_made: Cell<usize>,
@@ -103,6 +105,7 @@ pub async fn serve(server: Arc<Server>, n: Negotiated) {
         closing: Cell::new(false),
         dead: Cell::new(false),
         bufs: RefCell::new(Vec::new()),
+        bufs_held: Cell::new(0),
         pipes: RefCell::new(Vec::new()),
         pipes_made: Cell::new(0),
     });
@@ -241,6 +244,7 @@ impl Conn {
         let mut cache = self.bufs.borrow_mut();
         if let Some(i) = cache.iter().position(|b| b.capacity() >= len) {
             let mut b = cache.swap_remove(i);
+            self.bufs_held.set(self.bufs_held.get() - b.capacity());
             b.set_len(len);
             return b;
         }
@@ -248,10 +252,10 @@ impl Conn {
     }
 
     pub(super) fn recycle(&self, b: IoBuf) {
-        let mut cache = self.bufs.borrow_mut();
-        let held: usize = cache.iter().map(IoBuf::capacity).sum();
+        let held = self.bufs_held.get();
         if b.capacity() > 64 << 10 && held + b.capacity() <= BUF_CACHE_BYTES {
-            cache.push(b);
+            self.bufs_held.set(held + b.capacity());
+            self.bufs.borrow_mut().push(b);
         }
     }
 
