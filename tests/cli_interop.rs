@@ -5,14 +5,10 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use ringblk_tests::{have, Rng};
+use ringblk_tests::{bin, have, Rng};
 
 fn ringblk() -> PathBuf {
-    // target/<profile>/deps/<test-binary> -> target/<profile>/ringblk
-    let exe = std::env::current_exe().unwrap();
-    let p = exe.parent().unwrap().parent().unwrap().join("ringblk");
-    assert!(p.exists(), "{} missing: build the workspace binaries first (scripts/test.sh does)", p.display());
-    p
+    bin("ringblk")
 }
 
 fn output(cmd: &mut Command) -> Output {

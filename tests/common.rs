@@ -360,3 +360,12 @@ impl Drop for LoopDev {
         let _ = Command::new("losetup").arg("-d").arg(&self.dev).status();
     }
 }
+
+/// A workspace binary (`ringblk`, `ringblk-nbd`) next to the test binary's
+/// directory: target/<profile>/deps/<test> -> target/<profile>/<name>.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let p = exe.parent().unwrap().parent().unwrap().join(name);
+    assert!(p.exists(), "{} missing: build the workspace binaries first (scripts/test.sh does)", p.display());
+    p
+}

@@ -6,15 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use ringblk_tests::{have, run, Rng};
-
-fn bin(name: &str) -> PathBuf {
-    // target/<profile>/deps/<test-binary> -> target/<profile>/<name>
-    let exe = std::env::current_exe().unwrap();
-    let p = exe.parent().unwrap().parent().unwrap().join(name);
-    assert!(p.exists(), "{} missing: build the workspace binaries first (scripts/test.sh does)", p.display());
-    p
-}
+use ringblk_tests::{bin, have, run, Rng};
 
 fn output(cmd: &mut Command) -> Output {
     cmd.output().unwrap_or_else(|e| panic!("running {cmd:?}: {e}"))

@@ -9,6 +9,8 @@ use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+
+pub use ringblk_tests::bin;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -41,15 +43,6 @@ pub const EINVAL: u32 = 22;
 
 /// How long any single socket operation of a test client may block.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// A workspace binary next to the test binary's directory.
-pub fn bin(name: &str) -> PathBuf {
-    // target/<profile>/deps/<test-binary> -> target/<profile>/<name>
-    let exe = std::env::current_exe().unwrap();
-    let p = exe.parent().unwrap().parent().unwrap().join(name);
-    assert!(p.exists(), "{} missing: build the workspace binaries first (scripts/test.sh does)", p.display());
-    p
-}
 
 /// A `ringblk-nbd -k SOCK ...` process, its stderr going to a log file.
 /// Stopped with SIGTERM (then SIGKILL) on drop, which also prints the log

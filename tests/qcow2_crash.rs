@@ -224,8 +224,7 @@ fn run(opts: &'static str, gran: u64, lazy: bool) {
     }
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("fresh.qcow2");
-    let exe = std::env::current_exe().unwrap();
-    let rb = exe.parent().unwrap().parent().unwrap().join("ringblk");
+    let rb = ringblk_tests::bin("ringblk");
     let create_opts = if lazy { format!("{opts},lazy_refcounts=on") } else { opts.to_string() };
     let st = std::process::Command::new(&rb).args(["create", "-q", "-f", "qcow2", "-o", &create_opts, &path_str(&img), &SIZE.to_string()]).status().unwrap();
     assert!(st.success());

@@ -10,13 +10,10 @@ use std::process::{Command, Output};
 
 use engine::block::{BlockNode, WriteFlags, ZeroFlags};
 use engine::options::OptionTree;
-use ringblk_tests::{have, on_shard, path_str, Rng};
+use ringblk_tests::{bin, have, on_shard, path_str, Rng};
 
 fn ringblk() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let p = exe.parent().unwrap().parent().unwrap().join("ringblk");
-    assert!(p.exists(), "{} missing: build the workspace binaries first (scripts/test.sh does)", p.display());
-    p
+    bin("ringblk")
 }
 
 fn out(cmd: &mut Command) -> Output {

@@ -26,9 +26,7 @@ fn qemu(args: &[&str]) -> std::process::Output {
 }
 
 fn ringblk(args: &[&str]) -> std::process::Output {
-    let exe = std::env::current_exe().unwrap();
-    let p = exe.parent().unwrap().parent().unwrap().join("ringblk");
-    Command::new(p).args(args).output().expect("ringblk runs")
+    Command::new(ringblk_tests::bin("ringblk")).args(args).output().expect("ringblk runs")
 }
 
 const START: u64 = 2 << 20;
