@@ -11,3 +11,14 @@ pub mod secret;
 pub mod size;
 
 pub use error::{Error, ErrorKind, Result};
+
+/// The kernel's page size (what a pipe buffer holds at most, what cachestat
+/// counts), asked once.
+pub fn page_size() -> usize {
+    static PAGE: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *PAGE.get_or_init(|| {
+        // SAFETY: sysconf only reads.
+        let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+        usize::try_from(p).ok().filter(|&p| p > 0).unwrap_or(4096)
+    })
+}

@@ -91,20 +91,15 @@ struct Stage {
     broken: std::cell::Cell<bool>,
 }
 
-/// The kernel's page size: a pipe buffer holds at most one page.
-fn page_size() -> usize {
-    // SAFETY: sysconf only reads.
-    let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    usize::try_from(p).ok().filter(|&p| p > 0).unwrap_or(4096)
-}
-
 /// Size asked for the splice pipe: one splice moves at most this much.
 const PIPE_SIZE: usize = 1 << 20;
 /// Size asked for the stage pipe: 256 buffers, 127 staged 4 KiB replies.
 const STAGE_PIPE_SIZE: usize = 1 << 20;
 
-/// A new pipe (read end, write end), close-on-exec, with `flags` (O_NONBLOCK).
-fn new_pipe(flags: libc::c_int) -> io::Result<(OwnedFd, OwnedFd)> {
+/// A new pipe (read end, write end, size in bytes), close-on-exec, with
+/// `flags` (O_NONBLOCK), asked to hold `size` bytes; a smaller pipe (the
+/// system's limit) still works, and the size returned is the real one.
+fn new_pipe(flags: libc::c_int, size: usize) -> io::Result<(OwnedFd, OwnedFd, usize)> {
     let mut fds = [0i32; 2];
     // SAFETY: pipe2 fills two ints.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | flags) } != 0 {
@@ -112,7 +107,24 @@ fn new_pipe(flags: libc::c_int) -> io::Result<(OwnedFd, OwnedFd)> {
     }
     use std::os::fd::FromRawFd;
     // SAFETY: both fds are new and ours.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+    let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    // SAFETY: fcntl on a pipe we own.
+    let mut got = unsafe { libc::fcntl(wr.as_raw_fd(), libc::F_SETPIPE_SZ, size as libc::c_int) };
+    if got <= 0 {
+        // SAFETY: as above; F_GETPIPE_SZ only reads.
+        got = unsafe { libc::fcntl(wr.as_raw_fd(), libc::F_GETPIPE_SZ) };
+    }
+    Ok((rd, wr, usize::try_from(got).unwrap_or(0)))
+}
+
+/// splice(2) on the shard's ring (which runs it in a worker thread, where it
+/// may wait): `len` bytes from `fd_in` at `off_in` to `fd_out` at `off_out`
+/// (-1: the fd's own position, as for pipes and sockets).
+async fn ring_splice(fd_in: RawFd, off_in: i64, fd_out: RawFd, off_out: i64, len: usize) -> io::Result<usize> {
+    let shard = expect_current();
+    let sqe = opcode::Splice::new(types::Fd(fd_in), off_in, types::Fd(fd_out), off_out, len as u32).build();
+    let key = shard.submit_op(sqe);
+    errno_result(Op::new(shard, key, ()).await.0)
 }
 
 /// A pipe a payload travels through from a socket to a file by splice: the
@@ -126,9 +138,7 @@ pub struct Pipe {
 impl Pipe {
     /// A non-blocking pipe of (asked) `size` bytes.
     pub fn new(size: usize) -> io::Result<Pipe> {
-        let (rd, wr) = new_pipe(libc::O_NONBLOCK)?;
-        // SAFETY: fcntl on a pipe we own; a smaller pipe (the limit) still works.
-        unsafe { libc::fcntl(wr.as_raw_fd(), libc::F_SETPIPE_SZ, size as libc::c_int) };
+        let (rd, wr, _) = new_pipe(libc::O_NONBLOCK, size)?;
         Ok(Pipe { rd, wr })
     }
 
@@ -158,11 +168,7 @@ impl Pipe {
     /// worker (a buffered write may wait on the filesystem).
     pub async fn to_file(&self, fd: RawFd, mut offset: u64, mut len: usize) -> io::Result<()> {
         while len > 0 {
-            let shard = expect_current();
-            let sqe = opcode::Splice::new(types::Fd(self.rd.as_raw_fd()), -1, types::Fd(fd), offset as i64, len as u32)
-                .build();
-            let key = shard.submit_op(sqe);
-            match errno_result(Op::new(shard, key, ()).await.0) {
+            match ring_splice(self.rd.as_raw_fd(), -1, fd, offset as i64, len).await {
                 Ok(0) => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "pipe ran dry before the payload's end")),
                 Ok(n) => {
                     offset += n as u64;
@@ -264,8 +270,18 @@ impl Socket {
 
     /// Wait until the socket has something to read (or has ended).
     pub async fn readable(&self) -> io::Result<()> {
+        self.poll(libc::POLLIN).await
+    }
+
+    /// Wait until the socket has room to send (or has failed).
+    async fn writable(&self) -> io::Result<()> {
+        self.poll(libc::POLLOUT).await
+    }
+
+    /// Wait on the ring for one of `events` (POLLIN, POLLOUT) on the socket.
+    async fn poll(&self, events: libc::c_short) -> io::Result<()> {
         let shard = expect_current();
-        let sqe = opcode::PollAdd::new(types::Fd(self.fd()), libc::POLLIN as u32).build();
+        let sqe = opcode::PollAdd::new(types::Fd(self.fd()), events as u32).build();
         let key = shard.submit_op(sqe);
         errno_result(Op::new(shard, key, ()).await.0).map(|_| ())
     }
@@ -383,12 +399,8 @@ impl Socket {
                 if self.flags < 0 {
                     return None;
                 }
-                let (rd, wr) = new_pipe(libc::O_NONBLOCK).ok()?;
-                // SAFETY: fcntl on a pipe we own; a smaller pipe (the limit) still works.
-                let size = unsafe { libc::fcntl(wr.as_raw_fd(), libc::F_SETPIPE_SZ, STAGE_PIPE_SIZE as libc::c_int) };
-                // SAFETY: as above; F_GETPIPE_SZ only reads.
-                let size = if size > 0 { size } else { unsafe { libc::fcntl(wr.as_raw_fd(), libc::F_GETPIPE_SZ) } };
-                let slots = usize::try_from(size).ok()? / page_size();
+                let (rd, wr, size) = new_pipe(libc::O_NONBLOCK, STAGE_PIPE_SIZE).ok()?;
+                let slots = size / crate::page_size();
                 Some(Stage { rd, wr, slots, used: std::cell::Cell::new(0), broken: std::cell::Cell::new(false) })
             })
             .as_ref()
@@ -406,7 +418,7 @@ impl Socket {
     pub fn stage_file(&self, header: &[u8], fd: RawFd, offset: u64, len: usize) -> io::Result<Option<SendPart>> {
         let Some(st) = self.stage().filter(|st| !st.broken.get()) else { return Ok(None) };
         // One buffer for the header; the data takes at most one per page it touches.
-        let page = page_size();
+        let page = crate::page_size();
         let slots = 1 + ((offset % page as u64) as usize + len).div_ceil(page);
         if st.used.get() + slots > st.slots || header.len() > page {
             return Ok(None);
@@ -464,7 +476,7 @@ impl Socket {
             };
             let Some(n) = self.nonblocking(splice) else {
                 // Cannot make it non-blocking: let a ring worker wait instead.
-                match self.splice_op(rd, -1, self.fd(), len).await? {
+                match ring_splice(rd, -1, self.fd(), -1, len).await? {
                     0 => return Err(io::ErrorKind::WriteZero.into()),
                     k => len -= k,
                 }
@@ -486,29 +498,12 @@ impl Socket {
         Ok(())
     }
 
-    /// Wait until the socket has room to send (or has failed).
-    async fn writable(&self) -> io::Result<()> {
-        let shard = expect_current();
-        let sqe = opcode::PollAdd::new(types::Fd(self.fd()), libc::POLLOUT as u32).build();
-        let key = shard.submit_op(sqe);
-        errno_result(Op::new(shard, key, ()).await.0).map(|_| ())
-    }
-
     fn pipe(&self) -> io::Result<&(OwnedFd, OwnedFd)> {
         if let Some(p) = self.pipe.get() {
             return Ok(p);
         }
-        let p = new_pipe(0)?;
-        // SAFETY: fcntl on a pipe we own; a smaller pipe (the limit) still works.
-        unsafe { libc::fcntl(p.1.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_SIZE as libc::c_int) };
-        Ok(self.pipe.get_or_init(|| p))
-    }
-
-    async fn splice_op(&self, fd_in: RawFd, off_in: i64, fd_out: RawFd, len: usize) -> io::Result<usize> {
-        let shard = expect_current();
-        let sqe = opcode::Splice::new(types::Fd(fd_in), off_in, types::Fd(fd_out), -1, len as u32).build();
-        let key = shard.submit_op(sqe);
-        errno_result(Op::new(shard, key, ()).await.0)
+        let (rd, wr, _) = new_pipe(0, PIPE_SIZE)?;
+        Ok(self.pipe.get_or_init(|| (rd, wr)))
     }
 
     /// Move `len` bytes of `fd` at `offset` to the socket through the pipe.
@@ -516,7 +511,7 @@ impl Socket {
         let (rd, wr) = self.pipe()?;
         let (rd, wr) = (rd.as_raw_fd(), wr.as_raw_fd());
         while len > 0 {
-            let n = self.splice_op(fd, offset as i64, wr, len.min(PIPE_SIZE)).await?;
+            let n = ring_splice(fd, offset as i64, wr, -1, len.min(PIPE_SIZE)).await?;
             if n == 0 {
                 return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "file ended before the data to send"));
             }

@@ -114,9 +114,16 @@ impl FileNode {
         let Some(res) = self.residency.as_ref().filter(|_| inline) else { return false };
         len <= INLINE_WRITE_MAX
             && self.worker_writes.load(Ordering::Acquire) == 0
-            && offset + len <= self.size().saturating_sub(511)
+            && self.within_data(offset, len)
             && res.cached(self.file.fd(), self.size(), offset, len)
             && sys::dirty_headroom()
+    }
+
+    /// Is [offset, offset+len) inside the file's bytes? `size` is EOF
+    /// rounded up to 512, so the partial last sector, if any, is left out:
+    /// a splice there would come up short, a write there would grow the file.
+    fn within_data(&self, offset: u64, len: u64) -> bool {
+        offset.checked_add(len).is_some_and(|end| end <= self.size().saturating_sub(511))
     }
 
     fn err(&self, e: std::io::Error, op: &str, off: u64) -> Error {
@@ -537,20 +544,16 @@ impl BlockNode for FileNode {
     }
 
     fn cached_extent(&self, offset: u64, len: u64) -> Option<(RawFd, u64)> {
-        // `size` is EOF rounded up to 512: stay clear of a partial last sector.
         let residency = self.residency.as_ref()?;
-        if offset.checked_add(len)? > self.size().saturating_sub(511) {
+        if !self.within_data(offset, len) {
             return None;
         }
         residency.cached(self.file.fd(), self.size(), offset, len).then_some((self.file.fd(), offset))
     }
 
     fn pipe_writable(&self, offset: u64, len: u64) -> bool {
-        // Buffered regular files only (`residency` says which), inside the
-        // file: writing past EOF would grow it behind our back.
-        self.residency.is_some()
-            && !self.read_only
-            && offset.checked_add(len).is_some_and(|end| end <= self.size().saturating_sub(511))
+        // Buffered regular files only (`residency` says which).
+        self.residency.is_some() && !self.read_only && self.within_data(offset, len)
     }
 
     fn write_pipe(&self, offset: u64, pipe: engine::net::Pipe, len: usize) -> BoxFuture<'_, (Result<()>, engine::net::Pipe)> {

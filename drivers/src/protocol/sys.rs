@@ -176,9 +176,8 @@ fn cached_pages(fd: RawFd, off: u64, len: u64) -> Option<u64> {
 /// relies on the answer: a rare stall, never a wrong byte.
 #[derive(Default)]
 pub struct Residency {
-    /// Nanoseconds since `epoch()` until which `all` holds, and whether
-    /// the whole file was cached then (low bit).
-    state: std::sync::atomic::AtomicU64,
+    /// Whether the whole file was cached when last asked.
+    all: Answer,
 }
 
 const TRUST_MIN: std::time::Duration = std::time::Duration::from_millis(500);
@@ -188,24 +187,43 @@ fn epoch() -> std::time::Instant {
     *E.get_or_init(std::time::Instant::now)
 }
 
+/// A yes or no worth asking for only now and then, shared by all threads:
+/// the answer (low bit) and the time until which it holds (nanoseconds
+/// since `epoch()`, the other bits).
+#[derive(Default)]
+struct Answer(std::sync::atomic::AtomicU64);
+
+impl Answer {
+    const fn new() -> Answer {
+        Answer(std::sync::atomic::AtomicU64::new(0))
+    }
+
+    /// The answer, from `ask` (the answer and how long to trust it) when
+    /// the last one has run out.
+    fn get(&self, ask: impl FnOnce() -> (bool, std::time::Duration)) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        let now = epoch().elapsed().as_nanos() as u64;
+        let st = self.0.load(Relaxed);
+        if now < st >> 1 {
+            return st & 1 == 1;
+        }
+        let (yes, trust) = ask();
+        self.0.store((now + trust.as_nanos() as u64) << 1 | u64::from(yes), Relaxed);
+        yes
+    }
+}
+
 impl Residency {
     /// Are all pages of [off, off+len) of `fd` (which is `size` bytes long)
     /// in the page cache?
     pub fn cached(&self, fd: RawFd, size: u64, off: u64, len: u64) -> bool {
-        use std::sync::atomic::Ordering::Relaxed;
         let page = page_size();
-        let now = epoch().elapsed().as_nanos() as u64;
-        let st = self.state.load(Relaxed);
-        let all = if now < st >> 1 {
-            st & 1 == 1
-        } else {
+        let all = self.all.get(|| {
             let t = std::time::Instant::now();
             let pages = size.div_ceil(page);
             let all = cached_pages(fd, 0, pages * page).is_some_and(|n| n >= pages);
-            let trust = (t.elapsed() * 100).max(TRUST_MIN).as_nanos() as u64;
-            self.state.store((now + trust) << 1 | u64::from(all), Relaxed);
-            all
-        };
+            (all, (t.elapsed() * 100).max(TRUST_MIN))
+        });
         if all {
             return true;
         }
@@ -215,11 +233,9 @@ impl Residency {
     }
 }
 
-/// The kernel's page size (what cachestat counts).
+/// The kernel's page size, for byte counts.
 fn page_size() -> u64 {
-    // SAFETY: sysconf only reads.
-    let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    u64::try_from(p).ok().filter(|&p| p > 0).unwrap_or(4096)
+    engine::page_size() as u64
 }
 
 /// Is the system's dirty page cache (dirty plus under writeback) below the
@@ -228,16 +244,8 @@ fn page_size() -> u64 {
 /// so a small write into cached pages returns without sleeping. Read from
 /// /proc at most every `DIRTY_RECHECK` (about 50 us each time), any thread.
 pub fn dirty_headroom() -> bool {
-    use std::sync::atomic::Ordering::Relaxed;
-    static STATE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let now = epoch().elapsed().as_nanos() as u64;
-    let st = STATE.load(Relaxed);
-    if now < st >> 1 {
-        return st & 1 == 1;
-    }
-    let ok = dirty_below_background().unwrap_or(false);
-    STATE.store((now + DIRTY_RECHECK.as_nanos() as u64) << 1 | u64::from(ok), Relaxed);
-    ok
+    static HEADROOM: Answer = Answer::new();
+    HEADROOM.get(|| (dirty_below_background().unwrap_or(false), DIRTY_RECHECK))
 }
 
 const DIRTY_RECHECK: std::time::Duration = std::time::Duration::from_millis(50);
