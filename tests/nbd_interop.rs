@@ -151,6 +151,13 @@ fn layered(dir: &Path) -> PathBuf {
     top
 }
 
+/// Run a Python `script` in nbdsh with `env` set; its output.
+fn nbdsh(script: &str, env: &[(&str, &str)]) -> String {
+    // nbdsh runs the system python3, which has libnbd's bindings.
+    let path = format!("/usr/bin:/bin:{}", std::env::var("PATH").unwrap_or_default());
+    run(Command::new("nbdsh").env("PATH", path).envs(env.iter().copied()).args(["-c", script]))
+}
+
 fn random_raw(path: &Path, size: usize, seed: u64) {
     let mut rng = Rng::new(seed);
     let mut data = vec![0u8; size];
@@ -502,9 +509,7 @@ for c in cookies:
 h.shutdown()
 print("ok")
 "#;
-    // nbdsh runs the system python3, which has libnbd's bindings.
-    let path = format!("/usr/bin:/bin:{}", std::env::var("PATH").unwrap_or_default());
-    let out = run(Command::new("nbdsh").env("PATH", path).env("URI", s.uri("")).env("IMG", &img).args(["-c", script]));
+    let out = nbdsh(script, &[("URI", &s.uri("")), ("IMG", img.to_str().unwrap())]);
     assert!(out.contains("ok"), "{out}");
     let log = s.stop();
     assert!(!log.contains("panick"), "{log}");
@@ -569,13 +574,7 @@ assert disk == img[:len(disk)] and not any(img[len(disk):]), "the file differs f
 h.shutdown()
 print("ok")
 "#;
-        let path = format!("/usr/bin:/bin:{}", std::env::var("PATH").unwrap_or_default());
-        let out = run(Command::new("nbdsh")
-            .env("PATH", path)
-            .env("URI", s.uri(""))
-            .env("IMG", &img)
-            .env("SEED", "7")
-            .args(["-c", script]));
+        let out = nbdsh(script, &[("URI", &s.uri("")), ("IMG", img.to_str().unwrap()), ("SEED", "7")]);
         assert!(out.contains("ok"), "{out}");
         let log = s.stop();
         assert!(!log.contains("panick"), "{log}");

@@ -133,7 +133,7 @@ pub(super) fn read_now(c: &Conn, req: &Request) -> Option<SendPart> {
     if req.ty != CMD_READ || req.len == 0 || check(c, req, false).is_err() {
         return None;
     }
-    if c.mode != ReplyMode::Simple && req.flags & CMD_FLAG_DF == 0 && req.len >= SPARSE_READ_MIN {
+    if wants_sparse(c, req) {
         return None;
     }
     stage_read(c, req).unwrap_or(None)
@@ -229,6 +229,13 @@ async fn run(c: &Conn, req: &Request, payload: Option<Payload>) -> Result<Vec<Se
     }
 }
 
+/// Is a read split into data and hole chunks (`sparse_read`) first? Large
+/// ones, when the client takes structured replies and did not ask for one
+/// piece (DF).
+fn wants_sparse(c: &Conn, req: &Request) -> bool {
+    c.mode != ReplyMode::Simple && req.flags & CMD_FLAG_DF == 0 && req.len >= SPARSE_READ_MIN
+}
+
 async fn read(c: &Conn, req: &Request) -> Result<Vec<SendPart>, Fail> {
     let e = &*c.export;
     let len = req.len as usize;
@@ -236,8 +243,7 @@ async fn read(c: &Conn, req: &Request) -> Result<Vec<SendPart>, Fail> {
         return Ok(ok_reply(c, req));
     }
     let off = req.offset + e.offset;
-    let sparse = c.mode != ReplyMode::Simple && req.flags & CMD_FLAG_DF == 0 && req.len >= SPARSE_READ_MIN;
-    if sparse {
+    if wants_sparse(c, req) {
         if let Some(parts) = sparse_read(c, req, off).await? {
             return Ok(parts);
         }

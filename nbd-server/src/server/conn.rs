@@ -441,18 +441,14 @@ async fn reader(c: &Rc<Conn>) -> io::Result<()> {
 async fn splice_write(c: &Conn, req: &Request, have: &[u8]) -> io::Result<Option<Payload>> {
     let e = &*c.export;
     let len = req.len as usize;
-    let (align, _, _) = e.block_sizes(c.server.max_request);
     let usable = matches!(c.wire, Wire::Plain(_))
         && req.ty == CMD_WRITE
         && (SPLICE_WRITE_MIN..=SPLICE_WRITE_MAX).contains(&req.len)
         && len - have.len() >= SPLICE_WRITE_MIN as usize / 2
-        && !e.read_only
-        && e.detect_zeroes == DetectZeroes::Off
-        && req.offset.checked_add(req.len).is_some_and(|end| end <= e.size)
-        && req.offset.is_multiple_of(u64::from(align))
-        && req.len.is_multiple_of(u64::from(align));
-    // A request that will fail its checks keeps its payload in memory (a
-    // pipe lost to it would not be replaced).
+        && e.detect_zeroes == DetectZeroes::Off;
+    // A request that will fail its checks (permission, range, alignment,
+    // flags) keeps its payload in memory: a pipe lost to it would not be
+    // replaced.
     if !usable || check(c, req, true).is_err() {
         return Ok(None);
     }
@@ -472,15 +468,15 @@ async fn splice_write(c: &Conn, req: &Request, have: &[u8]) -> io::Result<Option
             Err(_) => return Ok(None),
         },
     };
-    let head = (!have.is_empty()).then(|| {
-        let mut b = c.buffer(have.len());
-        b[..have.len()].copy_from_slice(have);
-        Stats::add(&c.server.stats.write_copied_bytes, have.len() as u64);
-        b
-    });
     let tail = len - have.len();
     let moved = c.socket().splice_in(&pipe, tail).await?;
     if moved == tail {
+        let head = (!have.is_empty()).then(|| {
+            let mut b = c.buffer(have.len());
+            b[..have.len()].copy_from_slice(have);
+            b
+        });
+        Stats::add(&c.server.stats.write_copied_bytes, have.len() as u64);
         Stats::add(&c.server.stats.spliced_in_bytes, tail as u64);
         return Ok(Some(Payload::Pipe { head, pipe, len: tail }));
     }
@@ -491,9 +487,6 @@ async fn splice_write(c: &Conn, req: &Request, have: &[u8]) -> io::Result<Option
         return Err(io::Error::other(format!("pipe gave back {got} of {moved} payload bytes")));
     }
     Stats::add(&c.server.stats.write_copied_bytes, (have.len() + moved) as u64);
-    if let Some(h) = head {
-        c.recycle(h);
-    }
     let (r, b) = c.recv_exact(buf, have.len() + moved..len).await;
     r?;
     c.pipes.borrow_mut().push(pipe);
