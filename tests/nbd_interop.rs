@@ -646,12 +646,14 @@ fn extended_headers_carry_64_bit_lengths() {
     f.set_len(6 << 30).unwrap();
     let s = Server::ringblk(Via::Unix(d.path().join("x.sock")), &["-t", "-f", "raw", img.to_str().unwrap()]);
     let addr = nbd::client::Addr::Unix(d.path().join("x.sock").to_str().unwrap().into());
-    let (fd, info) = nbd::client::connect(&addr, "", &[CTX_BASE_ALLOCATION], None).unwrap();
+    let nbd::client::Connected { fd, tls, info } =
+        nbd::client::connect(&addr, "", &[CTX_BASE_ALLOCATION], None, None).unwrap();
+    assert!(tls.is_none());
     assert_eq!(info.mode, ReplyMode::Extended);
     assert_eq!(info.contexts.len(), 1);
     let rt = engine::runtime::Runtime::single().unwrap();
     let (zero, status) = rt.block_on(move || async move {
-        let c = ClientConn::start(fd, info);
+        let c = ClientConn::start(fd, None, info);
         // Write some data past 4 GiB, then zero 5 GiB in one request.
         let mut buf = engine::runtime::IoBuf::new(4096);
         buf.fill(0x42);

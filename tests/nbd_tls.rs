@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use ringblk_tests::{assert_bytes_eq, have, run, Rng};
+use ringblk_tests::{assert_bytes_eq, bin, have, run, Rng};
 use wire::*;
 
 const SIZE: usize = 4 << 20;
@@ -173,9 +173,56 @@ impl Pki {
         output(Command::new("qemu-img").args([sub, "--object", &creds, "--image-opts", &opts]).args(rest))
     }
 
+    /// `ringblk sub` as a TLS client of the socket with the credentials in
+    /// `client` and `opts` added to the image options, then `rest`.
+    fn ringblk(&self, sub: &str, sock: &Path, client: &str, opts: &str, rest: &[&str]) -> Output {
+        let creds = format!("tls-creds-x509,id=tls0,dir={},endpoint=client", s(&self.path(client)));
+        let image = format!("driver=nbd,server.type=unix,server.path={},tls-creds=tls0{opts}", s(sock));
+        output(Command::new(bin("ringblk")).args([sub, "--object", &creds, "--image-opts", &image]).args(rest))
+    }
+
     /// The libnbd URI for a TLS connection with the credentials in `client`.
     fn uri(&self, sock: &Path, client: &str) -> String {
         format!("nbds+unix:///?socket={}&tls-certificates={}", s(sock), s(&self.path(client)))
+    }
+}
+
+/// qemu-nbd exporting a copy of disk.qcow2 (ringblk-nbd may hold the
+/// original's lock) with the server credentials as `tls0` (verify-peer on),
+/// plus `extra` arguments; stopped when dropped.
+struct QemuNbd {
+    child: std::process::Child,
+    sock: PathBuf,
+}
+
+impl QemuNbd {
+    fn start(pki: &Pki, name: &str, extra: &[&str]) -> QemuNbd {
+        let sock = pki.path(&format!("{name}.sock"));
+        let img = pki.path(&format!("{name}.qcow2"));
+        std::fs::copy(pki.path("disk.qcow2"), &img).unwrap();
+        let creds = format!("tls-creds-x509,id=tls0,dir={},endpoint=server,verify-peer=on", s(&pki.path("server")));
+        let child = Command::new("qemu-nbd")
+            .args(["-k", s(&sock), "-t", "-e", "4", "--object", &creds, "--tls-creds", "tls0"])
+            .args(extra)
+            .args(["-f", "qcow2", s(&img)])
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let t0 = std::time::Instant::now();
+        while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+            assert!(t0.elapsed() < Duration::from_secs(10), "qemu-nbd did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        QemuNbd { child, sock }
+    }
+}
+
+impl Drop for QemuNbd {
+    fn drop(&mut self) {
+        // SAFETY: kill on a child pid we own.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.sock);
     }
 }
 
@@ -347,7 +394,6 @@ fn tls_authz_admits_only_the_listed_identity() {
 /// certificate order, "C=GB,O=ringblk test,CN=client1"), so one command line
 /// works with qemu-nbd and ringblk-nbd alike. qemu-nbd is the oracle.
 #[test]
-
 fn tls_authz_identity_is_the_dn_as_qemu_writes_it() {
     if !tools() || !have("qemu-nbd") {
         return;
@@ -357,25 +403,10 @@ fn tls_authz_identity_is_the_dn_as_qemu_writes_it() {
     let reversed = CLIENT1_DN_REVERSED.replace(',', ",,");
     for (id, admitted) in [(&qemu_form, true), (&reversed, false)] {
         // The oracle: qemu-nbd with the same objects.
-        let sock = pki.path("q.sock");
-        let creds = format!("tls-creds-x509,id=tls0,dir={},endpoint=server,verify-peer=on", s(&pki.path("server")));
         let authz = format!("authz-simple,id=auth0,identity={id}");
-        let mut q = std::process::Command::new("qemu-nbd")
-            .args(["-k", s(&sock), "-t", "-e", "4", "--object", &creds, "--object", &authz])
-            .args(["--tls-creds", "tls0", "--tls-authz", "auth0", "-f", "qcow2", s(&pki.path("disk.qcow2"))])
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        let t0 = std::time::Instant::now();
-        while std::os::unix::net::UnixStream::connect(&sock).is_err() {
-            assert!(t0.elapsed() < Duration::from_secs(10), "qemu-nbd did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let q_ok = pki.qemu_img("info", &sock, "client1", &[]).status.success();
-        // SAFETY: kill on a child pid we own.
-        unsafe { libc::kill(q.id() as i32, libc::SIGTERM) };
-        let _ = q.wait();
-        let _ = std::fs::remove_file(&sock);
+        let q = QemuNbd::start(&pki, "q", &["--object", &authz, "--tls-authz", "auth0"]);
+        let q_ok = pki.qemu_img("info", &q.sock, "client1", &[]).status.success();
+        drop(q);
         assert_eq!(q_ok, admitted, "qemu-nbd with identity={id}: the oracle changed its mind");
 
         let srv = pki.server("rb", true, Some(id));
@@ -411,5 +442,117 @@ fn verify_peer_requires_a_certificate_from_the_ca() {
     let srv = pki.server("off", false, None);
     ok(pki.qemu_img("info", &srv.sock, "nocert", &[]), "qemu-img without a certificate, verify-peer=off");
     ok(output(Command::new("nbdinfo").arg(pki.uri(&srv.sock, "nocert"))), "nbdinfo without a certificate");
+    srv.finish();
+}
+
+/// ringblk as a TLS client: the same objects and image options as qemu-img,
+/// against ringblk-nbd and against qemu-nbd, with the data checked and
+/// `map` and `-L` compared with QEMU's own output.
+#[test]
+fn ringblk_is_a_tls_client_like_qemu_img() {
+    if !tools() || !have("qemu-nbd") {
+        return;
+    }
+    let pki = Pki::new();
+    let want = std::fs::read(pki.path("disk.raw")).unwrap();
+    let ours = pki.server("srv", true, None);
+    let theirs = QemuNbd::start(&pki, "q", &[]);
+    for sock in [&ours.sock, &theirs.sock] {
+        let what = |w: &str| format!("{w} from {}", s(sock));
+        let info = ok(pki.ringblk("info", sock, "client1", "", &["--output=json"]), &what("ringblk info"));
+        let v: serde_json::Value = serde_json::from_str(&info).unwrap();
+        assert_eq!(v["virtual-size"], SIZE as u64, "{info}");
+        let map = ok(pki.ringblk("map", sock, "client1", "", &["--output=json"]), &what("ringblk map"));
+        let qmap = ok(pki.qemu_img("map", sock, "client1", &["--output=json"]), &what("qemu-img map"));
+        let parse = |j: &str| serde_json::from_str::<serde_json::Value>(j).unwrap();
+        assert_eq!(parse(&map), parse(&qmap), "{}", what("map over TLS"));
+        let out = pki.path("copy.raw");
+        ok(pki.ringblk("convert", sock, "client1", "", &["-O", "raw", s(&out)]), &what("ringblk convert"));
+        assert_bytes_eq(&std::fs::read(&out).unwrap(), &want, &what("ringblk convert over TLS"));
+        // libnbd's URI form, with its certificate directory.
+        let o = output(Command::new(bin("ringblk")).args(["info", "--output=json", &pki.uri(sock, "client1")]));
+        let v: serde_json::Value = serde_json::from_str(&ok(o, &what("ringblk info nbds+unix://"))).unwrap();
+        assert_eq!(v["virtual-size"], SIZE as u64);
+    }
+    // -L with TLS: byte for byte what qemu-nbd -L prints.
+    let creds = format!("tls-creds-x509,id=tls0,dir={},endpoint=client", s(&pki.path("client1")));
+    let list = |tool: &Path| {
+        let args = ["-L", "-k", s(&ours.sock), "--object", &creds, "--tls-creds", "tls0", "--tls-hostname", "localhost"];
+        ok(output(Command::new(tool).args(args)), &format!("{} -L over TLS", tool.display()))
+    };
+    assert_eq!(list(&bin("ringblk-nbd")), list(Path::new("qemu-nbd")));
+    drop(theirs);
+    ours.finish();
+}
+
+/// What the TLS client must refuse: a server certificate from a CA it does
+/// not trust or for another name, a server without TLS, and (from the
+/// server's side) a client the authz object does not list. Trust the CA
+/// (or turn verify-peer off) and the same connection works.
+#[test]
+fn ringblk_tls_client_refuses_what_it_cannot_trust() {
+    if !tools() {
+        return;
+    }
+    let pki = Pki::new();
+    // A client whose only trusted CA is the rogue one.
+    let d = pki.path("trusts-rogue");
+    std::fs::create_dir(&d).unwrap();
+    std::fs::copy(pki.path("rogue-ca-cert.pem"), d.join("ca-cert.pem")).unwrap();
+    std::fs::copy(pki.path("client1/client-cert.pem"), d.join("client-cert.pem")).unwrap();
+    std::fs::copy(pki.path("client1/client-key.pem"), d.join("client-key.pem")).unwrap();
+
+    let srv = pki.server("srv", false, None);
+    let err = refused(pki.ringblk("info", &srv.sock, "trusts-rogue", "", &[]), "a server from an untrusted CA");
+    assert!(err.contains("certificate") || err.contains("Certificate"), "{err}");
+    let o = pki.ringblk("info", &srv.sock, "trusts-rogue", ",tls-hostname=localhost", &[]);
+    refused(o, "an untrusted CA with the right host name");
+    // verify-peer=off on the client accepts any server certificate.
+    let creds = format!("tls-creds-x509,id=tls0,dir={},endpoint=client,verify-peer=off", s(&d));
+    let image = format!("driver=nbd,server.type=unix,server.path={},tls-creds=tls0", s(&srv.sock));
+    ok(
+        output(Command::new(bin("ringblk")).args(["info", "--object", &creds, "--image-opts", &image])),
+        "verify-peer=off",
+    );
+    // The name: over a unix socket none is checked unless given.
+    ok(pki.ringblk("info", &srv.sock, "nocert", "", &[]), "no host name to check");
+    ok(pki.ringblk("info", &srv.sock, "nocert", ",tls-hostname=localhost", &[]), "the certificate's name");
+    let err = refused(pki.ringblk("info", &srv.sock, "nocert", ",tls-hostname=elsewhere.example", &[]), "wrong name");
+    assert!(err.contains("name") || err.contains("Name"), "{err}");
+    // Credentials for the wrong end, and unknown ids, fail before connecting.
+    let creds = format!("tls-creds-x509,id=tls0,dir={},endpoint=server", s(&pki.path("server")));
+    let err = refused(
+        output(Command::new(bin("ringblk")).args(["info", "--object", &creds, "--image-opts", &image])),
+        "server credentials on a client",
+    );
+    assert!(err.contains("client endpoint"), "{err}");
+    // A plain client of a TLS server is told TLS is required.
+    let plain = format!("nbd+unix:///?socket={}", s(&srv.sock));
+    let err = refused(output(Command::new(bin("ringblk")).args(["info", &plain])), "a plain client");
+    assert!(err.contains("requires TLS"), "{err}");
+    // nbds without credentials says what to add.
+    let err = refused(
+        output(Command::new(bin("ringblk")).args(["info", &format!("nbds+unix:///?socket={}", s(&srv.sock))])),
+        "nbds without credentials",
+    );
+    assert!(err.contains("tls-certificates"), "{err}");
+    srv.finish();
+
+    // A server without TLS: the client does not fall back to plain text.
+    let plain_srv = ServerProc::start(
+        &pki.path("plain.sock"),
+        &pki.path("plain.log"),
+        &["-t", "-f", "qcow2", s(&pki.path("disk.qcow2"))],
+    );
+    let err = refused(pki.ringblk("info", &plain_srv.sock, "client1", "", &[]), "TLS to a plain server");
+    assert!(err.contains("refused TLS"), "{err}");
+    plain_srv.finish();
+
+    // The server's authz sees the client certificate ringblk presents.
+    let srv = pki.server("authz", true, Some("CN=client2"));
+    ok(pki.ringblk("info", &srv.sock, "client2", "", &[]), "the listed client");
+    let err = refused(pki.ringblk("info", &srv.sock, "client1", "", &[]), "a client not listed");
+    assert!(err.contains("closed the connection"), "{err}");
+    refused(pki.ringblk("info", &srv.sock, "nocert", "", &[]), "a client without a certificate");
     srv.finish();
 }

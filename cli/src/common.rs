@@ -8,7 +8,6 @@ use engine::block::{open_image, BlockNode, OpenCtx, OpenFlags};
 use engine::error::{invalid, Error, Result};
 use engine::options::OptionTree;
 use engine::runtime::{Runtime, RuntimeConfig};
-use engine::secret::Secrets;
 
 use crate::OpenArgs;
 
@@ -54,16 +53,13 @@ pub fn image_spec(filename: &str, format: Option<&str>, image_opts: bool) -> Res
 /// The option tree for the image argument of a command with the shared
 /// open arguments (its `--object`s checked first).
 pub fn spec(args: &OpenArgs, filename: &str) -> Result<OptionTree> {
-    secrets(args)?;
+    objects(args)?;
     image_spec(filename, args.format.as_deref(), args.image_opts)
 }
 
-pub fn secrets(args: &OpenArgs) -> Result<Secrets> {
-    let mut s = Secrets::default();
-    for o in &args.objects {
-        s.add_object(o)?;
-    }
-    Ok(s)
+/// Define the command line's `--object`s (process-wide, as in QEMU).
+pub fn objects(args: &OpenArgs) -> Result<()> {
+    engine::objects::define_all(&args.objects)
 }
 
 /// Open an image on the current shard.

@@ -7,7 +7,7 @@ pub mod error;
 pub mod net;
 pub mod options;
 pub mod runtime;
-pub mod secret;
+pub mod objects;
 pub mod size;
 
 pub use error::{Error, ErrorKind, Result};

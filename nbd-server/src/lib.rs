@@ -13,6 +13,8 @@ pub mod list;
 pub mod proto;
 pub mod server;
 pub mod stream;
+pub mod tls;
+pub mod wire;
 
 use std::sync::Arc;
 

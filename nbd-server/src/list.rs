@@ -3,10 +3,11 @@
 
 use std::time::Duration;
 
-use engine::error::{unsupported, Error, Result};
+use engine::error::{invalid, Error, Result};
 
 use crate::client::{list, Addr, ExportInfo};
 use crate::proto::ReplyMode;
+use crate::tls::TlsClient;
 
 const FLAG_NAMES: [&str; 12] = [
     "readonly",
@@ -52,16 +53,27 @@ pub fn format(exports: &[ExportInfo]) -> String {
     s
 }
 
-/// Connect to the server (unix socket, else host and port) and print its exports.
-pub fn run(host: &str, port: u16, socket: Option<&str>, tls: bool) -> Result<()> {
-    if tls {
-        return Err(unsupported("--list with TLS is not supported yet"));
-    }
+/// Connect to the server (unix socket, else host and port) and print its
+/// exports; `tls` is the credentials object's id and the host name its
+/// certificate must carry (default: the TCP host; none over a unix socket).
+pub fn run(host: &str, port: u16, socket: Option<&str>, tls: (Option<&str>, Option<&str>)) -> Result<()> {
     let addr = match socket {
         Some(p) => Addr::Unix(p.to_string()),
         None => Addr::Tcp { host: if host == "0.0.0.0" { "localhost".into() } else { host.to_string() }, port },
     };
-    let exports = list(&addr, Some(Duration::from_secs(30))).map_err(|e| Error::os("Failed to list exports", e))?;
+    let tls = match tls {
+        (Some(id), name) => {
+            let name = name.or(match &addr {
+                Addr::Tcp { host, .. } => Some(host.as_str()),
+                Addr::Unix(_) => None,
+            });
+            Some(TlsClient::from_object(id, name)?)
+        }
+        (None, Some(_)) => return Err(invalid("--tls-hostname is not permitted without --tls-creds")),
+        (None, None) => None,
+    };
+    let exports =
+        list(&addr, Some(Duration::from_secs(30)), tls.as_ref()).map_err(|e| Error::os("Failed to list exports", e))?;
     print!("{}", format(&exports));
     Ok(())
 }

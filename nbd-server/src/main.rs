@@ -15,11 +15,10 @@ use engine::block::{open_image, BlockNode, CacheMode, OpenCtx, OpenFlags};
 use engine::error::{invalid, Result};
 use engine::options::OptionTree;
 use engine::runtime::{Runtime, RuntimeConfig};
-use engine::secret::Secrets;
 
 use ringblk_nbd::server::listen::{self, ListenOpts, Waker};
-use ringblk_nbd::server::tls::Objects;
 use ringblk_nbd::server::{DetectZeroes, Export, Server, DEFAULT_MAX_REQUEST};
+use ringblk_nbd::tls::TlsServer;
 
 #[derive(Parser)]
 #[command(name = "ringblk-nbd", version, about = "Export a disk image over NBD (qemu-nbd compatible)")]
@@ -156,16 +155,10 @@ fn main() -> ExitCode {
 }
 
 fn real_main(args: Args) -> Result<ExitCode> {
-    let mut objects = Objects::default();
-    let mut secrets = Secrets::default();
-    for o in &args.objects {
-        if !objects.add(o)? {
-            secrets.add_object(o)?;
-        }
-    }
+    engine::objects::define_all(&args.objects)?;
     if args.list {
-        return ringblk_nbd::list::run(&args.bind, args.port, args.socket.as_deref(), args.tls_creds.is_some())
-            .map(|()| ExitCode::SUCCESS);
+        let tls = (args.tls_creds.as_deref(), args.tls_hostname.as_deref());
+        return ringblk_nbd::list::run(&args.bind, args.port, args.socket.as_deref(), tls).map(|()| ExitCode::SUCCESS);
     }
     if args.disconnect {
         let dev = args.filename.as_deref().ok_or_else(|| invalid("-d needs the device to disconnect"))?;
@@ -221,7 +214,7 @@ fn real_main(args: Args) -> Result<ExitCode> {
             if args.connect.is_some() {
                 return Err(invalid("TLS is not supported with a host device"));
             }
-            Some(objects.server(id, args.tls_authz.as_deref())?)
+            Some(TlsServer::new(id, args.tls_authz.as_deref())?)
         }
         None => None,
     };

@@ -99,6 +99,29 @@ pub enum HsStream<C> {
     Closed,
 }
 
+impl<C> HsStream<C> {
+    /// The socket under the stream.
+    pub fn fd(&self) -> io::Result<&FdStream> {
+        match self {
+            HsStream::Plain(s) => Ok(s),
+            HsStream::Tls(t) => Ok(&t.sock),
+            HsStream::Closed => Err(io::ErrorKind::NotConnected.into()),
+        }
+    }
+
+    /// The socket and, if one was started, the TLS session, for transmission.
+    pub fn into_parts(self) -> io::Result<(OwnedFd, Option<C>)> {
+        match self {
+            HsStream::Plain(s) => Ok((s.0, None)),
+            HsStream::Tls(t) => {
+                let t = *t;
+                Ok((t.sock.0, Some(t.conn)))
+            }
+            HsStream::Closed => Err(io::ErrorKind::NotConnected.into()),
+        }
+    }
+}
+
 impl<C, S> Read for HsStream<C>
 where
     C: std::ops::DerefMut<Target = rustls::ConnectionCommon<S>>,

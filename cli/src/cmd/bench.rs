@@ -245,7 +245,7 @@ pub fn run(a: BenchArgs) -> i32 {
 }
 
 fn bench(a: BenchArgs) -> Result<()> {
-    common::secrets(&a.open)?;
+    common::objects(&a.open)?;
     let default_run = a.filename.is_none();
     let _tmp;
     let filename = match &a.filename {

@@ -151,10 +151,7 @@ async fn compare(n1: Arc<dyn BlockNode>, n2: Arc<dyn BlockNode>, strict: bool, p
 
 pub fn run(a: CompareArgs) -> i32 {
     let setup = (|| -> Result<_> {
-        let mut secrets = engine::secret::Secrets::default();
-        for o in &a.objects {
-            secrets.add_object(o)?;
-        }
+        engine::objects::define_all(&a.objects)?;
         let s1 = common::image_spec(&a.filename1, a.format1.as_deref(), a.image_opts)?;
         let s2 = common::image_spec(&a.filename2, a.format2.as_deref(), a.image_opts)?;
         let cache: engine::block::CacheMode = a.cache.parse()?;

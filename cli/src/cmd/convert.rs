@@ -82,8 +82,9 @@ pub struct ConvertArgs {
     force_share: bool,
     #[arg(long = "object")]
     objects: Vec<String>,
-    /// Source images, then the output
-    #[arg(required = true, num_args = 2..)]
+    /// Source images, then the output (options may come between them, as
+    /// qemu-img's getopt allows)
+    #[arg(required = true)]
     files: Vec<String>,
 }
 
@@ -479,10 +480,7 @@ pub fn run(a: ConvertArgs) -> i32 {
 }
 
 fn convert(a: ConvertArgs) -> Result<()> {
-    let mut secrets = engine::secret::Secrets::default();
-    for o in &a.objects {
-        secrets.add_object(o)?;
-    }
+    engine::objects::define_all(&a.objects)?;
     if !(1..=16).contains(&a.coroutines) {
         return Err(invalid("Invalid number of coroutines. Allowed number of coroutines is between 1 and 16"));
     }
@@ -498,7 +496,10 @@ fn convert(a: ConvertArgs) -> Result<()> {
     if a.compress && a.out_format == "raw" {
         return Err(invalid("Compression not supported for this file format"));
     }
-    let (out, srcs) = a.files.split_last().expect("clap requires two files");
+    if a.files.len() < 2 {
+        return Err(invalid("Expecting a source image and a target image"));
+    }
+    let (out, srcs) = a.files.split_last().expect("checked: two files at least");
     let src_cache: engine::block::CacheMode = a.src_cache.parse()?;
     let dst_cache: engine::block::CacheMode = a.cache.parse()?;
     let mut create_opts = match common::join_opts(&a.options) {

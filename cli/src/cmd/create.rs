@@ -106,10 +106,7 @@ pub fn formatting_line(fmt: &str, filename: &str, opts: &OptionTree) -> String {
 
 pub fn run(a: CreateArgs) -> i32 {
     let r = (|| -> Result<i32> {
-        let mut secrets = engine::secret::Secrets::default();
-        for o in &a.objects {
-            secrets.add_object(o)?;
-        }
+        engine::objects::define_all(&a.objects)?;
         let mut opts = match common::join_opts(&a.options) {
             Some(s) => OptionTree::parse(&s, Some("help"))?,
             None => OptionTree::new(),

@@ -59,7 +59,7 @@ fn parse(ops: &[String]) -> Result<Operands> {
 
 pub fn run(a: DdArgs) -> i32 {
     let r = (|| -> Result<()> {
-        common::secrets(&a.open)?;
+        common::objects(&a.open)?;
         let ops = parse(&a.operands)?;
         let spec = common::image_spec(&ops.input, a.open.format.as_deref(), a.open.image_opts)?;
         let src_flags = common::flags(&a.open, false);

@@ -120,7 +120,7 @@ fn hex(v: u64) -> String {
 }
 
 pub fn run(a: MapArgs) -> i32 {
-    let spec = match common::image_spec(&a.filename, a.open.format.as_deref(), a.open.image_opts) {
+    let spec = match common::spec(&a.open, &a.filename) {
         Ok(s) => s,
         Err(e) => return common::fail(e),
     };

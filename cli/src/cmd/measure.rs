@@ -64,7 +64,7 @@ pub fn run(a: MeasureArgs) -> i32 {
             (Some(s), None) => (s, 0),
             (None, None) => return Err(invalid("Either --size N or one filename must be specified")),
             (None, Some(f)) => {
-                let spec = common::image_spec(f, a.open.format.as_deref(), a.open.image_opts)?;
+                let spec = common::spec(&a.open, f)?;
                 let flags = common::flags(&a.open, false);
                 let rt = common::small_runtime()?;
                 let (size, data, fmt) = rt.block_on(move || async move {

@@ -11,11 +11,12 @@ use std::io;
 use std::rc::Rc;
 use std::task::{Poll, Waker};
 
-use engine::net::{SendPart, Socket};
+use engine::net::SendPart;
 use engine::runtime::IoBuf;
 
 use super::handshake::ExportInfo;
 use crate::proto::*;
+use crate::wire::Wire;
 
 /// Largest non-data reply payload accepted (block status, error messages).
 const MAX_META_REPLY: u64 = 8 << 20;
@@ -40,7 +41,7 @@ struct Waiting {
 }
 
 pub struct ClientConn {
-    sock: Socket,
+    wire: Wire<rustls::ClientConnection>,
     pub info: ExportInfo,
     next: Cell<u64>,
     waiting: RefCell<HashMap<u64, Waiting>>,
@@ -54,10 +55,11 @@ fn gone(msg: &str) -> io::Error {
 }
 
 impl ClientConn {
-    /// Take over a negotiated socket and start its reply reader on this shard.
-    pub fn start(fd: std::os::fd::OwnedFd, info: ExportInfo) -> Rc<ClientConn> {
+    /// Take over a negotiated socket (and its TLS session, if any) and start
+    /// its reply reader on this shard.
+    pub fn start(fd: std::os::fd::OwnedFd, tls: Option<rustls::ClientConnection>, info: ExportInfo) -> Rc<ClientConn> {
         let c = Rc::new(ClientConn {
-            sock: Socket::new(fd),
+            wire: Wire::new(fd, tls),
             info,
             next: Cell::new(1),
             waiting: RefCell::new(HashMap::new()),
@@ -84,7 +86,7 @@ impl ClientConn {
         if self.dead.borrow().is_none() {
             *self.dead.borrow_mut() = Some(why);
         }
-        self.sock.shutdown();
+        self.wire.socket().shutdown();
         for w in self.waiting.borrow_mut().values_mut() {
             w.done = true;
             if let Some(k) = w.waker.take() {
@@ -133,7 +135,7 @@ impl ClientConn {
             }
         })
         .await;
-        let (r, mut parts) = self.sock.send_all(parts).await;
+        let (r, mut parts) = self.wire.send(parts).await;
         self.send_busy.set(false);
         if let Some(w) = self.send_queue.borrow_mut().pop_front() {
             w.wake();
@@ -177,7 +179,8 @@ impl ClientConn {
             return;
         }
         let req = Request { flags: 0, ty: CMD_DISC, cookie: 0, offset: 0, len: 0 };
-        let _ = self.sock.send_all(vec![SendPart::Bytes(req.encode(self.extended()))]).await;
+        let _ = self.wire.send(vec![SendPart::Bytes(req.encode(self.extended()))]).await;
+        self.wire.close().await;
         self.kill("disconnected".into());
     }
 
@@ -196,7 +199,7 @@ impl ClientConn {
 async fn recv_vec(c: &ClientConn, hdr: IoBuf, n: usize) -> io::Result<(Vec<u8>, IoBuf)> {
     let mut b = IoBuf::heap(n.max(1));
     b.set_len(n);
-    let (r, b) = c.sock.recv_exact(b, 0..n).await;
+    let (r, b) = c.wire.recv_exact(b, 0..n).await;
     r?;
     Ok((b.to_vec(), hdr))
 }
@@ -205,12 +208,12 @@ async fn recv_vec(c: &ClientConn, hdr: IoBuf, n: usize) -> io::Result<(Vec<u8>, 
 async fn reader(c: &ClientConn) -> io::Result<()> {
     let mut hdr = IoBuf::heap(32);
     loop {
-        let (r, h) = c.sock.recv(hdr, 0..4).await;
+        let (r, h) = c.wire.recv(hdr, 0..4).await;
         hdr = h;
         match r? {
             0 => return Ok(()),
             n if n < 4 => {
-                let (r, h) = c.sock.recv_exact(hdr, n..4).await;
+                let (r, h) = c.wire.recv_exact(hdr, n..4).await;
                 hdr = h;
                 r?;
             }
@@ -219,7 +222,7 @@ async fn reader(c: &ClientConn) -> io::Result<()> {
         let magic = be32(&hdr[0..4]);
         match magic {
             SIMPLE_REPLY_MAGIC => {
-                let (r, h) = c.sock.recv_exact(hdr, 4..16).await;
+                let (r, h) = c.wire.recv_exact(hdr, 4..16).await;
                 hdr = h;
                 r?;
                 let error = be32(&hdr[4..8]);
@@ -231,7 +234,7 @@ async fn reader(c: &ClientConn) -> io::Result<()> {
                 if error == 0 && has_buf {
                     let buf = c.waiting.borrow_mut().get_mut(&cookie).and_then(|w| w.buf.take());
                     if let Some(buf) = buf {
-                        let (r, buf) = c.sock.recv_exact(buf, 0..len as usize).await;
+                        let (r, buf) = c.wire.recv_exact(buf, 0..len as usize).await;
                         if let Some(w) = c.waiting.borrow_mut().get_mut(&cookie) {
                             w.buf = Some(buf);
                         }
@@ -250,7 +253,7 @@ async fn reader(c: &ClientConn) -> io::Result<()> {
                     return Err(proto_err_io("reply header form does not match what was negotiated".into()));
                 }
                 let total = if ext { 32 } else { 20 };
-                let (r, h) = c.sock.recv_exact(hdr, 4..total).await;
+                let (r, h) = c.wire.recv_exact(hdr, 4..total).await;
                 hdr = h;
                 r?;
                 let flags = be16(&hdr[4..6]);
@@ -306,7 +309,7 @@ async fn chunk(
                 return Err(proto_err_io("data chunk for a request that reads nothing".into()));
             };
             let at = (off - req_off) as usize;
-            let (r, buf) = c.sock.recv_exact(buf, at..at + dlen as usize).await;
+            let (r, buf) = c.wire.recv_exact(buf, at..at + dlen as usize).await;
             if let Some(w) = c.waiting.borrow_mut().get_mut(&cookie) {
                 w.buf = Some(buf);
             }

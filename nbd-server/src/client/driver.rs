@@ -17,8 +17,9 @@ use engine::options::OptionTree;
 use engine::runtime::{IoBuf, ShardHandle, ShardLocal};
 
 use super::conn::{ClientConn, Reply};
-use super::handshake::{connect, Addr, ExportInfo};
+use super::handshake::{connect, Addr, Connected, ExportInfo};
 use crate::proto::*;
+use crate::tls::TlsClient;
 
 /// How long to wait for a server to greet an extra connection before
 /// falling back to the first one (a server limited to one client queues the
@@ -27,8 +28,27 @@ const EXTRA_CONN_TIMEOUT: Duration = Duration::from_secs(2);
 
 pub struct NbdDriver;
 
-/// A parsed NBD URI or legacy `nbd:` filename: address, export, TLS wanted.
-pub fn parse_filename(f: &str) -> Result<(Addr, String, bool)> {
+/// A parsed NBD URI or legacy `nbd:` filename.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Target {
+    pub addr: Option<Addr>,
+    pub export: String,
+    /// An `nbds` scheme.
+    pub tls: bool,
+    /// libnbd's query parameters: `tls-certificates=DIR` (QEMU's layout),
+    /// `tls-verify-peer=false`, `tls-hostname=NAME`.
+    pub tls_certificates: Option<String>,
+    pub tls_verify_peer: bool,
+    pub tls_hostname: Option<String>,
+}
+
+impl Target {
+    fn new(addr: Addr, export: String) -> Target {
+        Target { addr: Some(addr), export, tls_verify_peer: true, ..Default::default() }
+    }
+}
+
+pub fn parse_filename(f: &str) -> Result<Target> {
     let bad = |why: &str| invalid(format!("invalid NBD URI '{f}': {why}"));
     if let Some(rest) = f.strip_prefix("nbd:").filter(|_| !f.starts_with("nbd://")) {
         // Legacy: nbd:unix:PATH[:exportname=N] or nbd:HOST:PORT[:exportname=N]
@@ -37,11 +57,11 @@ pub fn parse_filename(f: &str) -> Result<(Addr, String, bool)> {
             None => (rest, String::new()),
         };
         if let Some(p) = main.strip_prefix("unix:") {
-            return Ok((Addr::Unix(p.to_string()), export, false));
+            return Ok(Target::new(Addr::Unix(p.to_string()), export));
         }
         let (host, port) = main.rsplit_once(':').ok_or_else(|| bad("expected nbd:HOST:PORT"))?;
         let port = port.parse().map_err(|_| bad("bad port"))?;
-        return Ok((Addr::Tcp { host: host.to_string(), port }, export, false));
+        return Ok(Target::new(Addr::Tcp { host: host.to_string(), port }, export));
     }
     let (scheme, rest) = f.split_once("://").ok_or_else(|| bad("no scheme"))?;
     let (tls, unix) = match scheme {
@@ -61,9 +81,18 @@ pub fn parse_filename(f: &str) -> Result<(Addr, String, bool)> {
     };
     let export = percent_decode(path);
     let mut socket = None;
+    let mut t = Target { tls, tls_verify_peer: true, ..Default::default() };
     for kv in query.unwrap_or("").split('&').filter(|s| !s.is_empty()) {
-        if let Some(v) = kv.strip_prefix("socket=") {
-            socket = Some(percent_decode(v));
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        let v = percent_decode(v);
+        match k {
+            "socket" => socket = Some(v),
+            "tls-certificates" => t.tls_certificates = Some(v),
+            "tls-hostname" => t.tls_hostname = Some(v),
+            "tls-verify-peer" => {
+                t.tls_verify_peer = engine::options::parse_bool(&v).ok_or_else(|| bad("bad tls-verify-peer"))?
+            }
+            _ => {}
         }
     }
     let addr = if unix {
@@ -87,7 +116,9 @@ pub fn parse_filename(f: &str) -> Result<(Addr, String, bool)> {
         };
         Addr::Tcp { host: if host.is_empty() { "localhost".into() } else { host }, port }
     };
-    Ok((addr, export, tls))
+    t.addr = Some(addr);
+    t.export = export;
+    Ok(t)
 }
 
 fn percent_decode(s: &str) -> String {
@@ -132,6 +163,8 @@ pub struct NbdNode {
     export: String,
     context: Option<String>,
     info: ExportInfo,
+    /// Extra connections (multi-conn) are made under TLS too.
+    tls: Option<TlsClient>,
     writable: bool,
     /// The shard that opened the node and owns the first connection.
     home: ShardHandle,
@@ -158,23 +191,23 @@ impl NbdNode {
         if !at_home && (!self.multi || self.no_extra.load(std::sync::atomic::Ordering::Relaxed)) {
             return Ok(Route::Home(self.home.clone()));
         }
-        let (addr, export) = (self.addr.clone(), self.export.clone());
+        let (addr, export, tls) = (self.addr.clone(), self.export.clone(), self.tls.clone());
         let ctx: Vec<String> = self.context.iter().cloned().collect();
         let timeout = if at_home { None } else { Some(EXTRA_CONN_TIMEOUT) };
         let r = engine::aio::blocking(move || {
             let c: Vec<&str> = ctx.iter().map(String::as_str).collect();
-            connect(&addr, &export, &c, timeout)
+            connect(&addr, &export, &c, timeout, tls.as_ref())
         })
         .await;
         match r {
-            Ok((fd, info)) => {
+            Ok(Connected { fd, tls, info }) => {
                 // Another task on this shard may have connected meanwhile:
                 // use its connection (ours closes unused), never replace a
                 // live one that has requests in flight.
                 if let Some(h) = self.conns.get().filter(|h| !h.0.is_dead()) {
                     return Ok(Route::Here(h.0.clone()));
                 }
-                let c = ClientConn::start(fd, info);
+                let c = ClientConn::start(fd, tls, info);
                 self.conns.set(Rc::new(Held(c.clone())));
                 Ok(Route::Here(c))
             }
@@ -406,7 +439,10 @@ impl BlockNode for NbdNode {
                 return Err(invalid(format!("block status at offset {offset} beyond end ({size})")));
             }
             let len = len.min(size - offset);
-            let all_data = Extent { len, data: true, zero: false, allocated: true, offset: None, compressed: false };
+            // Offsets are the export's own, as for any protocol node (QEMU
+            // reports them valid too, so `map` shows them).
+            let all_data =
+                Extent { len, data: true, zero: false, allocated: true, offset: Some(offset), compressed: false };
             let Some(&(id, _)) = self.info.contexts.first() else {
                 return Ok(all_data);
             };
@@ -426,7 +462,7 @@ impl BlockNode for NbdNode {
                 data: flags & STATE_HOLE == 0,
                 zero: flags & STATE_ZERO != 0,
                 allocated: true,
-                offset: None,
+                offset: Some(offset),
                 compressed: false,
             })
         })
@@ -456,13 +492,41 @@ impl BlockNode for NbdNode {
     }
 }
 
+/// The client's TLS, if any: `tls-creds=ID` (QEMU), else an `nbds` URI's
+/// `tls-certificates` directory (libnbd). The certificate must name the
+/// TCP host, or `tls-hostname`; over a unix socket no name is checked
+/// unless one is given, as QEMU does.
+fn tls_setup(opts: &mut OptionTree, t: &Target, addr: &Addr) -> Result<Option<TlsClient>> {
+    let hostname = opts.take("tls-hostname").or_else(|| t.tls_hostname.clone()).or_else(|| match addr {
+        Addr::Tcp { host, .. } => Some(host.clone()),
+        Addr::Unix(_) => None,
+    });
+    if let Some(id) = opts.take("tls-creds") {
+        return TlsClient::from_object(&id, hostname.as_deref()).map(Some);
+    }
+    if !t.tls {
+        return Ok(None);
+    }
+    let dir = t.tls_certificates.as_deref().ok_or_else(|| {
+        invalid(
+            "nbd: an nbds URI needs credentials: add ?tls-certificates=DIR, or use --object \
+             tls-creds-x509,id=ID,dir=DIR,endpoint=client with tls-creds=ID",
+        )
+    })?;
+    TlsClient::from_dir(std::path::Path::new(dir), t.tls_verify_peer, hostname.as_deref()).map(Some)
+}
+
 impl NbdDriver {
     async fn open(&self, ctx: &OpenCtx, mut opts: OptionTree) -> Result<Arc<dyn BlockNode>> {
-        let (addr, mut export, tls) = match opts.take("filename") {
+        let mut t = match opts.take("filename") {
             Some(f) => parse_filename(&f)?,
+            None => Target::default(),
+        };
+        let addr = match t.addr.take() {
+            Some(a) => a,
             None => {
                 let ty = opts.take("server.type").unwrap_or_else(|| "inet".into());
-                let addr = match ty.as_str() {
+                match ty.as_str() {
                     "unix" => Addr::Unix(
                         opts.take("server.path")
                             .ok_or_else(|| invalid("nbd: server.path is required for server.type=unix"))?,
@@ -475,27 +539,26 @@ impl NbdDriver {
                         },
                     },
                     t => return Err(invalid(format!("nbd: unsupported server.type '{t}'"))),
-                };
-                (addr, String::new(), false)
+                }
             }
         };
+        let mut export = t.export.clone();
         if let Some(e) = opts.take("export") {
             export = e;
         }
-        if tls || opts.take("tls-creds").is_some() {
-            return Err(unsupported("nbd: TLS is not supported by the NBD client yet"));
-        }
+        let tls = tls_setup(&mut opts, &t, &addr)?;
         let context = Some(opts.take("x-dirty-bitmap").unwrap_or_else(|| CTX_BASE_ALLOCATION.to_string()));
-        for k in ["reconnect-delay", "open-timeout", "tls-hostname"] {
+        for k in ["reconnect-delay", "open-timeout"] {
             opts.take(k);
         }
         opts.ensure_consumed("nbd")?;
         let home = engine::runtime::current_handle().ok_or_else(|| invalid("nbd: open must run on a shard"))?;
         let (a2, e2, c2) = (addr.clone(), export.clone(), context.clone());
         let name = display_name(&addr, &export);
-        let (fd, info) = engine::aio::blocking(move || {
+        let t2 = tls.clone();
+        let Connected { fd, tls: session, info } = engine::aio::blocking(move || {
             let c: Vec<&str> = c2.iter().map(String::as_str).collect();
-            connect(&a2, &e2, &c, Some(Duration::from_secs(30)))
+            connect(&a2, &e2, &c, Some(Duration::from_secs(30)), t2.as_ref())
         })
         .await
         .map_err(|e| Error::os("Failed to connect to the NBD server", e).with_file(name.clone()))?;
@@ -503,11 +566,12 @@ impl NbdDriver {
             return Err(Error::new(ErrorKind::ReadOnly, "the NBD export is read-only").with_file(name));
         }
         let multi = info.flags & TF_CAN_MULTI_CONN != 0;
-        let conn = ClientConn::start(fd, info.clone());
+        let conn = ClientConn::start(fd, session, info.clone());
         let node = Arc::new_cyclic(|me| NbdNode {
             me: me.clone(),
             addr,
             export,
+            tls,
             context,
             info,
             writable: ctx.flags.write,
@@ -547,7 +611,10 @@ mod tests {
 
     #[test]
     fn parses_nbd_uris_and_legacy_names() {
-        let t = |f: &str| parse_filename(f).unwrap();
+        let t = |f: &str| {
+            let t = parse_filename(f).unwrap();
+            (t.addr.unwrap(), t.export, t.tls)
+        };
         assert_eq!(
             t("nbd://example.com:1234/disk"),
             (Addr::Tcp { host: "example.com".into(), port: 1234 }, "disk".into(), false)
@@ -560,6 +627,9 @@ mod tests {
         assert_eq!(t("nbds://[::1]:99/x"), (Addr::Tcp { host: "::1".into(), port: 99 }, "x".into(), true));
         assert_eq!(t("nbd:unix:/tmp/s:exportname=e"), (Addr::Unix("/tmp/s".into()), "e".into(), false));
         assert_eq!(t("nbd:localhost:10810"), (Addr::Tcp { host: "localhost".into(), port: 10810 }, "".into(), false));
+        let q = parse_filename("nbds+unix:///e?socket=/s&tls-certificates=/pki%2fx&tls-verify-peer=false").unwrap();
+        assert_eq!((q.tls, q.tls_certificates.as_deref(), q.tls_verify_peer), (true, Some("/pki/x"), false));
+        assert!(parse_filename("nbds://h/?tls-verify-peer=maybe").is_err());
         assert!(parse_filename("nbd+unix:///x").is_err(), "a unix URI needs its socket");
         assert!(parse_filename("nbd://h:notaport/").is_err());
         assert_eq!(percent_decode("a%2fb%zz%"), "a/b%zz%");

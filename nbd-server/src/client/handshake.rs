@@ -1,14 +1,16 @@
 //! Client side of fixed newstyle negotiation, blocking: connect to a server
-//! (TCP or unix), ask for extended headers (else structured replies), select
-//! meta contexts and GO; or list every export with its details (`-L`).
-//! Transmission is in `conn.rs`.
+//! (TCP or unix), upgrade to TLS if asked (STARTTLS before any other option,
+//! so nothing is said in plain text), ask for extended headers (else
+//! structured replies), select meta contexts and GO; or list every export
+//! with its details (`-L`). Transmission is in `conn.rs`.
 
 use std::io::{self, Read, Write};
 use std::os::fd::OwnedFd;
 use std::time::Duration;
 
 use crate::proto::*;
-use crate::stream::{discard, FdStream};
+use crate::stream::{discard, FdStream, HsStream};
+use crate::tls::TlsClient;
 
 /// Where a server listens.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -63,7 +65,7 @@ pub struct ExportInfo {
 const MAX_REPLY: u32 = 1 << 20;
 
 struct Neg {
-    s: FdStream,
+    s: HsStream<rustls::ClientConnection>,
 }
 
 struct OptReply {
@@ -76,10 +78,12 @@ fn proto_err(msg: impl Into<String>) -> io::Error {
 }
 
 impl Neg {
-    fn start(fd: OwnedFd, timeout: Option<Duration>) -> io::Result<Neg> {
+    /// Read the greeting, answer it, and with `tls` upgrade to TLS before
+    /// anything else is said.
+    fn start(fd: OwnedFd, timeout: Option<Duration>, tls: Option<&TlsClient>) -> io::Result<Neg> {
         let s = FdStream(fd);
         s.set_timeout(timeout)?;
-        let mut n = Neg { s };
+        let mut n = Neg { s: HsStream::Plain(s) };
         let mut h = [0u8; 18];
         n.s.read_exact(&mut h)?;
         if be64(&h[0..8]) != NBDMAGIC {
@@ -97,7 +101,31 @@ impl Neg {
             cflags |= FLAG_C_NO_ZEROES;
         }
         n.s.write_all(&cflags.to_be_bytes())?;
+        if let Some(t) = tls {
+            n.starttls(t)?;
+        }
         Ok(n)
+    }
+
+    fn starttls(&mut self, tls: &TlsClient) -> io::Result<()> {
+        self.send(OPT_STARTTLS, &[])?;
+        let r = self.recv(OPT_STARTTLS)?;
+        if r.ty != REP_ACK {
+            let msg = String::from_utf8_lossy(&r.data);
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!("the server refused TLS{}{msg}", if msg.is_empty() { "" } else { ": " }),
+            ));
+        }
+        let HsStream::Plain(fs) = std::mem::replace(&mut self.s, HsStream::Closed) else {
+            return Err(proto_err("TLS started twice"));
+        };
+        let mut t = rustls::StreamOwned::new(tls.session()?, fs);
+        while t.conn.is_handshaking() {
+            t.conn.complete_io(&mut t.sock).map_err(|e| io::Error::new(e.kind(), format!("TLS handshake: {e}")))?;
+        }
+        self.s = HsStream::Tls(Box::new(t));
+        Ok(())
     }
 
     fn send(&mut self, opt: u32, data: &[u8]) -> io::Result<()> {
@@ -207,6 +235,12 @@ impl Neg {
                 }
                 REP_ACK if have_export => return Ok(()),
                 REP_ACK => return Err(proto_err("server acknowledged an export without describing it")),
+                REP_ERR_TLS_REQD => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::PermissionDenied,
+                        "the server requires TLS (give the client tls-creds)",
+                    ))
+                }
                 t if t & REP_FLAG_ERROR != 0 => {
                     let msg = String::from_utf8_lossy(&r.data).into_owned();
                     let kind = if t == REP_ERR_UNSUP { io::ErrorKind::Unsupported } else { io::ErrorKind::NotFound };
@@ -221,19 +255,29 @@ impl Neg {
     }
 }
 
-/// Connect and negotiate transmission of `export`, selecting `contexts`.
+/// A negotiated connection, ready for transmission.
+pub struct Connected {
+    pub fd: OwnedFd,
+    pub tls: Option<rustls::ClientConnection>,
+    pub info: ExportInfo,
+}
+
+/// Connect (over TLS with `tls`) and negotiate transmission of `export`,
+/// selecting `contexts`.
 pub fn connect(
     addr: &Addr,
     export: &str,
     contexts: &[&str],
     timeout: Option<Duration>,
-) -> io::Result<(OwnedFd, ExportInfo)> {
-    connect_with(addr, export, contexts, timeout, true)
+    tls: Option<&TlsClient>,
+) -> io::Result<Connected> {
+    connect_with(addr, export, contexts, timeout, true, tls)
 }
 
 /// Negotiate simple replies only (the kernel's client knows no other form).
 pub fn connect_simple(addr: &Addr, export: &str, timeout: Option<Duration>) -> io::Result<(OwnedFd, ExportInfo)> {
-    connect_with(addr, export, &[], timeout, false)
+    let c = connect_with(addr, export, &[], timeout, false, None)?;
+    Ok((c.fd, c.info))
 }
 
 fn connect_with(
@@ -242,9 +286,31 @@ fn connect_with(
     contexts: &[&str],
     timeout: Option<Duration>,
     structured: bool,
-) -> io::Result<(OwnedFd, ExportInfo)> {
+    tls: Option<&TlsClient>,
+) -> io::Result<Connected> {
     let fd = addr.connect(timeout)?;
-    let mut n = Neg::start(fd, timeout)?;
+    negotiate(fd, export, contexts, timeout, structured, tls).map_err(|e| closed_hint(e, tls.is_some()))
+}
+
+/// A server that hangs up mid-negotiation says nothing of why; under TLS
+/// the likely reason is that it does not authorize our certificate.
+fn closed_hint(e: io::Error, tls: bool) -> io::Error {
+    if e.kind() != io::ErrorKind::UnexpectedEof {
+        return e;
+    }
+    let why = if tls { " (it may not authorize this client's certificate)" } else { "" };
+    io::Error::new(io::ErrorKind::UnexpectedEof, format!("the server closed the connection during negotiation{why}"))
+}
+
+fn negotiate(
+    fd: OwnedFd,
+    export: &str,
+    contexts: &[&str],
+    timeout: Option<Duration>,
+    structured: bool,
+    tls: Option<&TlsClient>,
+) -> io::Result<Connected> {
+    let mut n = Neg::start(fd, timeout, tls)?;
     let mode = if structured { n.negotiate_mode()? } else { ReplyMode::Simple };
     let mut info = ExportInfo { mode, ..Default::default() };
     if info.mode != ReplyMode::Simple && !contexts.is_empty() {
@@ -266,14 +332,19 @@ fn connect_with(
     if info.min_block == 0 {
         (info.min_block, info.pref_block, info.max_block) = (1, 4096, 32 << 20);
     }
-    n.s.set_timeout(None)?;
-    Ok((n.s.0, info))
+    n.s.fd()?.set_timeout(None)?;
+    let (fd, tls) = n.s.into_parts()?;
+    Ok(Connected { fd, tls, info })
 }
 
 /// Every export a server offers, with its details and meta contexts.
-pub fn list(addr: &Addr, timeout: Option<Duration>) -> io::Result<Vec<ExportInfo>> {
+pub fn list(addr: &Addr, timeout: Option<Duration>, tls: Option<&TlsClient>) -> io::Result<Vec<ExportInfo>> {
     let fd = addr.connect(timeout)?;
-    let mut n = Neg::start(fd, timeout)?;
+    list_exports(fd, timeout, tls).map_err(|e| closed_hint(e, tls.is_some()))
+}
+
+fn list_exports(fd: OwnedFd, timeout: Option<Duration>, tls: Option<&TlsClient>) -> io::Result<Vec<ExportInfo>> {
+    let mut n = Neg::start(fd, timeout, tls)?;
     let mode = n.negotiate_mode()?;
     n.send(OPT_LIST, &[])?;
     let mut names = Vec::new();

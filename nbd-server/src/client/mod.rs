@@ -5,4 +5,4 @@ pub mod conn;
 pub mod driver;
 pub mod handshake;
 
-pub use handshake::{connect, list, Addr, ExportInfo};
+pub use handshake::{connect, list, Addr, Connected, ExportInfo};

@@ -8,7 +8,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::future::poll_fn;
-use std::io::{self, Read, Write};
+use std::io;
 use std::ops::Range;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -42,10 +42,7 @@ const MAX_WRITE_PIPES: usize = 8;
 /// quarter of the server's time faulting in buffers with a cache of 16).
 const BUF_CACHE_BYTES: usize = 32 << 20;
 
-pub(super) enum Wire {
-    Plain(Socket),
-    Tls { sock: Socket, tls: Box<RefCell<rustls::ServerConnection>>, pending: RefCell<Vec<u8>> },
-}
+pub(super) type Wire = crate::wire::Wire<rustls::ServerConnection>;
 
 pub(super) struct Conn {
     pub(super) wire: Wire,
@@ -82,14 +79,7 @@ fn wake(w: &RefCell<Option<Waker>>) {
 /// Serve a negotiated connection until it ends. Runs on a shard.
 pub async fn serve(server: Arc<Server>, n: Negotiated) {
     let Negotiated { fd, tls, export, mode, contexts } = n;
-    let sock = Socket::new(fd);
-    let wire = match tls {
-        None => Wire::Plain(sock),
-        Some(mut t) => {
-            t.set_buffer_limit(None);
-            Wire::Tls { sock, tls: Box::new(RefCell::new(t)), pending: RefCell::new(Vec::new()) }
-        }
-    };
+    let wire = Wire::new(fd, tls);
     let c = Rc::new(Conn {
         wire,
         server,
@@ -129,110 +119,32 @@ pub async fn serve(server: Arc<Server>, n: Negotiated) {
     .await;
     wake(&c.writer_wait);
     writer.await;
-    if let Wire::Tls { tls, .. } = &c.wire {
-        tls.borrow_mut().send_close_notify();
-        let _ = c.flush_tls().await;
-    }
-    c.socket().shutdown();
+    c.wire.close().await;
 }
 
 impl Conn {
     pub(super) fn socket(&self) -> &Socket {
-        match &self.wire {
-            Wire::Plain(s) | Wire::Tls { sock: s, .. } => s,
-        }
+        self.wire.socket()
     }
 
-    /// Receive some bytes into `buf[range]` (decrypted under TLS).
-    pub(super) async fn recv(&self, mut buf: IoBuf, range: std::ops::Range<usize>) -> (io::Result<usize>, IoBuf) {
-        let (sock, tls, pending) = match &self.wire {
-            Wire::Plain(s) => return s.recv(buf, range).await,
-            Wire::Tls { sock, tls, pending } => (sock, tls, pending),
-        };
-        loop {
-            {
-                let mut t = tls.borrow_mut();
-                match t.reader().read(&mut buf[range.clone()]) {
-                    Ok(n) => return (Ok(n), buf),
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(e) => return (Err(e), buf),
-                }
-                let mut p = pending.borrow_mut();
-                if !p.is_empty() {
-                    let mut rd = &p[..];
-                    let r = t.read_tls(&mut rd);
-                    let used = p.len() - rd.len();
-                    p.drain(..used);
-                    if let Err(e) = r.and_then(|_| t.process_new_packets().map(drop).map_err(io::Error::other)) {
-                        return (Err(e), buf);
-                    }
-                    continue;
-                }
-            }
-            let (r, tmp) = sock.recv(IoBuf::new(STAGE), 0..STAGE).await;
-            match r {
-                Ok(0) => return (Err(io::ErrorKind::UnexpectedEof.into()), buf),
-                Ok(n) => pending.borrow_mut().extend_from_slice(&tmp[..n]),
-                Err(e) => return (Err(e), buf),
-            }
-        }
+    pub(super) async fn recv(&self, buf: IoBuf, range: Range<usize>) -> (io::Result<usize>, IoBuf) {
+        self.wire.recv(buf, range).await
     }
 
-    async fn recv_exact(&self, mut buf: IoBuf, mut range: std::ops::Range<usize>) -> (io::Result<()>, IoBuf) {
-        if let Wire::Plain(s) = &self.wire {
-            return s.recv_exact(buf, range).await;
-        }
-        while !range.is_empty() {
-            let (r, b) = self.recv(buf, range.clone()).await;
-            buf = b;
-            match r {
-                Ok(0) => return (Err(io::ErrorKind::UnexpectedEof.into()), buf),
-                Ok(n) => range.start += n,
-                Err(e) => return (Err(e), buf),
-            }
-        }
-        (Ok(()), buf)
+    async fn recv_exact(&self, buf: IoBuf, range: Range<usize>) -> (io::Result<()>, IoBuf) {
+        self.wire.recv_exact(buf, range).await
     }
 
-    /// Send whatever TLS has encrypted and not yet sent.
-    async fn flush_tls(&self) -> io::Result<()> {
-        let Wire::Tls { sock, tls, .. } = &self.wire else {
-            return Ok(());
-        };
-        loop {
-            let mut v = Vec::new();
-            {
-                let mut t = tls.borrow_mut();
-                while t.wants_write() {
-                    t.write_tls(&mut v)?;
-                }
-            }
-            if v.is_empty() {
-                return Ok(());
-            }
-            sock.send_all(vec![SendPart::Bytes(v)]).await.0?;
-        }
-    }
-
-    /// Send parts (all of them, in order).
+    /// Send parts (all of them, in order), counting what TLS copies.
     pub(super) async fn send(&self, parts: Vec<SendPart>) -> (io::Result<()>, Vec<SendPart>) {
-        match &self.wire {
-            Wire::Plain(s) => s.send_all(parts).await,
-            Wire::Tls { tls, .. } => {
-                {
-                    let mut t = tls.borrow_mut();
-                    for p in &parts {
-                        if let SendPart::Buf(..) | SendPart::Shared(..) = p {
-                            Stats::add(&self.server.stats.read_copied_bytes, p.len() as u64);
-                        }
-                        if let Err(e) = t.writer().write_all(p.slice()) {
-                            return (Err(e), parts);
-                        }
-                    }
+        if self.wire.is_tls() {
+            for p in &parts {
+                if let SendPart::Buf(..) | SendPart::Shared(..) = p {
+                    Stats::add(&self.server.stats.read_copied_bytes, p.len() as u64);
                 }
-                (self.flush_tls().await, parts)
             }
         }
+        self.wire.send(parts).await
     }
 
     /// A buffer for `len` bytes of payload: the shard's registered pool for

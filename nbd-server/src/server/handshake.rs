@@ -162,16 +162,12 @@ pub fn negotiate(server: &Server, fd: OwnedFd, peer: &str) -> io::Result<Option<
             Next::Close => return Ok(None),
             Next::Transmit => {
                 let Hs { s, mode, contexts, .. } = hs;
-                let (fd, tls) = match s {
-                    HsStream::Plain(f) => (f, None),
-                    HsStream::Tls(t) => {
-                        let t = *t;
-                        (t.sock, Some(t.conn))
-                    }
-                    HsStream::Closed => return Ok(None),
-                };
-                fd.set_timeout(None)?;
-                return Ok(Some(Negotiated { fd: fd.0, tls, export: server.export.clone(), mode, contexts }));
+                if matches!(s, HsStream::Closed) {
+                    return Ok(None);
+                }
+                s.fd()?.set_timeout(None)?;
+                let (fd, tls) = s.into_parts()?;
+                return Ok(Some(Negotiated { fd, tls, export: server.export.clone(), mode, contexts }));
             }
         }
     }

@@ -1,13 +1,12 @@
 //! The NBD server: what an export is, the server-wide settings and counters,
 //! and how a new connection goes from accept to transmission. Negotiation is in
-//! `handshake.rs`, the transmission phase in `conn.rs`, TLS in `tls.rs`, the
-//! accept loop in `listen.rs`.
+//! `handshake.rs`, the transmission phase in `conn.rs`, the accept loop in
+//! `listen.rs`; TLS setup is the crate's `tls.rs`.
 
 mod cmd;
 mod conn;
 mod handshake;
 pub mod listen;
-pub mod tls;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -125,7 +124,7 @@ impl Stats {
 /// Server-wide settings.
 pub struct Server {
     pub export: Arc<Export>,
-    pub tls: Option<tls::TlsServer>,
+    pub tls: Option<crate::tls::TlsServer>,
     /// Longest a client may take to finish negotiating (None: no limit).
     pub handshake_limit: Option<Duration>,
     /// Largest payload or read a request may ask for.
