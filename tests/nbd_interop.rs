@@ -515,12 +515,13 @@ print("ok")
     assert!(!log.contains("panick"), "{log}");
 }
 
-/// Reads of a page-cached image are spliced from the page cache (staged in
-/// a pipe, replies back to back), large writes are spliced from the socket
-/// into the file: thousands of requests of every size and alignment, many
-/// in flight, must leave and return exactly the file's bytes, and the
-/// server's counters must show the splices carried them with nothing copied
-/// in user space.
+/// Reads of a page-cached image go out from a mapping of the file (small
+/// ones) or are spliced from the page cache (staged in a pipe, replies back
+/// to back), large writes are spliced from the socket into the file:
+/// thousands of requests of every size and alignment, many in flight, must
+/// leave and return exactly the file's bytes, and the server's counters
+/// must show the mapping and the splices carried them with nothing copied in
+/// user space.
 #[test]
 fn page_cached_reads_are_spliced_and_match_the_file() {
     if !have("nbdsh") {
@@ -585,11 +586,72 @@ print("ok")
         };
         assert_eq!(stat("user-copied-bytes"), 0, "{log}");
         // All but the reads too large to stage or touching the partial sector.
-        assert!(stat("spliced-bytes") * 10 >= stat("served-bytes") * 8, "{log}");
+        assert!((stat("spliced-bytes") + stat("mapped-bytes")) * 10 >= stat("served-bytes") * 8, "{log}");
+        assert!(stat("mapped-bytes") > 0 && stat("spliced-bytes") > 0, "both ways must have carried reads: {log}");
         // Writes of 64-256 KiB arrive by splice (the first after a small
         // request may have been received with its header).
         assert!(stat("spliced-in-bytes") > 0, "{log}");
     }
+}
+
+/// Small cached reads are sent from a shared mapping of the image file. A
+/// process that ignores our lock and cuts the file short under that mapping
+/// must not kill the server (user space never touches the mapping, so no
+/// SIGBUS): reads past the new end fail or see zeroes, and the server keeps
+/// serving.
+#[test]
+fn a_file_truncated_under_the_mapping_does_not_kill_the_server() {
+    if !have("nbdsh") {
+        return;
+    }
+    let d = tmp();
+    let img = d.path().join("t.raw");
+    std::fs::write(&img, Rng::new(5).bytes(8 << 20)).unwrap();
+    let via = Via::Unix(d.path().join("t.sock"));
+    let mut cmd = Command::new(bin("ringblk-nbd"));
+    cmd.args(via.flags()).args(["-t", "-e", "4", "-f", "raw", img.to_str().unwrap()]);
+    cmd.env("RINGBLK_NBD_STATS", "1").stdout(Stdio::null()).stderr(Stdio::piped());
+    let mut s = Server::spawn(cmd, via);
+    let script = r#"
+import os, random, time
+h = nbd.NBD()
+h.connect_uri(os.environ["URI"])
+size = h.get_size()
+t0 = time.time()
+reads = errors = 0
+while time.time() - t0 < 2:
+    try:
+        h.pread(4096, random.randrange(0, size // 4096) * 4096)
+        reads += 1
+    except nbd.Error:
+        errors += 1
+        try:
+            h.shutdown()
+        except nbd.Error:
+            pass
+        h = nbd.NBD()
+        h.connect_uri(os.environ["URI"])
+print("reads", reads, "errors", errors)
+"#;
+    let uri = s.uri("");
+    let reader = {
+        let uri = uri.clone();
+        std::thread::spawn(move || nbdsh(script, &[("URI", &uri)]))
+    };
+    std::thread::sleep(Duration::from_millis(700));
+    std::fs::OpenOptions::new().write(true).open(&img).unwrap().set_len(1 << 20).unwrap();
+    let out = reader.join().unwrap();
+    assert!(out.contains("reads"), "{out}");
+    assert!(s.child.try_wait().unwrap().is_none(), "the server died after the truncation ({out})");
+    // Still serving: a new client reads what is left of the file.
+    let left = nbdsh(
+        "h = nbd.NBD()\nh.connect_uri(os.environ['URI'])\nprint(len(h.pread(4096, 0)))",
+        &[("URI", &uri)],
+    );
+    assert_eq!(left.trim(), "4096");
+    let log = s.stop();
+    assert!(!log.contains("mapped-bytes=0 "), "no read went out from the mapping: {log}");
+    assert!(log.contains("mapped-bytes="), "{log}");
 }
 
 #[test]

@@ -36,12 +36,15 @@ pub enum SendPart {
         len: usize,
         slots: usize,
     },
+    /// A range of a file's shared mapping, sent like memory: the kernel
+    /// copies it straight from the page cache into the socket.
+    Mapped(std::sync::Arc<FileMap>, Range<usize>),
 }
 
 impl SendPart {
     pub fn len(&self) -> usize {
         match self {
-            SendPart::Buf(_, r) | SendPart::Shared(_, r) => r.len(),
+            SendPart::Buf(_, r) | SendPart::Shared(_, r) | SendPart::Mapped(_, r) => r.len(),
             SendPart::Bytes(v) => v.len(),
             SendPart::File { len, .. } | SendPart::Staged { len, .. } => *len,
         }
@@ -51,14 +54,81 @@ impl SendPart {
         self.len() == 0
     }
 
-    /// The bytes of an in-memory part (empty for a file part).
+    /// The bytes of an in-memory part (empty for a file part, and for a
+    /// mapped one: user space never reads a mapping, see `FileMap`).
     pub fn slice(&self) -> &[u8] {
         match self {
             SendPart::Buf(b, r) => &b[r.clone()],
             SendPart::Shared(b, r) => &b[r.clone()],
             SendPart::Bytes(v) => v,
-            SendPart::File { .. } | SendPart::Staged { .. } => &[],
+            SendPart::File { .. } | SendPart::Staged { .. } | SendPart::Mapped(..) => &[],
         }
+    }
+
+    /// Is this part sent from memory by one sendmsg iovec?
+    fn in_memory(&self) -> bool {
+        matches!(self, SendPart::Buf(..) | SendPart::Shared(..) | SendPart::Bytes(_) | SendPart::Mapped(..))
+    }
+
+    /// The part's bytes as an iovec's base and length.
+    fn iov(&self) -> (*const u8, usize) {
+        match self {
+            SendPart::Mapped(m, r) => (m.ptr.as_ptr().wrapping_add(r.start).cast_const(), r.len()),
+            p => {
+                let s = p.slice();
+                (s.as_ptr(), s.len())
+            }
+        }
+    }
+}
+
+/// A read-only shared mapping of a whole file that this process never
+/// reads: its addresses are only handed to the kernel, as the source of a
+/// send. The kernel then copies page-cache pages straight into the socket,
+/// with no read(2) or splice(2) per request to stage them. Because only the
+/// kernel touches the mapping, a file cut short under it makes that send
+/// fail with EFAULT instead of raising SIGBUS in the process.
+pub struct FileMap {
+    ptr: std::ptr::NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: the mapping is immutable for its whole life and is never
+// dereferenced in user space; its address may be used from any thread.
+unsafe impl Send for FileMap {}
+// SAFETY: as above: no thread reads or writes through the pointer.
+unsafe impl Sync for FileMap {}
+
+impl FileMap {
+    /// Map the first `len` bytes of `fd` (open for reading).
+    pub fn new(fd: RawFd, len: usize) -> io::Result<FileMap> {
+        if len == 0 {
+            return Err(io::ErrorKind::InvalidInput.into());
+        }
+        // SAFETY: a fresh read-only shared mapping; the kernel picks the
+        // address, and nothing else aliases it.
+        let p = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, libc::MAP_SHARED, fd, 0) };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let ptr = std::ptr::NonNull::new(p.cast::<u8>()).ok_or_else(|| io::Error::other("mmap returned null"))?;
+        Ok(FileMap { ptr, len })
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl Drop for FileMap {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping `new` made; no reference into it
+        // outlives self (sends hold an Arc to it until they complete).
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
     }
 }
 
@@ -361,7 +431,7 @@ impl Socket {
                     return (Err(e), done);
                 }
             }
-            if !matches!(p, SendPart::Buf(..) | SendPart::Shared(..) | SendPart::Bytes(_)) && !run.is_empty() {
+            if !p.in_memory() && !run.is_empty() {
                 // MSG_MORE: the header goes out with the data that follows.
                 let (r, back) = self.send_mem(std::mem::take(&mut run), true).await;
                 done.extend(back);
@@ -531,12 +601,12 @@ impl Socket {
             let mut skip = sent;
             let mut iov = Vec::with_capacity(parts.len());
             for p in &parts {
-                let s = p.slice();
-                if skip >= s.len() {
-                    skip -= s.len();
+                let (base, len) = p.iov();
+                if skip >= len {
+                    skip -= len;
                     continue;
                 }
-                iov.push(libc::iovec { iov_base: s[skip..].as_ptr() as *mut libc::c_void, iov_len: s.len() - skip });
+                iov.push(libc::iovec { iov_base: base.wrapping_add(skip) as *mut libc::c_void, iov_len: len - skip });
                 skip = 0;
             }
             // SAFETY: msghdr is plain data; zeroed is a valid empty header.

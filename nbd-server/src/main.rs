@@ -271,6 +271,7 @@ fn real_main(args: Args) -> Result<ExitCode> {
         multi_conn: args.shared != 1,
         discard,
         detect_zeroes,
+        maps: Default::default(),
     });
     let server = Arc::new(Server {
         export,

@@ -11,13 +11,20 @@
  *   read-splice  receive the headers; per request write the 16-byte header
  *                into a pipe and splice the page in from FILE; one splice
  *                of the pipe to the socket per batch
+ *   read-map     receive the headers; one sendmsg of all replies per batch,
+ *                the data straight from a shared mapping of FILE (the
+ *                kernel copies it from the page cache into the socket)
+ *   read-vmsplice receive the headers; one vmsplice per batch puts every
+ *                header and the mapped file pages into a pipe by reference;
+ *                one splice of the pipe to the socket
  *   write        receive the batch's headers and payloads; per request
  *                pwrite 4 KiB at a random page of FILE; one send of the
  *                batch's 16-byte replies
  *
  * It prints the server thread's CPU time (user + system, getrusage) per
  * request. FILE should be in the page cache (and writable for `write`).
- * Usage: nbd-floor read-copy|read-splice|write FILE [REQUESTS]
+ * Usage: nbd-floor read-copy|read-splice|read-map|read-vmsplice|write FILE [REQUESTS]
+ * (cc -DBATCH=N changes the batch size)
  * Built and run by scripts/bench/nbd-floor.sh.
  */
 #define _GNU_SOURCE
@@ -26,17 +33,20 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
+#ifndef BATCH
 #define BATCH 32
+#endif
 #define PAGE 4096
 #define REQ_HDR 32
 #define REPLY_HDR 16
 
-enum mode { READ_COPY, READ_SPLICE, WRITE };
+enum mode { READ_COPY, READ_SPLICE, READ_MAP, READ_VMSPLICE, WRITE };
 
 static int sock[2];
 static long requests = 400000;
@@ -115,13 +125,17 @@ static void send_iov(int fd, struct iovec *iov, int n)
 int main(int argc, char **argv)
 {
 	if (argc < 3) {
-		fprintf(stderr, "usage: %s read-copy|read-splice|write FILE [REQUESTS]\n", argv[0]);
+		fprintf(stderr, "usage: %s read-copy|read-splice|read-map|read-vmsplice|write FILE [REQUESTS]\n", argv[0]);
 		return 2;
 	}
 	if (!strcmp(argv[1], "read-copy"))
 		mode = READ_COPY;
 	else if (!strcmp(argv[1], "read-splice"))
 		mode = READ_SPLICE;
+	else if (!strcmp(argv[1], "read-map"))
+		mode = READ_MAP;
+	else if (!strcmp(argv[1], "read-vmsplice"))
+		mode = READ_VMSPLICE;
 	else if (!strcmp(argv[1], "write"))
 		mode = WRITE;
 	else {
@@ -137,6 +151,12 @@ int main(int argc, char **argv)
 	if (pages < 1) {
 		fprintf(stderr, "%s: smaller than a page\n", argv[2]);
 		return 1;
+	}
+	char *map = NULL;
+	if (mode == READ_MAP || mode == READ_VMSPLICE) {
+		map = mmap(NULL, (size_t)pages * PAGE, PROT_READ, MAP_SHARED, fd, 0);
+		if (map == MAP_FAILED)
+			die("mmap");
 	}
 	if (socketpair(AF_UNIX, SOCK_STREAM, 0, sock))
 		die("socketpair");
@@ -181,6 +201,27 @@ int main(int argc, char **argv)
 				if (k <= 0)
 					die("splice to socket");
 				staged -= (size_t)k;
+			}
+		} else if (mode == READ_MAP || mode == READ_VMSPLICE) {
+			struct iovec iov[2 * BATCH];
+			for (int k = 0; k < BATCH; k++) {
+				iov[2 * k] = (struct iovec){ replies + k * REPLY_HDR, REPLY_HDR };
+				iov[2 * k + 1] = (struct iovec){ map + (size_t)(rand() % pages) * PAGE, PAGE };
+			}
+			if (mode == READ_MAP) {
+				send_iov(sock[0], iov, 2 * BATCH);
+			} else {
+				/* By reference: the headers must not change until the peer
+				 * has read them (a real server would need a header arena). */
+				if (vmsplice(pipefd[1], iov, 2 * BATCH, SPLICE_F_NONBLOCK) != BATCH * (REPLY_HDR + PAGE))
+					die("vmsplice");
+				size_t staged = BATCH * (REPLY_HDR + PAGE);
+				while (staged) {
+					ssize_t k = splice(pipefd[0], NULL, sock[0], NULL, staged, 0);
+					if (k <= 0)
+						die("splice to socket");
+					staged -= (size_t)k;
+				}
 			}
 		} else {
 			for (int k = 0; k < BATCH; k++) {

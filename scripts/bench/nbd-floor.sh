@@ -19,7 +19,7 @@ if [ ! -f "$img" ]; then
   head -c "$IMAGE_SIZE" /dev/urandom >"$img"
 fi
 cat "$img" >/dev/null
-for mode in read-copy read-splice write; do
+for mode in read-copy read-splice read-map read-vmsplice write; do
   for _ in $(seq "$RUNS"); do
     "$W/nbd-floor" "$mode" "$img" "$REQUESTS" | awk '{print $2}'
   done | sort -n | awk -v m="$mode" '{v[NR]=$1} END {printf "%-12s %s us/request (median of %d)\n", m, v[int((NR+1)/2)], NR}'

@@ -23,6 +23,13 @@ const SPLICE_MIN: u64 = 64 << 10;
 /// Reads up to this size whose data is in the page cache are staged
 /// (`Socket::stage_file`); the stage pipe holds 1 MiB.
 const STAGE_MAX: usize = 256 << 10;
+/// Reads up to this size whose data is in the page cache are sent from a
+/// mapping of the file (`mapped_read`); larger ones are staged. The kernel's
+/// copy of a 4 KiB page costs less than the two system calls that stage it
+/// (server CPU per fio 4k read: 5.0 us mapped, 5.5 us staged), but a large
+/// read's copy does not, and neither does faulting in a cold mapping (a
+/// first nbdcopy pass with 256 KiB reads ran at a third of the staged speed).
+const MAP_MAX: usize = 16 << 10;
 /// Most extents one block status reply describes.
 const MAX_EXTENTS: usize = 2048;
 
@@ -129,14 +136,33 @@ pub(super) fn check(c: &Conn, req: &Request, has_payload: bool) -> Result<(), Fa
 
 /// A read answered at once, without a task of its own, when its data is in
 /// the page cache and can be staged (`stage_read`); None: run it as a task.
-pub(super) fn read_now(c: &Conn, req: &Request) -> Option<SendPart> {
+pub(super) fn read_now(c: &Conn, req: &Request) -> Option<Vec<SendPart>> {
     if req.ty != CMD_READ || req.len == 0 || check(c, req, false).is_err() {
         return None;
     }
     if wants_sparse(c, req) {
         return None;
     }
-    stage_read(c, req).unwrap_or(None)
+    mapped_read(c, req).or_else(|| stage_read(c, req).unwrap_or(None).map(|p| vec![p]))
+}
+
+/// Small reads of page-cached data go out from a shared mapping of the
+/// file: one sendmsg carries a batch of replies, the kernel copying each
+/// from the page cache into the socket, with no system call per request.
+/// None: read it another way.
+fn mapped_read(c: &Conn, req: &Request) -> Option<Vec<SendPart>> {
+    let len = req.len as usize;
+    if len > MAP_MAX || !matches!(c.wire, Wire::Plain(_)) {
+        return None;
+    }
+    let e = &*c.export;
+    let (fd, host) = e.node.cached_extent(req.offset + e.offset, req.len)?;
+    let map = e.maps.get(fd)?;
+    let start = usize::try_from(host).ok()?;
+    let end = start.checked_add(len).filter(|&end| end <= map.len())?;
+    Stats::add(&c.server.stats.served_bytes, len as u64);
+    Stats::add(&c.server.stats.mapped_bytes, len as u64);
+    Some(vec![SendPart::Bytes(data_header(c, req)), SendPart::Mapped(map, start..end)])
 }
 
 async fn run(c: &Conn, req: &Request, payload: Option<Payload>) -> Result<Vec<SendPart>, Fail> {
@@ -247,6 +273,9 @@ async fn read(c: &Conn, req: &Request) -> Result<Vec<SendPart>, Fail> {
         if let Some(parts) = sparse_read(c, req, off).await? {
             return Ok(parts);
         }
+    }
+    if let Some(parts) = mapped_read(c, req) {
+        return Ok(parts);
     }
     if let Some(part) = stage_read(c, req)? {
         return Ok(vec![part]);

@@ -310,9 +310,9 @@ async fn reader(c: &Rc<Conn>) -> io::Result<()> {
             Stats::add(&c.server.stats.received_bytes, len as u64);
         }
         if payload.is_none() {
-            if let Some(part) = read_now(c, &req) {
+            if let Some(parts) = read_now(c, &req) {
                 c.inflight.set(c.inflight.get() + 1);
-                c.reply(vec![part], 0);
+                c.reply(parts, 0);
                 continue;
             }
         }

@@ -432,6 +432,7 @@ pub fn negotiate_bytes(node: Arc<dyn engine::block::BlockNode>, input: &[u8]) ->
             multi_conn: true,
             discard: true,
             detect_zeroes: super::DetectZeroes::Off,
+            maps: Default::default(),
         }),
         tls: None,
         handshake_limit: Some(std::time::Duration::from_secs(5)),

@@ -8,11 +8,13 @@ mod conn;
 mod handshake;
 pub mod listen;
 
+use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use engine::block::BlockNode;
+use engine::net::FileMap;
 
 use crate::proto::*;
 
@@ -43,6 +45,36 @@ pub struct Export {
     /// `--discard=unmap`: TRIM and zero writes may deallocate.
     pub discard: bool,
     pub detect_zeroes: DetectZeroes,
+    /// Mappings small cached reads are sent from (`cmd::mapped_read`).
+    pub maps: FileMaps,
+}
+
+/// Shared mappings of the host files an export's data lies in, one per file
+/// descriptor, made on first use (None: mapping failed; not tried again).
+/// The descriptors are the export's nodes' own, open as long as the export.
+#[derive(Default)]
+pub struct FileMaps(std::sync::Mutex<Vec<(RawFd, Option<Arc<FileMap>>)>>);
+
+impl FileMaps {
+    /// The mapping of `fd`, whole as the file was when first asked for.
+    pub fn get(&self, fd: RawFd) -> Option<Arc<FileMap>> {
+        let mut maps = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, m)) = maps.iter().find(|(f, _)| *f == fd) {
+            return m.clone();
+        }
+        // SAFETY: fstat of a descriptor the caller holds open, into a zeroed stat.
+        let size = unsafe {
+            let mut st: libc::stat = std::mem::zeroed();
+            if libc::fstat(fd, &mut st) == 0 {
+                usize::try_from(st.st_size).unwrap_or(0)
+            } else {
+                0
+            }
+        };
+        let m = FileMap::new(fd, size).ok().map(Arc::new);
+        maps.push((fd, m.clone()));
+        m
+    }
 }
 
 impl Export {
@@ -87,6 +119,9 @@ pub struct Stats {
     /// Read payload bytes handed to the socket by splice, page-cache pages
     /// by reference: copied by no one, the kernel included.
     pub spliced_bytes: AtomicU64,
+    /// Read payload bytes sent from a shared mapping of the file: copied
+    /// once, by the kernel, from the page cache into the socket.
+    pub mapped_bytes: AtomicU64,
     /// Write payload bytes spliced from the socket to the file (copied
     /// once, by the kernel, into the page cache).
     pub spliced_in_bytes: AtomicU64,
@@ -107,11 +142,12 @@ impl Stats {
     pub fn line(&self) -> String {
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
         format!(
-            "requests={} served-bytes={} user-copied-bytes={} spliced-bytes={} received-bytes={} spliced-in-bytes={} write-copied-bytes={} recvs={} sends={}",
+            "requests={} served-bytes={} user-copied-bytes={} spliced-bytes={} mapped-bytes={} received-bytes={} spliced-in-bytes={} write-copied-bytes={} recvs={} sends={}",
             g(&self.requests),
             g(&self.served_bytes),
             g(&self.read_copied_bytes),
             g(&self.spliced_bytes),
+            g(&self.mapped_bytes),
             g(&self.received_bytes),
             g(&self.spliced_in_bytes),
             g(&self.write_copied_bytes),
