@@ -3,7 +3,10 @@
 //! a seeded RNG, plain-std reads to check the engine against, block-status walks,
 //! and the root-only fixtures (a loop-mounted ext4, a loop device) with guards
 //! that tear them down on failure too. The scenarios themselves live in the test
-//! files (`backends.rs`, `nospace.rs`, `host_device.rs`).
+//! files (`backends.rs`, `nospace.rs`, `host_device.rs`). `nbdproc` is the
+//! NBD server process guard the NBD test files share.
+
+pub mod nbdproc;
 
 use std::fs::File;
 use std::future::Future;

@@ -31,7 +31,7 @@ const HANDSHAKE_LIMIT: u64 = 2;
 const RSS_LIMIT_MIB: u64 = 200;
 
 struct Fixture {
-    srv: ServerProc,
+    srv: NbdServer,
     img: PathBuf,
     /// What the image held when the server started: (offset, bytes).
     data: Vec<(u64, Vec<u8>)>,
@@ -51,9 +51,8 @@ fn start() -> Fixture {
     f.sync_all().unwrap();
     let sock = dir.path().join("nbd.sock");
     let limit = HANDSHAKE_LIMIT.to_string();
-    let srv = ServerProc::start(
-        &sock,
-        &dir.path().join("server.log"),
+    let srv = NbdServer::ringblk(
+        Via::Unix(sock),
         &["-v", "-t", "-e", "0", "--handshake-limit", &limit, "-f", "raw", img.to_str().unwrap()],
     );
     Fixture { srv, img, data, _dir: dir }
@@ -61,7 +60,7 @@ fn start() -> Fixture {
 
 impl Fixture {
     fn sock(&self) -> &Path {
-        &self.srv.sock
+        self.srv.sock()
     }
 
     /// What [off, off+len) must read as.

@@ -3,119 +3,14 @@
 //! client must see; and `ringblk` as a client of qemu-nbd and nbdkit.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use ringblk_tests::nbdproc::{free_port, NbdServer, Via};
 use ringblk_tests::{bin, have, run, Rng};
 
 fn output(cmd: &mut Command) -> Output {
     cmd.output().unwrap_or_else(|e| panic!("running {cmd:?}: {e}"))
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-/// Where a server under test listens.
-#[derive(Clone)]
-enum Via {
-    Unix(PathBuf),
-    Tcp(u16),
-}
-
-impl Via {
-    fn uri(&self, export: &str) -> String {
-        match self {
-            Via::Unix(p) => format!("nbd+unix:///{export}?socket={}", p.display()),
-            Via::Tcp(port) => format!("nbd://127.0.0.1:{port}/{export}"),
-        }
-    }
-    /// qemu-nbd/ringblk-nbd flags to listen here.
-    fn flags(&self) -> Vec<String> {
-        match self {
-            Via::Unix(p) => vec!["-k".into(), p.display().to_string()],
-            Via::Tcp(port) => vec!["-b".into(), "127.0.0.1".into(), "-p".into(), port.to_string()],
-        }
-    }
-    fn image_opts(&self, export: &str) -> String {
-        match self {
-            Via::Unix(p) => format!("driver=nbd,server.type=unix,server.path={},export={export}", p.display()),
-            Via::Tcp(port) => {
-                format!("driver=nbd,server.type=inet,server.host=127.0.0.1,server.port={port},export={export}")
-            }
-        }
-    }
-}
-
-/// A server process, stopped (SIGTERM) and reaped on drop.
-struct Server {
-    child: Child,
-    via: Via,
-}
-
-impl Server {
-    fn start(program: &Path, via: Via, args: &[&str]) -> Server {
-        let mut cmd = Command::new(program);
-        cmd.args(via.flags()).args(args).stdout(Stdio::null()).stderr(Stdio::piped());
-        Server::spawn(cmd, via)
-    }
-
-    fn spawn(mut cmd: Command, via: Via) -> Server {
-        let child = cmd.spawn().unwrap_or_else(|e| panic!("starting {cmd:?}: {e}"));
-        let mut s = Server { child, via };
-        s.wait_ready();
-        s
-    }
-
-    fn ringblk(via: Via, args: &[&str]) -> Server {
-        Server::start(&bin("ringblk-nbd"), via, args)
-    }
-
-    fn wait_ready(&mut self) {
-        let t0 = Instant::now();
-        loop {
-            if let Ok(Some(st)) = self.child.try_wait() {
-                let mut err = String::new();
-                if let Some(e) = self.child.stderr.as_mut() {
-                    use std::io::Read;
-                    let _ = e.read_to_string(&mut err);
-                }
-                panic!("server exited ({st}) before listening: {err}");
-            }
-            let ok = match &self.via {
-                Via::Unix(p) => std::os::unix::net::UnixStream::connect(p).is_ok(),
-                Via::Tcp(port) => std::net::TcpStream::connect(("127.0.0.1", *port)).is_ok(),
-            };
-            if ok {
-                return;
-            }
-            assert!(t0.elapsed() < Duration::from_secs(10), "server did not start listening");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn uri(&self, export: &str) -> String {
-        self.via.uri(export)
-    }
-
-    /// Stop it with SIGTERM and return its stderr; it must exit cleanly.
-    fn stop(mut self) -> String {
-        // SAFETY: kill on a child pid we own.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let out = std::mem::replace(&mut self.child, Command::new("true").spawn().unwrap());
-        let o = out.wait_with_output().unwrap();
-        let err = String::from_utf8_lossy(&o.stderr).into_owned();
-        assert!(o.status.success(), "server exited with {}: {err}", o.status);
-        err
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        // SAFETY: kill on a child pid we own.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let _ = self.child.wait();
-    }
 }
 
 fn tmp() -> tempfile::TempDir {
@@ -179,12 +74,12 @@ fn qemu_img_reads_maps_and_converts_over_unix_and_tcp() {
     let top = layered(d.path());
     let top_s = top.to_str().unwrap();
     for (i, via) in [Via::Unix(d.path().join("rb.sock")), Via::Tcp(free_port())].into_iter().enumerate() {
-        let s = Server::ringblk(via.clone(), &["-A", "-r", "-t", "-e", "4", "-x", "disk", "-f", "qcow2", top_s]);
+        let s = NbdServer::ringblk(via.clone(), &["-A", "-r", "-t", "-e", "4", "-x", "disk", "-f", "qcow2", top_s]);
         let q_via = match &via {
             Via::Unix(_) => Via::Unix(d.path().join("q.sock")),
             Via::Tcp(_) => Via::Tcp(free_port()),
         };
-        let q = Server::start(
+        let q = NbdServer::start(
             Path::new("qemu-nbd"),
             q_via,
             &["-A", "-t", "-e", "4", "-x", "disk", "-f", "qcow2", "-r", top_s],
@@ -228,7 +123,7 @@ fn qemu_img_writes_through_the_server() {
     random_raw(&src, 16 << 20, 7);
     let dst = d.path().join("dst.qcow2");
     qi(&["create", "-q", "-f", "qcow2", dst.to_str().unwrap(), "16M"]);
-    let s = Server::ringblk(
+    let s = NbdServer::ringblk(
         Via::Unix(d.path().join("w.sock")),
         &["-t", "-e", "2", "--discard=unmap", "-f", "qcow2", dst.to_str().unwrap()],
     );
@@ -279,7 +174,7 @@ fn nbdinfo_lists_maps_and_answers_queries() {
     let d = tmp();
     let top = layered(d.path());
     let top_s = top.to_str().unwrap();
-    let s = Server::ringblk(
+    let s = NbdServer::ringblk(
         Via::Unix(d.path().join("i.sock")),
         &["-A", "-t", "-e", "4", "-x", "disk", "-D", "a test disk", top_s],
     );
@@ -287,7 +182,7 @@ fn nbdinfo_lists_maps_and_answers_queries() {
     let copy = d.path().join("copy.qcow2");
     std::fs::copy(&top, &copy).unwrap();
     let top_s = copy.to_str().unwrap();
-    let q = Server::start(
+    let q = NbdServer::start(
         Path::new("qemu-nbd"),
         Via::Unix(d.path().join("q.sock")),
         &["-A", "-t", "-e", "4", "-x", "disk", "-r", top_s],
@@ -305,20 +200,20 @@ fn nbdinfo_lists_maps_and_answers_queries() {
         assert!(list.contains(want), "missing {want}:\n{list}");
     }
     for ctx in ["base:allocation", "qemu:allocation-depth"] {
-        let m = |srv: &Server| run(Command::new("nbdinfo").arg(format!("--map={ctx}")).arg(srv.uri("disk")));
+        let m = |srv: &NbdServer| run(Command::new("nbdinfo").arg(format!("--map={ctx}")).arg(srv.uri("disk")));
         assert_eq!(m(&s), m(&q), "nbdinfo --map={ctx}");
     }
-    let can = |srv: &Server, what: &str| {
+    let can = |srv: &NbdServer, what: &str| {
         output(Command::new("nbdinfo").args(["--can", what, &srv.uri("disk")])).status.code()
     };
     for what in ["flush", "fua", "trim", "zero", "fast-zero", "cache", "df", "multi-conn"] {
         assert_eq!(can(&s, what), Some(0), "--can {what}");
     }
     let is_ro =
-        |srv: &Server| output(Command::new("nbdinfo").args(["--is", "read-only", &srv.uri("disk")])).status.code();
+        |srv: &NbdServer| output(Command::new("nbdinfo").args(["--is", "read-only", &srv.uri("disk")])).status.code();
     assert_eq!(is_ro(&s), Some(2), "writable export is not read-only");
     drop(s);
-    let r = Server::ringblk(Via::Unix(d.path().join("r.sock")), &["-r", "-t", "-x", "disk", top_s]);
+    let r = NbdServer::ringblk(Via::Unix(d.path().join("r.sock")), &["-r", "-t", "-x", "disk", top_s]);
     assert_eq!(is_ro(&r), Some(0), "-r export is read-only");
     assert_eq!(can(&r, "trim"), Some(2), "a read-only export cannot trim");
     // -L prints what qemu-nbd -L prints for the same server.
@@ -337,7 +232,7 @@ fn nbdcopy_both_ways_with_one_and_four_connections() {
     random_raw(&src, 48 << 20, 3);
     for conns in ["1", "4"] {
         // Out of the server.
-        let s = Server::ringblk(
+        let s = NbdServer::ringblk(
             Via::Unix(d.path().join("c.sock")),
             &["-r", "-t", "-e", "8", "-f", "raw", src.to_str().unwrap()],
         );
@@ -348,7 +243,7 @@ fn nbdcopy_both_ways_with_one_and_four_connections() {
         // Into the server.
         let dst = d.path().join("dst.qcow2");
         qi(&["create", "-q", "-f", "qcow2", dst.to_str().unwrap(), "48M"]);
-        let s = Server::ringblk(Via::Tcp(free_port()), &["-t", "-e", "8", "-f", "qcow2", dst.to_str().unwrap()]);
+        let s = NbdServer::ringblk(Via::Tcp(free_port()), &["-t", "-e", "8", "-f", "qcow2", dst.to_str().unwrap()]);
         run(Command::new("nbdcopy").arg(format!("--connections={conns}")).arg(&src).arg(s.uri("")));
         drop(s);
         assert!(qi(&["compare", "-f", "raw", "-F", "qcow2", src.to_str().unwrap(), dst.to_str().unwrap()])
@@ -428,7 +323,7 @@ fn nbdsh_pokes_the_edges() {
     let d = tmp();
     let img = d.path().join("e.raw");
     random_raw(&img, 8 << 20, 9);
-    let s = Server::ringblk(
+    let s = NbdServer::ringblk(
         Via::Unix(d.path().join("e.sock")),
         &["-t", "-e", "4", "--discard=unmap", "-f", "raw", img.to_str().unwrap()],
     );
@@ -521,7 +416,7 @@ print("ok")
 /// thousands of requests of every size and alignment, many in flight, must
 /// leave and return exactly the file's bytes, and the server's counters
 /// must show the mapping and the splices carried them with nothing copied in
-/// user space.
+/// user space, and small writes written straight from the receive buffer.
 #[test]
 fn page_cached_reads_are_spliced_and_match_the_file() {
     if !have("nbdsh") {
@@ -535,8 +430,8 @@ fn page_cached_reads_are_spliced_and_match_the_file() {
     for via in [Via::Unix(d.path().join("s.sock")), Via::Tcp(free_port())] {
         let mut cmd = Command::new(bin("ringblk-nbd"));
         cmd.args(via.flags()).args(["-t", "-e", "2", "-f", "raw", img.to_str().unwrap()]);
-        cmd.env("RINGBLK_NBD_STATS", "1").stdout(Stdio::null()).stderr(Stdio::piped());
-        let s = Server::spawn(cmd, via);
+        cmd.env("RINGBLK_NBD_STATS", "1");
+        let s = NbdServer::spawn(cmd, via);
         let script = r#"
 import os, random
 h = nbd.NBD()
@@ -591,6 +486,8 @@ print("ok")
         // Writes of 64-256 KiB arrive by splice (the first after a small
         // request may have been received with its header).
         assert!(stat("spliced-in-bytes") > 0, "{log}");
+        // Small writes that arrived whole are written from the receive buffer.
+        assert!(stat("inline-write-bytes") > 0, "{log}");
     }
 }
 
@@ -610,8 +507,8 @@ fn a_file_truncated_under_the_mapping_does_not_kill_the_server() {
     let via = Via::Unix(d.path().join("t.sock"));
     let mut cmd = Command::new(bin("ringblk-nbd"));
     cmd.args(via.flags()).args(["-t", "-e", "4", "-f", "raw", img.to_str().unwrap()]);
-    cmd.env("RINGBLK_NBD_STATS", "1").stdout(Stdio::null()).stderr(Stdio::piped());
-    let mut s = Server::spawn(cmd, via);
+    cmd.env("RINGBLK_NBD_STATS", "1");
+    let mut s = NbdServer::spawn(cmd, via);
     let script = r#"
 import os, random, time
 h = nbd.NBD()
@@ -642,7 +539,7 @@ print("reads", reads, "errors", errors)
     std::fs::OpenOptions::new().write(true).open(&img).unwrap().set_len(1 << 20).unwrap();
     let out = reader.join().unwrap();
     assert!(out.contains("reads"), "{out}");
-    assert!(s.child.try_wait().unwrap().is_none(), "the server died after the truncation ({out})");
+    s.assert_alive();
     // Still serving: a new client reads what is left of the file.
     let left = nbdsh(
         "h = nbd.NBD()\nh.connect_uri(os.environ['URI'])\nprint(len(h.pread(4096, 0)))",
@@ -664,7 +561,7 @@ fn ringblk_is_a_client_of_qemu_nbd_and_nbdkit() {
     let top_s = top.to_str().unwrap();
     let raw = d.path().join("flat.raw");
     qi(&["convert", "-O", "raw", top_s, raw.to_str().unwrap()]);
-    let mut servers = vec![Server::start(
+    let mut servers = vec![NbdServer::start(
         Path::new("qemu-nbd"),
         Via::Unix(d.path().join("q.sock")),
         &["-r", "-t", "-e", "4", "-f", "qcow2", top_s],
@@ -675,7 +572,7 @@ fn ringblk_is_a_client_of_qemu_nbd_and_nbdkit() {
         cmd.args(["-f", "-r", "-U", sock.to_str().unwrap(), "file", raw.to_str().unwrap()])
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
-        servers.push(Server::spawn(cmd, Via::Unix(sock)));
+        servers.push(NbdServer::spawn(cmd, Via::Unix(sock)));
     }
     for s in &servers {
         let uri = s.uri("");
@@ -706,7 +603,7 @@ fn extended_headers_carry_64_bit_lengths() {
     let img = d.path().join("big.raw");
     let f = std::fs::File::create(&img).unwrap();
     f.set_len(6 << 30).unwrap();
-    let s = Server::ringblk(Via::Unix(d.path().join("x.sock")), &["-t", "-f", "raw", img.to_str().unwrap()]);
+    let s = NbdServer::ringblk(Via::Unix(d.path().join("x.sock")), &["-t", "-f", "raw", img.to_str().unwrap()]);
     let addr = nbd::client::Addr::Unix(d.path().join("x.sock").to_str().unwrap().into());
     let nbd::client::Connected { fd, tls, info } =
         nbd::client::connect(&addr, "", &[CTX_BASE_ALLOCATION], None, None).unwrap();
@@ -747,14 +644,14 @@ fn snapshot_overlay_and_offset() {
     random_raw(&img, 4 << 20, 13);
     let orig = std::fs::read(&img).unwrap();
     // -s: writes land in a temporary overlay; the image never changes.
-    let s = Server::ringblk(Via::Unix(d.path().join("s.sock")), &["-s", "-t", "-f", "raw", img.to_str().unwrap()]);
+    let s = NbdServer::ringblk(Via::Unix(d.path().join("s.sock")), &["-s", "-t", "-f", "raw", img.to_str().unwrap()]);
     run(Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 0x33 0 1M", &s.uri("")]));
     run(Command::new("qemu-io").args(["-f", "raw", "-c", "read -P 0x33 0 1M", &s.uri("")]));
     drop(s);
     assert!(std::fs::read(&img).unwrap() == orig, "-s must not write the image");
     // -o: the export starts 1 MiB in; -e 1 means no multi-conn, so
     // nbdcopy's extra connections are not left waiting.
-    let s = Server::ringblk(
+    let s = NbdServer::ringblk(
         Via::Unix(d.path().join("o.sock")),
         &["-o", "1M", "-r", "-t", "-f", "raw", img.to_str().unwrap()],
     );

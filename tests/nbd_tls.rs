@@ -12,7 +12,6 @@ mod wire;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::time::Duration;
 
 use ringblk_tests::{assert_bytes_eq, bin, have, run, Rng};
 use wire::*;
@@ -146,7 +145,7 @@ impl Pki {
 
     /// `ringblk-nbd` exporting disk.qcow2 with TLS required. `authz`: the
     /// identity for `--tls-authz`, in QEMU option syntax (commas doubled).
-    fn server(&self, name: &str, verify_peer: bool, authz: Option<&str>) -> ServerProc {
+    fn server(&self, name: &str, verify_peer: bool, authz: Option<&str>) -> NbdServer {
         let creds = format!(
             "tls-creds-x509,id=tls0,dir={},endpoint=server,verify-peer={}",
             s(&self.path("server")),
@@ -160,7 +159,7 @@ impl Pki {
             args.extend(["--object", &obj, "--tls-authz", "auth0"]);
         }
         args.extend(["-f", "qcow2", s(&img)]);
-        ServerProc::start(&self.path(&format!("{name}.sock")), &self.path(&format!("{name}.log")), &args)
+        NbdServer::ringblk(Via::Unix(self.path(&format!("{name}.sock"))), &args)
     }
 
     /// qemu-img `sub` against the server's socket as a TLS client with the
@@ -189,41 +188,17 @@ impl Pki {
 
 /// qemu-nbd exporting a copy of disk.qcow2 (ringblk-nbd may hold the
 /// original's lock) with the server credentials as `tls0` (verify-peer on),
-/// plus `extra` arguments; stopped when dropped.
-struct QemuNbd {
-    child: std::process::Child,
-    sock: PathBuf,
-}
-
-impl QemuNbd {
-    fn start(pki: &Pki, name: &str, extra: &[&str]) -> QemuNbd {
-        let sock = pki.path(&format!("{name}.sock"));
-        let img = pki.path(&format!("{name}.qcow2"));
-        std::fs::copy(pki.path("disk.qcow2"), &img).unwrap();
-        let creds = format!("tls-creds-x509,id=tls0,dir={},endpoint=server,verify-peer=on", s(&pki.path("server")));
-        let child = Command::new("qemu-nbd")
-            .args(["-k", s(&sock), "-t", "-e", "4", "--object", &creds, "--tls-creds", "tls0"])
-            .args(extra)
-            .args(["-f", "qcow2", s(&img)])
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        let t0 = std::time::Instant::now();
-        while std::os::unix::net::UnixStream::connect(&sock).is_err() {
-            assert!(t0.elapsed() < Duration::from_secs(10), "qemu-nbd did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        QemuNbd { child, sock }
-    }
-}
-
-impl Drop for QemuNbd {
-    fn drop(&mut self) {
-        // SAFETY: kill on a child pid we own.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let _ = self.child.wait();
-        let _ = std::fs::remove_file(&self.sock);
-    }
+/// plus `extra` arguments.
+fn qemu_nbd(pki: &Pki, name: &str, extra: &[&str]) -> NbdServer {
+    let img = pki.path(&format!("{name}.qcow2"));
+    std::fs::copy(pki.path("disk.qcow2"), &img).unwrap();
+    let creds = format!("tls-creds-x509,id=tls0,dir={},endpoint=server,verify-peer=on", s(&pki.path("server")));
+    let mut args = vec!["-t", "-e", "4", "--object", &creds, "--tls-creds", "tls0"];
+    args.extend_from_slice(extra);
+    args.extend(["-f", "qcow2", s(&img)]);
+    let sock = pki.path(&format!("{name}.sock"));
+    let _ = std::fs::remove_file(&sock);
+    NbdServer::start("qemu-nbd", Via::Unix(sock), &args)
 }
 
 #[track_caller]
@@ -256,11 +231,11 @@ fn qemu_img_reads_the_export_over_tls() {
     }
     let pki = Pki::new();
     let srv = pki.server("srv", true, None);
-    let info = ok(pki.qemu_img("info", &srv.sock, "client1", &["--output=json"]), "qemu-img info over TLS");
+    let info = ok(pki.qemu_img("info", srv.sock(), "client1", &["--output=json"]), "qemu-img info over TLS");
     let v: serde_json::Value = serde_json::from_str(&info).unwrap();
     assert_eq!(v["virtual-size"], SIZE as u64, "{info}");
     let out = pki.path("copy.raw");
-    ok(pki.qemu_img("convert", &srv.sock, "client1", &["-O", "raw", s(&out)]), "qemu-img convert over TLS");
+    ok(pki.qemu_img("convert", srv.sock(), "client1", &["-O", "raw", s(&out)]), "qemu-img convert over TLS");
     let want = std::fs::read(pki.path("disk.raw")).unwrap();
     assert_bytes_eq(&std::fs::read(&out).unwrap(), &want, "qemu-img convert of the export over TLS");
     // Writes too: convert other data onto the export, then read it back.
@@ -270,7 +245,7 @@ fn qemu_img_reads_the_export_over_tls() {
     std::fs::write(&src, &new).unwrap();
     let creds = format!("tls-creds-x509,id=tls0,dir={},endpoint=client", s(&pki.path("client1")));
     let target =
-        format!("driver=nbd,server.type=unix,server.path={},tls-creds=tls0,tls-hostname=localhost", s(&srv.sock));
+        format!("driver=nbd,server.type=unix,server.path={},tls-creds=tls0,tls-hostname=localhost", s(srv.sock()));
     ok(
         output(Command::new("qemu-img").args([
             "convert",
@@ -285,7 +260,7 @@ fn qemu_img_reads_the_export_over_tls() {
         ])),
         "qemu-img convert onto the export over TLS",
     );
-    ok(pki.qemu_img("convert", &srv.sock, "client1", &["-O", "raw", s(&out)]), "qemu-img convert over TLS");
+    ok(pki.qemu_img("convert", srv.sock(), "client1", &["-O", "raw", s(&out)]), "qemu-img convert over TLS");
     assert_bytes_eq(&std::fs::read(&out).unwrap(), &new, "data written over TLS, read back over TLS");
     srv.finish();
 }
@@ -297,7 +272,7 @@ fn libnbd_clients_connect_over_tls() {
     }
     let pki = Pki::new();
     let srv = pki.server("srv", true, None);
-    let uri = pki.uri(&srv.sock, "client1");
+    let uri = pki.uri(srv.sock(), "client1");
     let json = ok(output(Command::new("nbdinfo").args(["--json", &uri])), "nbdinfo over TLS");
     let v: serde_json::Value = serde_json::from_str(&json).unwrap();
     assert_eq!(v["TLS"], true, "{json}");
@@ -321,7 +296,7 @@ fn plain_text_clients_are_refused_and_get_no_data() {
     }
     let pki = Pki::new();
     let mut srv = pki.server("srv", true, None);
-    let plain = format!("nbd+unix:///?socket={}", s(&srv.sock));
+    let plain = format!("nbd+unix:///?socket={}", s(srv.sock()));
     refused(output(Command::new("nbdinfo").arg(&plain)), "nbdinfo without TLS");
     let err = refused(output(Command::new("qemu-img").args(["info", &plain])), "qemu-img info without TLS");
     // QEMU names the server's NBD_REP_ERR_TLS_REQD.
@@ -329,7 +304,7 @@ fn plain_text_clients_are_refused_and_get_no_data() {
 
     // Raw: every option but STARTTLS and ABORT is answered TLS_REQD, and the
     // connection stays in step.
-    let mut c = greet(&srv.sock);
+    let mut c = greet(srv.sock());
     for (opt, data) in [(OPT_GO, go_data("")), (OPT_INFO, go_data("")), (OPT_LIST, vec![]), (OPT_GO, go_data(""))] {
         c.write_all(&option(opt, &data)).unwrap();
         let r = read_option_reply(&mut c).unwrap();
@@ -343,7 +318,7 @@ fn plain_text_clients_are_refused_and_get_no_data() {
 
     // STARTTLS, then plain text instead of a TLS handshake: the connection
     // ends with at most a TLS alert, never NBD data.
-    let mut c = greet(&srv.sock);
+    let mut c = greet(srv.sock());
     c.write_all(&option(OPT_STARTTLS, &[])).unwrap();
     let r = read_option_reply(&mut c).unwrap();
     assert_eq!((r.opt, r.ty), (OPT_STARTTLS, REP_ACK));
@@ -352,7 +327,7 @@ fn plain_text_clients_are_refused_and_get_no_data() {
     assert!(got.is_empty() || got[0] == 0x15, "after a botched TLS handshake the server sent {got:02x?}");
 
     // ABORT is allowed in plain text.
-    let mut c = greet(&srv.sock);
+    let mut c = greet(srv.sock());
     c.write_all(&option(OPT_ABORT, &[])).unwrap();
     let r = read_option_reply(&mut c).unwrap();
     assert_eq!((r.opt, r.ty), (OPT_ABORT, REP_ACK));
@@ -360,7 +335,7 @@ fn plain_text_clients_are_refused_and_get_no_data() {
 
     srv.assert_alive();
     // A TLS client still gets in.
-    ok(pki.qemu_img("info", &srv.sock, "client1", &[]), "qemu-img info over TLS");
+    ok(pki.qemu_img("info", srv.sock(), "client1", &[]), "qemu-img info over TLS");
     srv.finish();
 }
 
@@ -372,20 +347,20 @@ fn tls_authz_admits_only_the_listed_identity() {
     let pki = Pki::new();
     // client2's subject has one RDN, so its DN reads the same in any order.
     let srv = pki.server("allow", true, Some("CN=client2"));
-    ok(pki.qemu_img("info", &srv.sock, "client2", &[]), "qemu-img as the authorized client");
-    ok(output(Command::new("nbdinfo").arg(pki.uri(&srv.sock, "client2"))), "nbdinfo as the authorized client");
-    refused(pki.qemu_img("info", &srv.sock, "client1", &[]), "qemu-img as a verified but unlisted client");
-    refused(output(Command::new("nbdinfo").arg(pki.uri(&srv.sock, "client1"))), "nbdinfo as an unlisted client");
+    ok(pki.qemu_img("info", srv.sock(), "client2", &[]), "qemu-img as the authorized client");
+    ok(output(Command::new("nbdinfo").arg(pki.uri(srv.sock(), "client2"))), "nbdinfo as the authorized client");
+    refused(pki.qemu_img("info", srv.sock(), "client1", &[]), "qemu-img as a verified but unlisted client");
+    refused(output(Command::new("nbdinfo").arg(pki.uri(srv.sock(), "client1"))), "nbdinfo as an unlisted client");
     srv.finish();
 
     let srv = pki.server("deny", true, Some("CN=intruder"));
-    refused(pki.qemu_img("info", &srv.sock, "client2", &[]), "qemu-img with an identity not listed");
-    refused(output(Command::new("nbdinfo").arg(pki.uri(&srv.sock, "client2"))), "nbdinfo not listed");
+    refused(pki.qemu_img("info", srv.sock(), "client2", &[]), "qemu-img with an identity not listed");
+    refused(output(Command::new("nbdinfo").arg(pki.uri(srv.sock(), "client2"))), "nbdinfo not listed");
     srv.finish();
 
     // The right RDNs in an order neither QEMU nor RFC 4514 uses: no match.
     let srv = pki.server("deny2", true, Some("O=ringblk test,,CN=client1,,C=GB"));
-    refused(pki.qemu_img("info", &srv.sock, "client1", &[]), "qemu-img with RDNs in a third order");
+    refused(pki.qemu_img("info", srv.sock(), "client1", &[]), "qemu-img with RDNs in a third order");
     srv.finish();
 }
 
@@ -404,13 +379,13 @@ fn tls_authz_identity_is_the_dn_as_qemu_writes_it() {
     for (id, admitted) in [(&qemu_form, true), (&reversed, false)] {
         // The oracle: qemu-nbd with the same objects.
         let authz = format!("authz-simple,id=auth0,identity={id}");
-        let q = QemuNbd::start(&pki, "q", &["--object", &authz, "--tls-authz", "auth0"]);
-        let q_ok = pki.qemu_img("info", &q.sock, "client1", &[]).status.success();
+        let q = qemu_nbd(&pki, "q", &["--object", &authz, "--tls-authz", "auth0"]);
+        let q_ok = pki.qemu_img("info", q.sock(), "client1", &[]).status.success();
         drop(q);
         assert_eq!(q_ok, admitted, "qemu-nbd with identity={id}: the oracle changed its mind");
 
         let srv = pki.server("rb", true, Some(id));
-        let o = pki.qemu_img("info", &srv.sock, "client1", &[]);
+        let o = pki.qemu_img("info", srv.sock(), "client1", &[]);
         assert_eq!(
             o.status.success(),
             admitted,
@@ -430,18 +405,18 @@ fn verify_peer_requires_a_certificate_from_the_ca() {
     }
     let pki = Pki::new();
     let mut srv = pki.server("on", true, None);
-    refused(pki.qemu_img("info", &srv.sock, "nocert", &[]), "qemu-img without a client certificate");
-    refused(output(Command::new("nbdinfo").arg(pki.uri(&srv.sock, "nocert"))), "nbdinfo without a certificate");
-    refused(pki.qemu_img("info", &srv.sock, "rogue", &[]), "qemu-img with a certificate from another CA");
-    refused(output(Command::new("nbdinfo").arg(pki.uri(&srv.sock, "rogue"))), "nbdinfo with a rogue certificate");
+    refused(pki.qemu_img("info", srv.sock(), "nocert", &[]), "qemu-img without a client certificate");
+    refused(output(Command::new("nbdinfo").arg(pki.uri(srv.sock(), "nocert"))), "nbdinfo without a certificate");
+    refused(pki.qemu_img("info", srv.sock(), "rogue", &[]), "qemu-img with a certificate from another CA");
+    refused(output(Command::new("nbdinfo").arg(pki.uri(srv.sock(), "rogue"))), "nbdinfo with a rogue certificate");
     srv.assert_alive();
-    ok(pki.qemu_img("info", &srv.sock, "client1", &[]), "qemu-img with a good certificate");
+    ok(pki.qemu_img("info", srv.sock(), "client1", &[]), "qemu-img with a good certificate");
     srv.finish();
 
     // verify-peer=off: no client certificate needed.
     let srv = pki.server("off", false, None);
-    ok(pki.qemu_img("info", &srv.sock, "nocert", &[]), "qemu-img without a certificate, verify-peer=off");
-    ok(output(Command::new("nbdinfo").arg(pki.uri(&srv.sock, "nocert"))), "nbdinfo without a certificate");
+    ok(pki.qemu_img("info", srv.sock(), "nocert", &[]), "qemu-img without a certificate, verify-peer=off");
+    ok(output(Command::new("nbdinfo").arg(pki.uri(srv.sock(), "nocert"))), "nbdinfo without a certificate");
     srv.finish();
 }
 
@@ -456,8 +431,8 @@ fn ringblk_is_a_tls_client_like_qemu_img() {
     let pki = Pki::new();
     let want = std::fs::read(pki.path("disk.raw")).unwrap();
     let ours = pki.server("srv", true, None);
-    let theirs = QemuNbd::start(&pki, "q", &[]);
-    for sock in [&ours.sock, &theirs.sock] {
+    let theirs = qemu_nbd(&pki, "q", &[]);
+    for sock in [ours.sock(), theirs.sock()] {
         let what = |w: &str| format!("{w} from {}", s(sock));
         let info = ok(pki.ringblk("info", sock, "client1", "", &["--output=json"]), &what("ringblk info"));
         let v: serde_json::Value = serde_json::from_str(&info).unwrap();
@@ -477,7 +452,8 @@ fn ringblk_is_a_tls_client_like_qemu_img() {
     // -L with TLS: byte for byte what qemu-nbd -L prints.
     let creds = format!("tls-creds-x509,id=tls0,dir={},endpoint=client", s(&pki.path("client1")));
     let list = |tool: &Path| {
-        let args = ["-L", "-k", s(&ours.sock), "--object", &creds, "--tls-creds", "tls0", "--tls-hostname", "localhost"];
+        let args =
+            ["-L", "-k", s(ours.sock()), "--object", &creds, "--tls-creds", "tls0", "--tls-hostname", "localhost"];
         ok(output(Command::new(tool).args(args)), &format!("{} -L over TLS", tool.display()))
     };
     assert_eq!(list(&bin("ringblk-nbd")), list(Path::new("qemu-nbd")));
@@ -503,21 +479,21 @@ fn ringblk_tls_client_refuses_what_it_cannot_trust() {
     std::fs::copy(pki.path("client1/client-key.pem"), d.join("client-key.pem")).unwrap();
 
     let srv = pki.server("srv", false, None);
-    let err = refused(pki.ringblk("info", &srv.sock, "trusts-rogue", "", &[]), "a server from an untrusted CA");
+    let err = refused(pki.ringblk("info", srv.sock(), "trusts-rogue", "", &[]), "a server from an untrusted CA");
     assert!(err.contains("certificate") || err.contains("Certificate"), "{err}");
-    let o = pki.ringblk("info", &srv.sock, "trusts-rogue", ",tls-hostname=localhost", &[]);
+    let o = pki.ringblk("info", srv.sock(), "trusts-rogue", ",tls-hostname=localhost", &[]);
     refused(o, "an untrusted CA with the right host name");
     // verify-peer=off on the client accepts any server certificate.
     let creds = format!("tls-creds-x509,id=tls0,dir={},endpoint=client,verify-peer=off", s(&d));
-    let image = format!("driver=nbd,server.type=unix,server.path={},tls-creds=tls0", s(&srv.sock));
+    let image = format!("driver=nbd,server.type=unix,server.path={},tls-creds=tls0", s(srv.sock()));
     ok(
         output(Command::new(bin("ringblk")).args(["info", "--object", &creds, "--image-opts", &image])),
         "verify-peer=off",
     );
     // The name: over a unix socket none is checked unless given.
-    ok(pki.ringblk("info", &srv.sock, "nocert", "", &[]), "no host name to check");
-    ok(pki.ringblk("info", &srv.sock, "nocert", ",tls-hostname=localhost", &[]), "the certificate's name");
-    let err = refused(pki.ringblk("info", &srv.sock, "nocert", ",tls-hostname=elsewhere.example", &[]), "wrong name");
+    ok(pki.ringblk("info", srv.sock(), "nocert", "", &[]), "no host name to check");
+    ok(pki.ringblk("info", srv.sock(), "nocert", ",tls-hostname=localhost", &[]), "the certificate's name");
+    let err = refused(pki.ringblk("info", srv.sock(), "nocert", ",tls-hostname=elsewhere.example", &[]), "wrong name");
     assert!(err.contains("name") || err.contains("Name"), "{err}");
     // Credentials for the wrong end, and unknown ids, fail before connecting.
     let creds = format!("tls-creds-x509,id=tls0,dir={},endpoint=server", s(&pki.path("server")));
@@ -527,32 +503,29 @@ fn ringblk_tls_client_refuses_what_it_cannot_trust() {
     );
     assert!(err.contains("client endpoint"), "{err}");
     // A plain client of a TLS server is told TLS is required.
-    let plain = format!("nbd+unix:///?socket={}", s(&srv.sock));
+    let plain = format!("nbd+unix:///?socket={}", s(srv.sock()));
     let err = refused(output(Command::new(bin("ringblk")).args(["info", &plain])), "a plain client");
     assert!(err.contains("requires TLS"), "{err}");
     // nbds without credentials says what to add.
     let err = refused(
-        output(Command::new(bin("ringblk")).args(["info", &format!("nbds+unix:///?socket={}", s(&srv.sock))])),
+        output(Command::new(bin("ringblk")).args(["info", &format!("nbds+unix:///?socket={}", s(srv.sock()))])),
         "nbds without credentials",
     );
     assert!(err.contains("tls-certificates"), "{err}");
     srv.finish();
 
     // A server without TLS: the client does not fall back to plain text.
-    let plain_srv = ServerProc::start(
-        &pki.path("plain.sock"),
-        &pki.path("plain.log"),
-        &["-t", "-f", "qcow2", s(&pki.path("disk.qcow2"))],
-    );
-    let err = refused(pki.ringblk("info", &plain_srv.sock, "client1", "", &[]), "TLS to a plain server");
+    let plain_srv =
+        NbdServer::ringblk(Via::Unix(pki.path("plain.sock")), &["-t", "-f", "qcow2", s(&pki.path("disk.qcow2"))]);
+    let err = refused(pki.ringblk("info", plain_srv.sock(), "client1", "", &[]), "TLS to a plain server");
     assert!(err.contains("refused TLS"), "{err}");
     plain_srv.finish();
 
     // The server's authz sees the client certificate ringblk presents.
     let srv = pki.server("authz", true, Some("CN=client2"));
-    ok(pki.ringblk("info", &srv.sock, "client2", "", &[]), "the listed client");
-    let err = refused(pki.ringblk("info", &srv.sock, "client1", "", &[]), "a client not listed");
+    ok(pki.ringblk("info", srv.sock(), "client2", "", &[]), "the listed client");
+    let err = refused(pki.ringblk("info", srv.sock(), "client1", "", &[]), "a client not listed");
     assert!(err.contains("closed the connection"), "{err}");
-    refused(pki.ringblk("info", &srv.sock, "nocert", "", &[]), "a client without a certificate");
+    refused(pki.ringblk("info", srv.sock(), "nocert", "", &[]), "a client without a certificate");
     srv.finish();
 }

@@ -1,18 +1,16 @@
 //! Shared by `nbd_tls.rs` and `nbd_hostile.rs` (each includes it with
-//! `#[path]`): a `ringblk-nbd` process under test, and a bare-bones NBD client
-//! on std sockets. The wire constants are written out here from the protocol
+//! `#[path]`): a bare-bones NBD client on std sockets (the server process
+//! guard is the test library's `nbdproc`). The wire constants are written out here from the protocol
 //! spec rather than taken from the server's own `proto` module, so a mistake
 //! shared by both sides cannot hide.
 #![allow(dead_code)]
 
-use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-
-pub use ringblk_tests::bin;
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
+
+pub use ringblk_tests::nbdproc::{NbdServer, Via};
 
 pub const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
 pub const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
@@ -43,127 +41,6 @@ pub const EINVAL: u32 = 22;
 
 /// How long any single socket operation of a test client may block.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// A `ringblk-nbd -k SOCK ...` process, its stderr going to a log file.
-/// Stopped with SIGTERM (then SIGKILL) on drop, which also prints the log
-/// when the test is failing.
-pub struct ServerProc {
-    child: Option<Child>,
-    pub sock: PathBuf,
-    log: PathBuf,
-}
-
-impl ServerProc {
-    /// Start `ringblk-nbd -k sock args...` and wait (up to 10 s) until it
-    /// greets a connection.
-    pub fn start(sock: &Path, log: &Path, args: &[&str]) -> ServerProc {
-        let mut cmd = Command::new(bin("ringblk-nbd"));
-        cmd.arg("-k").arg(sock).args(args).stdin(Stdio::null()).stdout(Stdio::null());
-        cmd.stderr(File::create(log).unwrap());
-        let child = cmd.spawn().unwrap_or_else(|e| panic!("starting {cmd:?}: {e}"));
-        let mut s = ServerProc { child: Some(child), sock: sock.to_path_buf(), log: log.to_path_buf() };
-        let t0 = Instant::now();
-        loop {
-            if let Ok(Some(st)) = s.child().try_wait() {
-                panic!("server exited ({st}) before listening: {}", s.log());
-            }
-            // Listening is not enough (the socket is bound before the image is
-            // open): ready means a connection gets the greeting.
-            if let Ok(mut c) = UnixStream::connect(sock) {
-                let mut g = [0u8; 18];
-                c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-                c.read_exact(&mut g).unwrap_or_else(|e| panic!("no greeting from the server: {e}: {}", s.log()));
-                assert_eq!(&g[..16], b"NBDMAGICIHAVEOPT", "greeting");
-                return s;
-            }
-            assert!(t0.elapsed() < Duration::from_secs(10), "server did not listen within 10 s: {}", s.log());
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn child(&mut self) -> &mut Child {
-        self.child.as_mut().expect("server not stopped yet")
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.as_ref().expect("server not stopped yet").id()
-    }
-
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// The server has not exited (nor panicked in a way that killed it).
-    #[track_caller]
-    pub fn assert_alive(&mut self) {
-        if let Ok(Some(st)) = self.child().try_wait() {
-            panic!("server exited ({st}): {}", self.log());
-        }
-    }
-
-    /// A numeric field of /proc/PID/status ("VmRSS" in KiB, "Threads").
-    pub fn status(&self, key: &str) -> u64 {
-        let s = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
-        let line = s.lines().find(|l| l.starts_with(&format!("{key}:"))).unwrap_or_else(|| panic!("no {key} in {s}"));
-        line[key.len() + 1..].split_whitespace().next().unwrap().parse().unwrap()
-    }
-
-    pub fn rss_mib(&self) -> u64 {
-        self.status("VmRSS") / 1024
-    }
-
-    /// The end of a test: the server must still be running, must not have
-    /// panicked on any thread, and must exit cleanly on SIGTERM within 10 s.
-    #[track_caller]
-    pub fn finish(mut self) {
-        self.assert_alive();
-        let mut child = self.child.take().unwrap();
-        // SAFETY: kill on the pid of a child we own and have not reaped.
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        let t0 = Instant::now();
-        let st = loop {
-            if let Some(st) = child.try_wait().unwrap() {
-                break st;
-            }
-            if t0.elapsed() > Duration::from_secs(10) {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("server did not exit within 10 s of SIGTERM: {}", self.log());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        let log = self.log();
-        assert!(st.success(), "server exited with {st} after SIGTERM: {log}");
-        assert!(!log.contains("panicked"), "a server thread panicked: {log}");
-    }
-}
-
-impl Drop for ServerProc {
-    fn drop(&mut self) {
-        let Some(mut child) = self.child.take() else { return };
-        // SAFETY: kill on the pid of a child we own and have not reaped.
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        let t0 = Instant::now();
-        while t0.elapsed() < Duration::from_secs(5) {
-            if let Ok(Some(_)) = child.try_wait() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        if let Ok(None) = child.try_wait() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        if std::thread::panicking() {
-            let log = self.log();
-            let tail: Vec<&str> = log.lines().rev().take(60).collect();
-            eprintln!("--- server log (last lines) ---");
-            for l in tail.iter().rev() {
-                eprintln!("{l}");
-            }
-        }
-    }
-}
 
 pub fn be16(b: &[u8]) -> u16 {
     u16::from_be_bytes(b[..2].try_into().unwrap())

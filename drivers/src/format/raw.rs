@@ -156,6 +156,14 @@ impl BlockNode for RawNode {
         self.file.cached_extent(offset + self.offset, len)
     }
 
+    fn write_now(&self, offset: u64, data: &[u8]) -> Option<Result<()>> {
+        // A probed image's sector 0 goes through `check_sector0` (write_part).
+        if self.probed && offset < SECTOR || offset.checked_add(data.len() as u64)? > self.size() {
+            return None;
+        }
+        self.file.write_now(offset + self.offset, data)
+    }
+
     fn pipe_writable(&self, offset: u64, len: u64) -> bool {
         // A probed image's sector 0 is checked before it is written
         // (`check_sector0`), which needs the bytes in memory.

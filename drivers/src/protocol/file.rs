@@ -450,6 +450,14 @@ impl BlockNode for FileNode {
         })
     }
 
+    fn write_now(&self, offset: u64, data: &[u8]) -> Option<Result<()>> {
+        let len = data.len() as u64;
+        if len == 0 || self.check_io(offset, len, true).is_err() || !self.write_inline(offset, len) {
+            return None;
+        }
+        Some(self.file.write_slice_now(data, offset).map(drop).map_err(|e| self.err(e, "write", offset)))
+    }
+
     fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> BoxFuture<'_, Result<()>> {
         Box::pin(async move {
             check_write(self, offset, len)?;

@@ -177,7 +177,12 @@ impl AioFile {
     /// pages already in the page cache). Returns the bytes written (all, or
     /// an error).
     pub fn write_now(&self, buf: &IoBuf, at: usize, len: usize, off: u64) -> io::Result<usize> {
-        let data = &buf[at..at + len];
+        self.write_slice_now(&buf[at..at + len], off)
+    }
+
+    /// `write_now` of a slice (the caller's memory, written before return).
+    pub fn write_slice_now(&self, data: &[u8], off: u64) -> io::Result<usize> {
+        let len = data.len();
         let mut done = 0;
         while done < len {
             let rest = &data[done..];

@@ -243,6 +243,16 @@ pub trait BlockNode: Send + Sync {
         None
     }
 
+    /// Write `data` at `offset` right now, on this thread, if the node can
+    /// do so without blocking for long (a buffered write into pages already
+    /// in the page cache, `x-inline-writes`): a server then writes a payload
+    /// straight from its receive buffer, with no copy and no task. `None`:
+    /// not possible now (nothing was written); use `write_part`. Not durable
+    /// until a flush.
+    fn write_now(&self, _offset: u64, _data: &[u8]) -> Option<Result<()>> {
+        None
+    }
+
     /// Can `len` bytes at `offset` be written from a pipe (`write_pipe`):
     /// the range inside the node, writable, lying contiguously in a buffered
     /// host file, needing no metadata update? A server then splices a

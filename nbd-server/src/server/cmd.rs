@@ -146,6 +146,27 @@ pub(super) fn read_now(c: &Conn, req: &Request) -> Option<Vec<SendPart>> {
     mapped_read(c, req).or_else(|| stage_read(c, req).unwrap_or(None).map(|p| vec![p]))
 }
 
+/// A small write whose payload arrived whole with its header, into pages
+/// in the page cache: written at once from the receive buffer (no copy, no
+/// task), its reply queued. None: run it as a task.
+pub(super) fn write_now(c: &Conn, req: &Request, data: &[u8]) -> Option<Vec<SendPart>> {
+    let e = &*c.export;
+    if req.ty != CMD_WRITE || req.flags & CMD_FLAG_FUA != 0 || e.detect_zeroes != DetectZeroes::Off {
+        return None;
+    }
+    check(c, req, true).ok()?;
+    Some(match e.node.write_now(req.offset + e.offset, data)? {
+        Ok(()) => {
+            Stats::add(&c.server.stats.inline_write_bytes, data.len() as u64);
+            ok_reply(c, req)
+        }
+        Err(err) => {
+            let Fail(errno, msg) = err.into();
+            error_reply(c, req, errno, &msg)
+        }
+    })
+}
+
 /// Small reads of page-cached data go out from a shared mapping of the
 /// file: one sendmsg carries a batch of replies, the kernel copying each
 /// from the page cache into the socket, with no system call per request.

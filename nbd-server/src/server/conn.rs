@@ -17,7 +17,7 @@ use std::task::{Poll, Waker};
 use engine::net::{Pipe, SendPart, Socket, MAX_IOV};
 use engine::runtime::IoBuf;
 
-use super::cmd::{check, handle, read_now};
+use super::cmd::{check, handle, read_now, write_now};
 use super::handshake::{MetaContext, Negotiated};
 use super::{DetectZeroes, Export, Server, Stats};
 use crate::proto::*;
@@ -280,6 +280,15 @@ async fn reader(c: &Rc<Conn>) -> io::Result<()> {
             // so the next payload stays in the socket for the splice whole.
             exact = len as u64 >= SPLICE_WRITE_MIN;
             let have = (end - start).min(len);
+            if have == len {
+                if let Some(parts) = write_now(c, &req, &stage[start..start + len]) {
+                    start += len;
+                    Stats::add(&c.server.stats.received_bytes, len as u64);
+                    c.inflight.set(c.inflight.get() + 1);
+                    c.reply(parts, 0);
+                    continue;
+                }
+            }
             if let Some(p) = splice_write(c, &req, &stage[start..start + have]).await? {
                 start += have;
                 payload = Some(p);

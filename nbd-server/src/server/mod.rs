@@ -125,6 +125,9 @@ pub struct Stats {
     /// Write payload bytes spliced from the socket to the file (copied
     /// once, by the kernel, into the page cache).
     pub spliced_in_bytes: AtomicU64,
+    /// Write payload bytes written at once from the receive buffer, on the
+    /// connection's shard (`cmd::write_now`): no copy, no task.
+    pub inline_write_bytes: AtomicU64,
     /// Bytes of write payload copied in user space (the part of a payload
     /// that arrived in the same receive as its header).
     pub write_copied_bytes: AtomicU64,
@@ -142,7 +145,7 @@ impl Stats {
     pub fn line(&self) -> String {
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
         format!(
-            "requests={} served-bytes={} user-copied-bytes={} spliced-bytes={} mapped-bytes={} received-bytes={} spliced-in-bytes={} write-copied-bytes={} recvs={} sends={}",
+            "requests={} served-bytes={} user-copied-bytes={} spliced-bytes={} mapped-bytes={} received-bytes={} spliced-in-bytes={} inline-write-bytes={} write-copied-bytes={} recvs={} sends={}",
             g(&self.requests),
             g(&self.served_bytes),
             g(&self.read_copied_bytes),
@@ -150,6 +153,7 @@ impl Stats {
             g(&self.mapped_bytes),
             g(&self.received_bytes),
             g(&self.spliced_in_bytes),
+            g(&self.inline_write_bytes),
             g(&self.write_copied_bytes),
             g(&self.recvs),
             g(&self.sends)
