@@ -24,6 +24,12 @@
 #   ONLY_SERVER=ringblk|qemu-nbd|nbdkit  ONLY_TRANSPORT=unix|tcp  ONLY_IMAGE=raw|qcow2
 #   ONLY_TEST=randread|randwrite|copy-read-1|copy-read-4|copy-write-1|copy-write-4
 #   (each ONLY_* takes a comma-separated list of names or globs: ONLY_TEST='copy-*')
+#   WARM=read|write   how the image gets into the page cache before each run:
+#     read (default) reads it (readahead: large folios); write evicts it and
+#     rewrites it in place with 4 KiB writes (small folios). On ext4 with
+#     large folios every server's 4k write into a large folio costs tens of
+#     microseconds of kernel time (ext4_block_write_begin walks the folio's
+#     buffer heads), so randwrite measures the kernel under read warming.
 # A server whose binary is missing is skipped with a note (its cells are "-").
 set -euo pipefail
 ORIG=$PWD
@@ -39,6 +45,8 @@ RUNS=${RUNS:-1}
 DURATION=${DURATION:-10}
 IMAGE_SIZE=${IMAGE_SIZE:-1G}
 PORT=${PORT:-10900}
+WARM=${WARM:-read}
+case $WARM in read|write) ;; *) echo "nbd.sh: WARM must be read or write" >&2; exit 1 ;; esac
 SERVERS=(ringblk qemu-nbd nbdkit)
 TRANSPORTS=(unix tcp)
 IMAGES=(raw qcow2)
@@ -223,6 +231,16 @@ EOF
   fi
 }
 
+# warm FILE: bring FILE into the page cache as WARM says (after a sync).
+warm() {
+  if [ "$WARM" = read ]; then
+    cat "$1" >/dev/null
+  else
+    python3 -c 'import os,sys; fd=os.open(sys.argv[1], os.O_RDONLY); os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)' "$1"
+    dd if="$1" of="$1" bs=4k iflag=direct conv=notrunc status=none
+  fi
+}
+
 median() { sort -n | awk '{a[NR]=$1} END {if (NR) print a[int((NR+1)/2)]}'; }
 
 # measure TEST SERVER TRANSPORT IMAGE RUN: one fresh server, one measurement,
@@ -231,7 +249,7 @@ measure() {
   local test=$1 s=$2 t=$3 img=$4 run=$5 key=$1.$3.$4.$2 log c0 c1 out v n st e conns
   log=$LOGS/$s-$t-$img-$test-$run.log
   sync
-  if [ "$img" = raw ]; then cat "$RAW" >/dev/null; else cat "$Q" >/dev/null; fi
+  if [ "$img" = raw ]; then warm "$RAW"; else warm "$Q"; fi
   case $test in copy-write-*) cat "$SRC" >/dev/null ;; esac
   start_server "$s" "$t" "$img" "$log" || { echo fail >>"$RES/$key.err"; return 0; }
   case $test in
@@ -342,7 +360,7 @@ table() { # SUFFIX (val|cpu)
 }
 
 echo
-echo "### NBD servers: $IMAGE_SIZE image in the page cache, fio ${DURATION}s per run, median of $RUNS run(s)"
+echo "### NBD servers: $IMAGE_SIZE image in the page cache (WARM=$WARM), fio ${DURATION}s per run, median of $RUNS run(s)"
 echo
 echo "| test | transport | image | ringblk | qemu-nbd | nbdkit | ringblk/qemu-nbd | ringblk/nbdkit |"
 echo "|---|---|---|---|---|---|---|---|"
