@@ -237,7 +237,7 @@ warm() {
     cat "$1" >/dev/null
   else
     python3 -c 'import os,sys; fd=os.open(sys.argv[1], os.O_RDONLY); os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)' "$1"
-    dd if="$1" of="$1" bs=4k iflag=direct conv=notrunc status=none
+    dd if="$1" of="$1" ibs=1M obs=4k iflag=direct conv=notrunc status=none
   fi
 }
 
