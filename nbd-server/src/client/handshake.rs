@@ -293,9 +293,12 @@ fn connect_with(
 }
 
 /// A server that hangs up mid-negotiation says nothing of why; under TLS
-/// the likely reason is that it does not authorize our certificate.
+/// the likely reason is that it does not authorize our certificate. The
+/// hang-up shows as an end of stream, or, when we were writing at the
+/// time, as a broken pipe or a reset.
 fn closed_hint(e: io::Error, tls: bool) -> io::Error {
-    if e.kind() != io::ErrorKind::UnexpectedEof {
+    use io::ErrorKind::{BrokenPipe, ConnectionReset, UnexpectedEof};
+    if !matches!(e.kind(), UnexpectedEof | BrokenPipe | ConnectionReset) {
         return e;
     }
     let why = if tls { " (it may not authorize this client's certificate)" } else { "" };
