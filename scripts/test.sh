@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
-# Run every test: build the binaries the interop tests drive, then the suite,
+# Run every test: build the binaries the interop tests drive, fetch the guest
+# harness, then the suite,
 # then print one closing "N passed, N failed" line over all test binaries.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --workspace --bins
+# The guest harness (QEMU's system emulator, a kernel, busybox) for the tests
+# that need a kernel module or a device this host lacks: fetched once.
+scripts/vm/setup.sh
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 set +e

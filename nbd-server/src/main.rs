@@ -4,6 +4,7 @@
 
 use std::io::Write;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStringExt;
 use std::process::ExitCode;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -20,6 +21,9 @@ use ringblk_nbd::server::listen::{self, ListenOpts, Waker};
 use ringblk_nbd::server::{DetectZeroes, Export, Server, DEFAULT_MAX_REQUEST};
 use ringblk_nbd::tls::TlsServer;
 
+const DEFAULT_PORT: u16 = 10809;
+const DEFAULT_BIND: &str = "0.0.0.0";
+
 #[derive(Parser)]
 #[command(name = "ringblk-nbd", version, about = "Export a disk image over NBD (qemu-nbd compatible)")]
 struct Args {
@@ -30,13 +34,13 @@ struct Args {
     #[arg(long = "object")]
     objects: Vec<String>,
     /// TCP port to listen on (or to connect to with -L)
-    #[arg(short = 'p', long = "port", default_value_t = 10809)]
+    #[arg(short = 'p', long = "port", default_value_t = DEFAULT_PORT)]
     port: u16,
     /// Where the export starts in the image
     #[arg(short = 'o', long = "offset", value_parser = parse_size)]
     offset: Option<u64>,
     /// Address to bind to (or connect to with -L)
-    #[arg(short = 'b', long = "bind", default_value = "0.0.0.0")]
+    #[arg(short = 'b', long = "bind", default_value = DEFAULT_BIND)]
     bind: String,
     /// Use a unix socket at PATH
     #[arg(short = 'k', long = "socket")]
@@ -144,8 +148,21 @@ fn raise_fd_limit() {
 
 fn main() -> ExitCode {
     raise_fd_limit();
-    let args = Args::parse();
-    match real_main(args) {
+    let mut args = Args::parse();
+    // -c without -k: a private unix socket, as qemu-nbd (never a TCP port
+    // open to the network for what is meant to be a local device).
+    let private = match private_socket(&mut args) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("ringblk-nbd: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let r = real_main(args);
+    if let Some(dir) = private {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    match r {
         Ok(code) => code,
         Err(e) => {
             eprintln!("ringblk-nbd: {e}");
@@ -236,12 +253,20 @@ fn real_main(args: Args) -> Result<ExitCode> {
 
     // Sockets come first: inherited ones (systemd), else the ones we bind.
     let listeners = listeners(&args)?;
-    let ready_pipe = if args.fork { Some(fork_server(args.verbose)?) } else { None };
+    // -c runs in the background unless -v, as qemu-nbd: the parent returns
+    // once the device is up (or the server has failed, and said why).
+    let ready_pipe = if args.fork || (args.connect.is_some() && !args.verbose) { Some(fork_server()?) } else { None };
+    let verbose = args.verbose;
+    let release = move || {
+        if let Some(fd) = ready_pipe {
+            release_parent(fd, verbose);
+        }
+    };
 
     // (shards, buffers) sized for a server: pool buffers receive every
     // payload up to 64 KiB and hold every read of that size.
     let rt = Runtime::new(RuntimeConfig { buffers: 256, ..Default::default() })?;
-    let flags = OpenFlags { write: !args.read_only, cache, aio, ..Default::default() };
+    let flags = OpenFlags { write: !args.read_only, cache, aio, discard_unmap: discard, ..Default::default() };
     let registry = ringblk_nbd::registry();
     let snapshot = args.snapshot;
     let node: Arc<dyn BlockNode> = rt.block_on(move || async move {
@@ -294,17 +319,22 @@ fn real_main(args: Args) -> Result<ExitCode> {
             .map_err(|e| engine::Error::os("writing pid file", e).with_file(p.clone()))?;
     }
     let kernel = match &args.connect {
-        Some(dev) => Some(ringblk_nbd::kernel::connect(dev, &listeners, args.socket.as_deref())?),
-        None => None,
+        Some(dev) => {
+            let hooks = ringblk_nbd::kernel::Hooks {
+                ready: Box::new(release),
+                stop: stop.clone(),
+                wake: waker.sender().map_err(|e| engine::Error::os("socketpair", e))?,
+            };
+            Some(ringblk_nbd::kernel::connect(dev, &args.export_name, &listeners, args.socket.as_deref(), hooks)?)
+        }
+        None => {
+            release();
+            None
+        }
     };
-    if let Some(fd) = ready_pipe {
-        // SAFETY: writes one byte from a live buffer to the pipe we own.
-        unsafe { libc::write(fd.as_raw_fd(), [1u8].as_ptr().cast(), 1) };
-        drop(fd);
-    }
     let opts = ListenOpts { shared: args.shared, persistent: args.persistent };
     listen::run(server.clone(), &rt, &listeners, &opts, waker, stop);
-    drop(kernel);
+    let device = kernel.map_or(Ok(()), |k| k.finish());
 
     let n2 = node.clone();
     let closed = rt.block_on(move || async move { n2.close().await });
@@ -316,6 +346,7 @@ fn real_main(args: Args) -> Result<ExitCode> {
         eprintln!("ringblk-nbd: {}", server.stats.line());
     }
     closed?;
+    device?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -355,7 +386,7 @@ fn tempfile_path(dir: &str) -> String {
 /// socket (-k), else TCP on every address `-b` resolves to.
 fn listeners(args: &Args) -> Result<Vec<OwnedFd>> {
     if let Some(fds) = socket_activation()? {
-        if args.socket.is_some() || args.port != 10809 || args.bind != "0.0.0.0" {
+        if args.socket.is_some() || args.port != DEFAULT_PORT || args.bind != DEFAULT_BIND {
             return Err(invalid("-k, -p and -b cannot be used with socket activation"));
         }
         return Ok(fds);
@@ -415,7 +446,7 @@ fn socket_activation() -> Result<Option<Vec<OwnedFd>>> {
 /// `--fork`: the parent waits until the child says it is listening (a byte
 /// on a pipe) and exits with success, or failure if the child died first.
 /// Returns the child's end of the pipe.
-fn fork_server(verbose: bool) -> Result<OwnedFd> {
+fn fork_server() -> Result<OwnedFd> {
     let mut p = [0i32; 2];
     // SAFETY: pipe2 fills two ints.
     if unsafe { libc::pipe2(p.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
@@ -434,21 +465,68 @@ fn fork_server(verbose: bool) -> Result<OwnedFd> {
         let mut b = [0u8; 1];
         // SAFETY: reads at most one byte into a live buffer.
         let n = unsafe { libc::read(rd.as_raw_fd(), b.as_mut_ptr().cast(), 1) };
-        std::process::exit(if n == 1 { 0 } else { 1 });
+        if n == 1 {
+            std::process::exit(0);
+        }
+        // The server failed before it was ready: wait for it to have said
+        // why (on the stderr it still shares) and exit as it did.
+        let mut status = 0;
+        // SAFETY: waits for our own child, writing a live int.
+        let r = unsafe { libc::waitpid(pid, &mut status, 0) };
+        let code = if r == pid && libc::WIFEXITED(status) { libc::WEXITSTATUS(status) } else { 1 };
+        std::process::exit(if code == 0 { 1 } else { code });
     }
     drop(rd);
-    // SAFETY: setsid and dup2 onto standard fds of /dev/null have no memory arguments.
+    // SAFETY: setsid and dup2 onto standard fds of /dev/null have no memory
+    // arguments. stderr stays until release_parent, so that a failure to
+    // start still reaches the terminal.
     unsafe {
         libc::setsid();
         let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
         if null >= 0 {
             libc::dup2(null, 0);
             libc::dup2(null, 1);
-            if !verbose {
-                libc::dup2(null, 2);
-            }
             libc::close(null);
         }
     }
     Ok(wr)
+}
+
+/// Tell the waiting parent the server is up, and (unless -v) let go of the
+/// terminal's stderr.
+fn release_parent(fd: OwnedFd, verbose: bool) {
+    // SAFETY: writes one byte from a live buffer to the pipe we own; dup2
+    // of /dev/null onto stderr has no memory arguments.
+    unsafe {
+        libc::write(fd.as_raw_fd(), [1u8].as_ptr().cast(), 1);
+        if !verbose {
+            let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
+            if null >= 0 {
+                libc::dup2(null, 2);
+                libc::close(null);
+            }
+        }
+    }
+    drop(fd);
+}
+
+/// For -c with no -k, -p or -b: a unix socket in a new private folder,
+/// which the caller removes at exit.
+fn private_socket(args: &mut Args) -> Result<Option<std::path::PathBuf>> {
+    let defaults = args.port == DEFAULT_PORT && args.bind == DEFAULT_BIND;
+    if args.connect.is_none() || args.socket.is_some() || !defaults || std::env::var_os("LISTEN_FDS").is_some() {
+        return Ok(None);
+    }
+    let template = std::env::temp_dir().join("ringblk-nbd.XXXXXX");
+    let mut t = std::ffi::CString::new(template.into_os_string().into_encoded_bytes())
+        .map_err(|_| invalid("temporary folder path has a NUL byte"))?
+        .into_bytes_with_nul();
+    // SAFETY: t is a NUL-terminated template mkdtemp rewrites in place.
+    if unsafe { libc::mkdtemp(t.as_mut_ptr().cast()) }.is_null() {
+        return Err(engine::Error::os("creating a private socket folder", std::io::Error::last_os_error()));
+    }
+    t.pop();
+    let dir = std::path::PathBuf::from(std::ffi::OsString::from_vec(t));
+    args.socket = Some(dir.join("nbd.sock").to_string_lossy().into_owned());
+    Ok(Some(dir))
 }

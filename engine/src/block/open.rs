@@ -75,6 +75,10 @@ pub struct OpenFlags {
     pub depth: u32,
     /// Opened to check or repair: a format lets a corrupt image open writable.
     pub repair: bool,
+    /// Discards free space (QEMU's BDRV_O_UNMAP, `discard=unmap` for the
+    /// whole graph, as qemu-nbd's --discard=unmap): the default of each
+    /// node's own `discard` option.
+    pub discard_unmap: bool,
 }
 
 /// Longest backing chain we open: longer ones are almost surely a loop.
@@ -93,6 +97,7 @@ impl Default for OpenFlags {
             follow_backing: true,
             depth: 0,
             repair: false,
+            discard_unmap: false,
         }
     }
 }

@@ -479,7 +479,8 @@ impl Qcow2Driver {
             return Err(invalid("Lazy refcounts require a qcow2 image with at least qemu 1.1 compatibility level"));
         }
         let discard_unmap = match opts.take("discard").as_deref() {
-            None | Some("ignore") | Some("off") => false,
+            None => ctx.flags.discard_unmap,
+            Some("ignore") | Some("off") => false,
             Some("unmap") | Some("on") => true,
             Some(v) => return Err(invalid(format!("Invalid discard option '{v}' (expected ignore or unmap)"))),
         };
