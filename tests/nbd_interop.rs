@@ -429,7 +429,7 @@ fn page_cached_reads_are_spliced_and_match_the_file() {
     std::fs::write(&img, rng.bytes((16 << 20) + 777)).unwrap();
     for via in [Via::Unix(d.path().join("s.sock")), Via::Tcp(free_port())] {
         let mut cmd = Command::new(bin("ringblk-nbd"));
-        cmd.args(via.flags()).args(["-t", "-e", "2", "-f", "raw", img.to_str().unwrap()]);
+        cmd.args(via.flags()).args(["-t", "-e", "0", "-f", "raw", img.to_str().unwrap()]);
         cmd.env("RINGBLK_NBD_STATS", "1");
         let s = NbdServer::spawn(cmd, via);
         let script = r#"
@@ -442,6 +442,7 @@ assert size == (len(img) + 511) // 512 * 512, (size, len(img))
 img += bytes(size - len(img))
 random.seed(int(os.environ["SEED"]))
 pending = []
+idle = []
 def drain(limit):
     while len(pending) > limit:
         h.poll(-1)
@@ -452,6 +453,13 @@ def drain(limit):
                 assert got == img[off:off + n], "read of %d at %d differs" % (n, off)
                 pending.remove(p)
 for i in range(4000):
+    if i == 2000:
+        # From here on every shard has a connection (these idle ones and
+        # h): large writes are written from the pipe on h's shard.
+        drain(0)
+        for _ in range(int(os.environ["SHARDS"])):
+            idle.append(nbd.NBD())
+            idle[-1].connect_uri(os.environ["URI"])
     n = random.choice([1, 512, 4096, 4096, 4096, 4096, 65536, 262144, random.randint(1, 300000)])
     off = random.choice([random.randrange(0, size - n + 1), size - n])
     if random.random() < 0.05:
@@ -468,9 +476,14 @@ h.flush()
 disk = open(os.environ["IMG"], "rb").read()
 assert disk == img[:len(disk)] and not any(img[len(disk):]), "the file differs from what was written"
 h.shutdown()
+for i in idle:
+    i.shutdown()
 print("ok")
 "#;
-        let out = nbdsh(script, &[("URI", &s.uri("")), ("IMG", img.to_str().unwrap()), ("SEED", "7")]);
+        let shards = std::thread::available_parallelism().map_or(1, |n| n.get()).to_string();
+        let env = [("URI", s.uri("")), ("IMG", img.to_str().unwrap().into()), ("SEED", "7".into()), ("SHARDS", shards)];
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let out = nbdsh(script, &env);
         assert!(out.contains("ok"), "{out}");
         let log = s.stop();
         assert!(!log.contains("panick"), "{log}");
@@ -486,6 +499,9 @@ print("ok")
         // Writes of 64-256 KiB arrive by splice (the first after a small
         // request may have been received with its header).
         assert!(stat("spliced-in-bytes") > 0, "{log}");
+        // Alone, by an io_uring worker; with every shard busy, on the
+        // shard's own thread.
+        assert!(stat("inline-pipe-bytes") > 0 && stat("inline-pipe-bytes") < stat("spliced-in-bytes"), "{log}");
         // Small writes that arrived whole are written from the receive buffer.
         assert!(stat("inline-write-bytes") > 0, "{log}");
     }

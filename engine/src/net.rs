@@ -234,6 +234,33 @@ impl Pipe {
         Ok(got)
     }
 
+    /// Move `len` bytes from the pipe into `fd` at `offset` on this thread,
+    /// with blocking splice calls: for writes into the page cache that the
+    /// caller knows will not wait (no reads, no allocation, no writeback).
+    pub fn to_file_now(&self, fd: RawFd, mut offset: u64, mut len: usize) -> io::Result<()> {
+        while len > 0 {
+            let mut off = offset as libc::loff_t;
+            // SAFETY: splice between two fds we hold; `off` is a live local.
+            let n = unsafe {
+                libc::splice(self.rd.as_raw_fd(), std::ptr::null_mut(), fd, &mut off, len, libc::SPLICE_F_MOVE)
+            };
+            match n {
+                0 => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "pipe ran dry before the payload's end")),
+                n if n > 0 => {
+                    offset += n as u64;
+                    len -= n as usize;
+                }
+                _ => {
+                    let e = io::Error::last_os_error();
+                    if e.kind() != io::ErrorKind::Interrupted {
+                        return Err(e);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Move `len` bytes from the pipe into `fd` at `offset`, in an io_uring
     /// worker (a buffered write may wait on the filesystem).
     pub async fn to_file(&self, fd: RawFd, mut offset: u64, mut len: usize) -> io::Result<()> {

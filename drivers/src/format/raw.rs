@@ -171,6 +171,13 @@ impl BlockNode for RawNode {
             && offset.checked_add(len).is_some_and(|end| end <= self.size()) && self.file.pipe_writable(offset + self.offset, len)
     }
 
+    fn write_pipe_now(&self, offset: u64, pipe: &engine::net::Pipe, len: usize) -> Option<Result<()>> {
+        if !self.pipe_writable(offset, len as u64) {
+            return None;
+        }
+        self.file.write_pipe_now(offset + self.offset, pipe, len)
+    }
+
     fn write_pipe(&self, offset: u64, pipe: engine::net::Pipe, len: usize) -> BoxFuture<'_, (Result<()>, engine::net::Pipe)> {
         self.file.write_pipe(offset + self.offset, pipe, len)
     }

@@ -27,6 +27,8 @@ const MAX_IO: usize = 1 << 30;
 const MIN_MAPPED: usize = 256 << 10;
 /// Largest write `write_inline` lets run on the shard's thread.
 const INLINE_WRITE_MAX: u64 = 64 << 10;
+/// Largest pipe write `write_pipe_now` runs on the shard's thread.
+const INLINE_PIPE_MAX: u64 = 256 << 10;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Kind {
@@ -109,10 +111,14 @@ impl FileNode {
     /// write's cost). What can still hold it is the filesystem's journal
     /// (the mtime update), briefly and rarely.
     fn write_inline(&self, offset: u64, len: u64) -> bool {
+        self.write_inline_max(offset, len, INLINE_WRITE_MAX)
+    }
+
+    fn write_inline_max(&self, offset: u64, len: u64, max: u64) -> bool {
         // The io_uring backend only: the others are what they say they are.
         let inline = self.inline_writes && self.file.backend() == Backend::IoUring;
         let Some(res) = self.residency.as_ref().filter(|_| inline) else { return false };
-        len <= INLINE_WRITE_MAX
+        len <= max
             && self.worker_writes.load(Ordering::Acquire) == 0
             && self.within_data(offset, len)
             && res.cached(self.file.fd(), self.size(), offset, len)
@@ -562,6 +568,13 @@ impl BlockNode for FileNode {
     fn pipe_writable(&self, offset: u64, len: u64) -> bool {
         // Buffered regular files only (`residency` says which).
         self.residency.is_some() && !self.read_only && self.within_data(offset, len)
+    }
+
+    fn write_pipe_now(&self, offset: u64, pipe: &engine::net::Pipe, len: usize) -> Option<Result<()>> {
+        if !self.pipe_writable(offset, len as u64) || !self.write_inline_max(offset, len as u64, INLINE_PIPE_MAX) {
+            return None;
+        }
+        Some(pipe.to_file_now(self.file.fd(), offset, len).map_err(|e| self.err(e, "write", offset)))
     }
 
     fn write_pipe(&self, offset: u64, pipe: engine::net::Pipe, len: usize) -> BoxFuture<'_, (Result<()>, engine::net::Pipe)> {

@@ -268,6 +268,15 @@ pub trait BlockNode: Send + Sync {
         Box::pin(async move { (Err(Error::new(ErrorKind::Unsupported, "writing from a pipe")), pipe) })
     }
 
+    /// `write_pipe` done at once on this thread, when the node can do it
+    /// without waiting (under `write_now`'s conditions, for sizes up to 256
+    /// KiB); None: not possible now (nothing was taken from the pipe), use
+    /// `write_pipe`. It saves the hand-off to an io_uring worker, at the cost
+    /// of the thread's time: for a caller with other work to overlap.
+    fn write_pipe_now(&self, _offset: u64, _pipe: &crate::net::Pipe, _len: usize) -> Option<Result<()>> {
+        None
+    }
+
     /// `len` bytes at `offset` as a buffer that maps the host's page cache, a
     /// read without a copy, when the node can give one without blocking: a
     /// buffered regular file opened read-only and locked against writers, the

@@ -204,7 +204,24 @@ async fn run(c: &Conn, req: &Request, payload: Option<Payload>) -> Result<Vec<Se
                         c.recycle(h);
                         r?;
                     }
-                    let (r, pipe) = node.write_pipe(off + at as u64, pipe, len).await;
+                    // While some core has no connection, a worker's write of
+                    // this payload runs there, beside the shard receiving
+                    // the next one (one stream runs faster); once every
+                    // shard has a connection, the hand-off to a worker
+                    // costs a third of the server's CPU per byte (nbdcopy
+                    // with 2 connections: 0.38 vs 0.55 s per GiB).
+                    let now = if super::conn::every_shard_busy() {
+                        node.write_pipe_now(off + at as u64, &pipe, len)
+                    } else {
+                        None
+                    };
+                    let (r, pipe) = match now {
+                        Some(r) => {
+                            Stats::add(&c.server.stats.inline_pipe_bytes, len as u64);
+                            (r, pipe)
+                        }
+                        None => node.write_pipe(off + at as u64, pipe, len).await,
+                    };
                     r?;
                     c.pipes.borrow_mut().push(pipe);
                     if fua {

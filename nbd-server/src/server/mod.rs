@@ -128,6 +128,9 @@ pub struct Stats {
     /// Write payload bytes written at once from the receive buffer, on the
     /// connection's shard (`cmd::write_now`): no copy, no task.
     pub inline_write_bytes: AtomicU64,
+    /// Of `spliced_in_bytes`, those written from the pipe on the shard's
+    /// thread (`write_pipe_now`) rather than by an io_uring worker.
+    pub inline_pipe_bytes: AtomicU64,
     /// Bytes of write payload copied in user space (the part of a payload
     /// that arrived in the same receive as its header).
     pub write_copied_bytes: AtomicU64,
@@ -145,7 +148,7 @@ impl Stats {
     pub fn line(&self) -> String {
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
         format!(
-            "requests={} served-bytes={} user-copied-bytes={} spliced-bytes={} mapped-bytes={} received-bytes={} spliced-in-bytes={} inline-write-bytes={} write-copied-bytes={} recvs={} sends={}",
+            "requests={} served-bytes={} user-copied-bytes={} spliced-bytes={} mapped-bytes={} received-bytes={} spliced-in-bytes={} inline-write-bytes={} inline-pipe-bytes={} write-copied-bytes={} recvs={} sends={}",
             g(&self.requests),
             g(&self.served_bytes),
             g(&self.read_copied_bytes),
@@ -154,6 +157,7 @@ impl Stats {
             g(&self.received_bytes),
             g(&self.spliced_in_bytes),
             g(&self.inline_write_bytes),
+            g(&self.inline_pipe_bytes),
             g(&self.write_copied_bytes),
             g(&self.recvs),
             g(&self.sends)
