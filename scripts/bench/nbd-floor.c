@@ -17,13 +17,17 @@
  *   read-vmsplice receive the headers; one vmsplice per batch puts every
  *                header and the mapped file pages into a pipe by reference;
  *                one splice of the pipe to the socket
+ *   read-vmsplice-arena  as read-vmsplice, but safe for a real server: the
+ *                headers' page is dropped (MADV_DONTNEED) after each batch,
+ *                so the next batch's headers land in a fresh page while the
+ *                socket still holds the old one
  *   write        receive the batch's headers and payloads; per request
  *                pwrite 4 KiB at a random page of FILE; one send of the
  *                batch's 16-byte replies
  *
  * It prints the server thread's CPU time (user + system, getrusage) per
  * request. FILE should be in the page cache (and writable for `write`).
- * Usage: nbd-floor read-copy|read-splice|read-map|read-vmsplice|write FILE [REQUESTS]
+ * Usage: nbd-floor read-copy|read-splice|read-map|read-vmsplice[-arena]|write FILE [REQUESTS]
  * (cc -DBATCH=N changes the batch size)
  * Built and run by scripts/bench/nbd-floor.sh.
  */
@@ -46,7 +50,7 @@
 #define REQ_HDR 32
 #define REPLY_HDR 16
 
-enum mode { READ_COPY, READ_SPLICE, READ_MAP, READ_VMSPLICE, WRITE };
+enum mode { READ_COPY, READ_SPLICE, READ_MAP, READ_VMSPLICE, READ_VMSPLICE_ARENA, WRITE };
 
 static int sock[2];
 static long requests = 400000;
@@ -136,6 +140,8 @@ int main(int argc, char **argv)
 		mode = READ_MAP;
 	else if (!strcmp(argv[1], "read-vmsplice"))
 		mode = READ_VMSPLICE;
+	else if (!strcmp(argv[1], "read-vmsplice-arena"))
+		mode = READ_VMSPLICE_ARENA;
 	else if (!strcmp(argv[1], "write"))
 		mode = WRITE;
 	else {
@@ -153,7 +159,7 @@ int main(int argc, char **argv)
 		return 1;
 	}
 	char *map = NULL;
-	if (mode == READ_MAP || mode == READ_VMSPLICE) {
+	if (mode == READ_MAP || mode == READ_VMSPLICE || mode == READ_VMSPLICE_ARENA) {
 		map = mmap(NULL, (size_t)pages * PAGE, PROT_READ, MAP_SHARED, fd, 0);
 		if (map == MAP_FAILED)
 			die("mmap");
@@ -173,6 +179,10 @@ int main(int argc, char **argv)
 	char replies[BATCH * REPLY_HDR] = { 0 };
 	if (!reqs || !data)
 		die("malloc");
+	/* Reply headers sent by reference, in a page of their own. */
+	char *hdrs = mmap(NULL, PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	if (hdrs == MAP_FAILED)
+		die("mmap");
 	srand(1);
 	double t0 = thread_cpu();
 	for (long i = 0; i < requests; i += BATCH) {
@@ -202,17 +212,17 @@ int main(int argc, char **argv)
 					die("splice to socket");
 				staged -= (size_t)k;
 			}
-		} else if (mode == READ_MAP || mode == READ_VMSPLICE) {
+		} else if (mode == READ_MAP || mode == READ_VMSPLICE || mode == READ_VMSPLICE_ARENA) {
 			struct iovec iov[2 * BATCH];
 			for (int k = 0; k < BATCH; k++) {
-				iov[2 * k] = (struct iovec){ replies + k * REPLY_HDR, REPLY_HDR };
+				iov[2 * k] = (struct iovec){ hdrs + k * REPLY_HDR, REPLY_HDR };
 				iov[2 * k + 1] = (struct iovec){ map + (size_t)(rand() % pages) * PAGE, PAGE };
 			}
 			if (mode == READ_MAP) {
 				send_iov(sock[0], iov, 2 * BATCH);
 			} else {
 				/* By reference: the headers must not change until the peer
-				 * has read them (a real server would need a header arena). */
+				 * has read them; -arena drops their page after each batch. */
 				if (vmsplice(pipefd[1], iov, 2 * BATCH, SPLICE_F_NONBLOCK) != BATCH * (REPLY_HDR + PAGE))
 					die("vmsplice");
 				size_t staged = BATCH * (REPLY_HDR + PAGE);
@@ -221,6 +231,12 @@ int main(int argc, char **argv)
 					if (k <= 0)
 						die("splice to socket");
 					staged -= (size_t)k;
+				}
+				if (mode == READ_VMSPLICE_ARENA) {
+					if (madvise(hdrs, PAGE, MADV_DONTNEED))
+						die("madvise");
+					for (int k = 0; k < BATCH; k++)
+						hdrs[k * REPLY_HDR] = 0x67; /* the next headers fault in a fresh page */
 				}
 			}
 		} else {
