@@ -22,5 +22,6 @@ pub fn new_registry() -> Registry {
     r.register(Box::new(format::raw::RawDriver));
     r.register(Box::new(format::qcow2::Qcow2Driver));
     r.register(Box::new(filter::blkdebug::BlkdebugDriver));
+    r.register(Box::new(filter::preallocate::PreallocDriver));
     r
 }

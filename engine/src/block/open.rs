@@ -134,7 +134,8 @@ impl OpenCtx {
         OpenCtx { registry, flags, warn: warn_stderr }
     }
 
-    /// Open a protocol node: `opts.driver` if given, else by filename.
+    /// Open a protocol node (or a filter over one, such as preallocate):
+    /// `opts.driver` if given, else by filename.
     pub async fn open_protocol(&self, mut opts: OptionTree) -> Result<Arc<dyn BlockNode>> {
         let filename = opts.get("filename").map(str::to_string);
         let driver = match opts.take("driver") {
@@ -144,10 +145,14 @@ impl OpenCtx {
                 self.registry.probe_protocol(f).ok_or_else(|| invalid(format!("no protocol driver for '{f}'")))?
             }
         };
-        if driver.kind() != DriverKind::Protocol {
-            return Err(invalid(format!("'{}' is a format, not a protocol: it cannot be a 'file' child", driver.name())));
+        match driver.kind() {
+            DriverKind::Protocol => driver.open_protocol(self, opts).await,
+            // A filter between a format and its file (preallocate).
+            DriverKind::Filter => driver.open_filter(self, opts).await,
+            DriverKind::Format => {
+                Err(invalid(format!("'{}' is a format, not a protocol: it cannot be a 'file' child", driver.name())))
+            }
         }
-        driver.open_protocol(self, opts).await
     }
 }
 

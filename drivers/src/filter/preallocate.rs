@@ -1,0 +1,774 @@
+//! `preallocate`: a filter between a format and its file that grows the file
+//! in large aligned steps, so that the filesystem allocates in big pieces
+//! instead of one cluster at a time (QEMU's filter of the same name and
+//! options, `prealloc-align` and `prealloc-size`):
+//!
+//!   driver=qcow2,file.driver=preallocate,file.file.driver=file,file.file.filename=X
+//!
+//! The node remembers where the data ends (`data_end`, the size its parent
+//! sees) apart from where the file ends (`file_end`). A write that reaches
+//! past the file's end first extends the file to the write's end plus
+//! `prealloc-size`, rounded up to `prealloc-align`; everything between the
+//! two ends reads as zeroes. Beyond QEMU, the extension runs ahead of the
+//! writer (`prealloc-ahead`): once the data comes within half a step of the
+//! file's end, the next step is allocated in the background, so a sequential
+//! writer does not wait for allocation, and the step doubles (up to
+//! `prealloc-max-size`) while the writer keeps catching up with it. At close
+//! the file is cut back to the end of the data.
+//!
+//! A file left long by a crash carries a marker (the extended attribute
+//! `user.ringblk.preallocate`, holding a data end the data reaches at least):
+//! the next open through the filter finds the last non-zero byte past it
+//! and cuts the file there, so the format above never sees the
+//! preallocated tail as data.
+//!
+//! The filter needs to be the only writer and resizer of its file. Opened
+//! read-only, or when another process shares the file for writing, it passes
+//! everything through and says so once.
+
+use std::os::fd::RawFd;
+use std::sync::{Arc, Mutex, Weak};
+
+use engine::block::{
+    BlockNode, BoxFuture, Child, Driver, DriverKind, Extent, Limits, OpenCtx, Perm, Prealloc, RangeTracker, WriteFlags,
+    ZeroFlags,
+};
+use engine::error::{invalid, Error, ErrorKind, Result};
+use engine::options::OptionTree;
+use engine::runtime::IoBuf;
+
+/// The extended attribute that marks a file left longer than its data.
+const MARKER: &std::ffi::CStr = c"user.ringblk.preallocate";
+const MIB: u64 = 1 << 20;
+/// A writer that comes back for the next step within this is streaming.
+const STREAMING: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// How the file is extended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    /// fallocate: blocks allocated, reading as zeroes, the size moved.
+    Falloc,
+    /// Zeroes written: for filesystems without fallocate.
+    Zeroes,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Falloc => "falloc",
+            Mode::Zeroes => "zeroes",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Config {
+    align: u64,
+    size: u64,
+    max_size: u64,
+    ahead: bool,
+    mode: Mode,
+}
+
+/// Ranges of the file past the data's end when they were added (by an
+/// extension, or a truncate that grew the file) and never written since,
+/// sorted and disjoint. The filesystem may call them data (ext4 does, for
+/// unwritten blocks under a cached folio); they read as zeroes, and block
+/// status says so, as it would for the holes of a file grown by writes.
+#[derive(Default)]
+struct Unwritten(Vec<(u64, u64)>);
+
+/// Ranges kept at most: a random writer in the preallocated area could cut
+/// it into many; past this the smallest are forgotten (then reported as
+/// the filesystem sees them, which is never wrong, only less sparse).
+const MAX_UNWRITTEN: usize = 1024;
+
+impl Unwritten {
+    fn add(&mut self, start: u64, end: u64) {
+        if start >= end {
+            return;
+        }
+        self.remove(start, end);
+        let i = self.0.partition_point(|&(s, _)| s < start);
+        self.0.insert(i, (start, end));
+        // Merge with touching neighbours.
+        if i + 1 < self.0.len() && self.0[i + 1].0 == end {
+            self.0[i].1 = self.0[i + 1].1;
+            self.0.remove(i + 1);
+        }
+        if i > 0 && self.0[i - 1].1 == start {
+            self.0[i - 1].1 = self.0[i].1;
+            self.0.remove(i);
+        }
+        if self.0.len() > MAX_UNWRITTEN {
+            let k = (0..self.0.len()).min_by_key(|&k| self.0[k].1 - self.0[k].0).unwrap_or(0);
+            self.0.remove(k);
+        }
+    }
+
+    fn remove(&mut self, start: u64, end: u64) {
+        if start >= end || self.0.is_empty() {
+            return;
+        }
+        let mut out = Vec::with_capacity(self.0.len() + 1);
+        for &(s, e) in &self.0 {
+            if e <= start || s >= end {
+                out.push((s, e));
+                continue;
+            }
+            if s < start {
+                out.push((s, start));
+            }
+            if e > end {
+                out.push((end, e));
+            }
+        }
+        self.0 = out;
+    }
+
+    /// The unwritten range holding `off` (its end), or the start of the next
+    /// one after `off` (None: none).
+    fn at(&self, off: u64) -> (Option<u64>, Option<u64>) {
+        let i = self.0.partition_point(|&(_, e)| e <= off);
+        match self.0.get(i) {
+            Some(&(s, e)) if s <= off => (Some(e), None),
+            Some(&(s, _)) => (None, Some(s)),
+            None => (None, None),
+        }
+    }
+}
+
+struct State {
+    /// Where the data ends: the size the parent sees.
+    data_end: u64,
+    /// Where the file ends (>= data_end); [data_end, file_end) reads zeroes.
+    file_end: u64,
+    /// The next extension's step (prealloc-size, doubled while the writer
+    /// keeps reaching the file's end, up to prealloc-max-size).
+    step: u64,
+    /// The data end the marker holds, if set.
+    marked: Option<u64>,
+    /// Extensions failed (a full filesystem): no more are tried.
+    failed: bool,
+    /// A background extension is in flight.
+    ahead_running: bool,
+    /// When the last background extension started.
+    last_ahead: Option<std::time::Instant>,
+    unwritten: Unwritten,
+}
+
+pub struct PreallocNode {
+    file: Arc<dyn BlockNode>,
+    /// False: a pass-through (no write or resize permission of its own).
+    active: bool,
+    cfg: Config,
+    /// The file's descriptor, for the marker (None: the child is not a plain
+    /// file, and a crash leaves it long).
+    fd: Option<RawFd>,
+    st: Mutex<State>,
+    /// One extension at a time (the whole range, serialising).
+    growing: RangeTracker,
+    me: Weak<PreallocNode>,
+}
+
+fn align_up(v: u64, a: u64) -> u64 {
+    v.div_ceil(a).saturating_mul(a)
+}
+
+impl PreallocNode {
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.st.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn data_end(&self) -> u64 {
+        self.state().data_end
+    }
+
+    fn err(&self, e: Error, what: &str) -> Error {
+        Error::new(e.kind(), format!("preallocate: {what}: {e}")).with_file(self.file.filename())
+    }
+
+    /// Make sure the file reaches `end` before a write that ends there: the
+    /// write waits only when it goes past the file's end (the data never
+    /// does while the extensions run ahead).
+    async fn reserve(&self, end: u64) -> Result<()> {
+        if !self.active || end <= self.state().file_end {
+            return Ok(());
+        }
+        let _one = self.growing.begin(0, u64::MAX, true).await;
+        let (file_end, step, failed) = {
+            let s = self.state();
+            (s.file_end, s.step, s.failed)
+        };
+        if end <= file_end {
+            return Ok(());
+        }
+        if failed {
+            // Plain growth by the write itself; the file's end follows it.
+            return Ok(());
+        }
+        let target = align_up(end.saturating_add(step), self.cfg.align);
+        self.extend(file_end, target).await
+    }
+
+    /// Extend the file from `from` (its end) to `to`; the caller holds
+    /// `growing`. The marker goes first, so a crash after the extension
+    /// finds it.
+    async fn extend(&self, from: u64, to: u64) -> Result<()> {
+        let data_end = self.data_end();
+        self.mark(data_end);
+        let prealloc = match self.cfg.mode {
+            Mode::Falloc => Prealloc::Falloc,
+            Mode::Zeroes => Prealloc::Full,
+        };
+        match self.file.truncate(to, false, prealloc).await {
+            Ok(()) => {
+                let mut s = self.state();
+                s.file_end = to;
+                s.unwritten.add(from, to);
+                Ok(())
+            }
+            Err(e) => {
+                // A full or odd filesystem: stop preallocating, keep what the
+                // file has (the truncate may have moved its end), let writes
+                // grow it themselves.
+                let size = self.file.size().max(from);
+                let mut s = self.state();
+                s.failed = true;
+                s.file_end = size;
+                drop(s);
+                if e.kind() == ErrorKind::NoSpace || e.kind() == ErrorKind::Unsupported {
+                    Ok(())
+                } else {
+                    Err(self.err(e, "extending the file"))
+                }
+            }
+        }
+    }
+
+    /// Before a write of [start, end): its range holds data from now on.
+    fn written(&self, start: u64, end: u64) {
+        if self.active {
+            self.state().unwritten.remove(start, end);
+        }
+    }
+
+    /// After a write that ended at `end`: move the data end, and start the
+    /// next extension in the background once the data comes within half a
+    /// step of the file's end.
+    fn wrote(&self, end: u64) {
+        if !self.active {
+            return;
+        }
+        let start = {
+            let mut s = self.state();
+            if end <= s.data_end {
+                return;
+            }
+            s.data_end = end;
+            let near = s.file_end.saturating_sub(s.data_end) < s.step / 2;
+            if !self.cfg.ahead || s.failed || s.ahead_running || !near {
+                return;
+            }
+            s.ahead_running = true;
+            // A writer that caught up with the last step soon after it was
+            // taken gets a step twice as large, so that it takes longer to
+            // catch up again; one that took its time goes back to the first.
+            let now = std::time::Instant::now();
+            let streaming = s.last_ahead.is_some_and(|t| now.duration_since(t) < STREAMING);
+            s.step = if streaming { (s.step * 2).min(self.cfg.max_size) } else { self.cfg.size };
+            s.last_ahead = Some(now);
+            Some(())
+        };
+        let (Some(()), Some(me)) = (start, self.me.upgrade()) else { return };
+        engine::runtime::spawn_daemon(async move {
+            let _one = me.growing.begin(0, u64::MAX, true).await;
+            let (file_end, data_end, step) = {
+                let s = me.state();
+                (s.file_end, s.data_end, s.step)
+            };
+            let target = align_up(data_end.max(file_end).saturating_add(step), me.cfg.align);
+            if target > file_end {
+                if let Err(e) = me.extend(file_end, target).await {
+                    eprintln!("{e}");
+                }
+            }
+            me.state().ahead_running = false;
+        });
+    }
+
+    /// Record `data_end` in the marker (a lower bound of the data's end).
+    fn mark(&self, data_end: u64) {
+        let Some(fd) = self.fd else { return };
+        let mut s = self.state();
+        if s.marked == Some(data_end) {
+            return;
+        }
+        let v = data_end.to_string();
+        // SAFETY: fd is the child's open file; name and value are live.
+        let r = unsafe { libc::fsetxattr(fd, MARKER.as_ptr(), v.as_ptr().cast(), v.len(), 0) };
+        if r == 0 {
+            s.marked = Some(data_end);
+        }
+    }
+
+    fn unmark(&self) {
+        let Some(fd) = self.fd else { return };
+        if self.state().marked.take().is_some() {
+            // SAFETY: fd is the child's open file; the name is live.
+            unsafe { libc::fremovexattr(fd, MARKER.as_ptr()) };
+        }
+    }
+
+    /// Cut the file back to the data's end (close, and shrinking truncates).
+    async fn trim(&self) -> Result<()> {
+        let _one = self.growing.begin(0, u64::MAX, true).await;
+        let (data_end, file_end) = {
+            let s = self.state();
+            (s.data_end, s.file_end)
+        };
+        if file_end > data_end {
+            self.file.truncate(data_end, false, Prealloc::Off).await.map_err(|e| self.err(e, "trimming the file"))?;
+            let mut s = self.state();
+            s.file_end = data_end;
+            s.unwritten.remove(data_end, u64::MAX);
+        }
+        self.unmark();
+        Ok(())
+    }
+}
+
+impl BlockNode for PreallocNode {
+    fn driver(&self) -> &'static str {
+        "preallocate"
+    }
+    fn filename(&self) -> String {
+        self.file.filename()
+    }
+    fn size(&self) -> u64 {
+        if self.active {
+            self.data_end()
+        } else {
+            self.file.size()
+        }
+    }
+    fn limits(&self) -> Limits {
+        self.file.limits()
+    }
+    fn read_only(&self) -> bool {
+        self.file.read_only()
+    }
+    fn children(&self) -> Vec<Child> {
+        vec![Child { role: "file", node: self.file.clone() }]
+    }
+    fn read(&self, offset: u64, buf: IoBuf) -> BoxFuture<'_, (Result<()>, IoBuf)> {
+        let len = buf.len();
+        self.read_part(offset, buf, 0..len)
+    }
+    fn read_part(
+        &self,
+        offset: u64,
+        mut buf: IoBuf,
+        range: std::ops::Range<usize>,
+    ) -> BoxFuture<'_, (Result<()>, IoBuf)> {
+        Box::pin(async move {
+            if !self.active {
+                return self.file.read_part(offset, buf, range).await;
+            }
+            // Past the data's end everything reads as zeroes.
+            let end = self.data_end();
+            let len = range.len() as u64;
+            let inside = end.saturating_sub(offset).min(len) as usize;
+            buf[range.start + inside..range.end].fill(0);
+            if inside == 0 {
+                return (Ok(()), buf);
+            }
+            self.file.read_part(offset, buf, range.start..range.start + inside).await
+        })
+    }
+    fn write(&self, offset: u64, buf: IoBuf, flags: WriteFlags) -> BoxFuture<'_, (Result<()>, IoBuf)> {
+        let len = buf.len();
+        self.write_part(offset, buf, 0..len, flags)
+    }
+    fn write_part(
+        &self,
+        offset: u64,
+        buf: IoBuf,
+        range: std::ops::Range<usize>,
+        flags: WriteFlags,
+    ) -> BoxFuture<'_, (Result<()>, IoBuf)> {
+        Box::pin(async move {
+            let end = offset.saturating_add(range.len() as u64);
+            if let Err(e) = self.reserve(end).await {
+                return (Err(e), buf);
+            }
+            self.written(offset, end);
+            let (r, buf) = self.file.write_part(offset, buf, range, flags).await;
+            if r.is_ok() {
+                self.wrote(end);
+            }
+            (r, buf)
+        })
+    }
+    fn write_compressed(&self, offset: u64, buf: IoBuf) -> BoxFuture<'_, (Result<()>, IoBuf)> {
+        Box::pin(async move {
+            let end = offset.saturating_add(buf.len() as u64);
+            if let Err(e) = self.reserve(end).await {
+                return (Err(e), buf);
+            }
+            self.written(offset, end);
+            let (r, buf) = self.file.write_compressed(offset, buf).await;
+            if r.is_ok() {
+                self.wrote(end);
+            }
+            (r, buf)
+        })
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async move {
+            let end = offset.saturating_add(len);
+            if !self.active {
+                return self.file.write_zeroes(offset, len, flags).await;
+            }
+            // What lies past the data's end is zero already: only the part
+            // below it is zeroed, then the data's end moves.
+            let data_end = self.data_end();
+            if offset < data_end {
+                self.file.write_zeroes(offset, end.min(data_end) - offset, flags).await?;
+            }
+            if end > data_end {
+                self.reserve(end).await?;
+                self.wrote(end);
+                if flags.fua {
+                    self.flush().await?;
+                }
+            }
+            Ok(())
+        })
+    }
+    fn discard(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async move {
+            let end =
+                if self.active { offset.saturating_add(len).min(self.data_end()) } else { offset.saturating_add(len) };
+            if end <= offset {
+                return Ok(());
+            }
+            self.file.discard(offset, end - offset).await
+        })
+    }
+    fn flush(&self) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async move {
+            if self.active {
+                let (data_end, file_end) = {
+                    let s = self.state();
+                    (s.data_end, s.file_end)
+                };
+                if file_end > data_end {
+                    self.mark(data_end);
+                }
+            }
+            self.file.flush().await
+        })
+    }
+    fn block_status(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<Extent>> {
+        Box::pin(async move {
+            if !self.active {
+                return self.file.block_status(offset, len).await;
+            }
+            let (end, (inside, next)) = {
+                let s = self.state();
+                (s.data_end, s.unwritten.at(offset))
+            };
+            if offset >= end {
+                return Ok(Extent { len, data: false, zero: true, allocated: false, offset: None, compressed: false });
+            }
+            let len = len.min(end - offset);
+            if let Some(e) = inside {
+                // Allocated by us, never written: a hole to the reader.
+                let n = (e - offset).min(len);
+                return Ok(Extent {
+                    len: n,
+                    data: false,
+                    zero: true,
+                    allocated: true,
+                    offset: Some(offset),
+                    compressed: false,
+                });
+            }
+            let len = next.map_or(len, |n| len.min(n - offset));
+            self.file.block_status(offset, len).await
+        })
+    }
+    fn truncate(&self, size: u64, exact: bool, prealloc: Prealloc) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async move {
+            if !self.active {
+                return self.file.truncate(size, exact, prealloc).await;
+            }
+            let data_end = self.data_end();
+            if size < data_end {
+                // Shrinking: the file goes down with the data, so that what
+                // is cut reads as zeroes if the data grows back over it.
+                {
+                    let _one = self.growing.begin(0, u64::MAX, true).await;
+                    self.file.truncate(size, exact, Prealloc::Off).await?;
+                    let mut s = self.state();
+                    s.data_end = size;
+                    s.file_end = size;
+                    s.unwritten.remove(size, u64::MAX);
+                }
+                self.unmark();
+                return Ok(());
+            }
+            if size > self.state().file_end {
+                let _one = self.growing.begin(0, u64::MAX, true).await;
+                let file_end = self.state().file_end;
+                if size > file_end {
+                    self.file.truncate(size, exact, prealloc).await?;
+                    // Never written: zeroes, though the filesystem block
+                    // holding the old end may have been allocated by us.
+                    let mut s = self.state();
+                    s.file_end = size;
+                    s.unwritten.add(file_end, size);
+                }
+            }
+            // Inside the preallocated part: zeroes, allocated already.
+            let mut s = self.state();
+            s.data_end = s.data_end.max(size);
+            Ok(())
+        })
+    }
+    fn close(&self) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async move {
+            let trimmed = if self.active && !self.file.read_only() { self.trim().await } else { Ok(()) };
+            let closed = self.file.close().await;
+            trimmed.and(closed)
+        })
+    }
+    fn allocated_size(&self) -> BoxFuture<'_, Result<Option<u64>>> {
+        self.file.allocated_size()
+    }
+    fn passthrough_fd(&self) -> Option<(RawFd, u64)> {
+        self.file.passthrough_fd()
+    }
+    fn cached_extent(&self, offset: u64, len: u64) -> Option<(RawFd, u64)> {
+        (offset.checked_add(len)? <= self.size()).then(|| self.file.cached_extent(offset, len))?
+    }
+    fn write_now(&self, offset: u64, data: &[u8]) -> Option<Result<()>> {
+        // Only writes inside the data: growing ones take `write_part`.
+        (offset.checked_add(data.len() as u64)? <= self.size()).then(|| self.file.write_now(offset, data))?
+    }
+    fn map_cached(&self, offset: u64, len: usize) -> Option<IoBuf> {
+        (offset.checked_add(len as u64)? <= self.size()).then(|| self.file.map_cached(offset, len))?
+    }
+    fn format_specific(&self) -> Option<serde_json::Value> {
+        let s = self.state();
+        Some(serde_json::json!({
+            "type": "preallocate",
+            "data": {
+                "active": self.active,
+                "mode": self.cfg.mode.name(),
+                "prealloc-align": self.cfg.align,
+                "prealloc-size": self.cfg.size,
+                "prealloc-max-size": self.cfg.max_size,
+                "prealloc-ahead": self.cfg.ahead,
+                "step": s.step,
+                "data-end": s.data_end,
+                "file-end": s.file_end,
+            }
+        }))
+    }
+}
+
+/// The end of the data of a file left long (the marker says it was): the
+/// byte after the last non-zero one past `floor`, rounded up to 512, or
+/// `floor`. Holes (and, on most filesystems, fallocated but unwritten
+/// blocks) are skipped with SEEK_DATA; data regions are read backwards.
+fn recover_end(fd: RawFd, floor: u64, len: u64) -> std::io::Result<u64> {
+    let mut regions = Vec::new();
+    let mut pos = floor;
+    while pos < len && regions.len() < 1 << 16 {
+        // SAFETY: lseek on our own fd.
+        let d = unsafe { libc::lseek(fd, pos as libc::off_t, libc::SEEK_DATA) };
+        if d < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ENXIO) {
+                break;
+            }
+            return Err(e);
+        }
+        // SAFETY: as above.
+        let h = unsafe { libc::lseek(fd, d, libc::SEEK_HOLE) };
+        let h = if h < 0 { len } else { (h as u64).min(len) };
+        regions.push((d as u64, h));
+        pos = h;
+    }
+    let mut buf = vec![0u8; MIB as usize];
+    for &(start, end) in regions.iter().rev() {
+        let mut hi = end;
+        while hi > start {
+            let lo = hi.saturating_sub(MIB).max(start);
+            let n = (hi - lo) as usize;
+            // SAFETY: reads at most n bytes into the live buffer.
+            let r = unsafe { libc::pread(fd, buf.as_mut_ptr().cast(), n, lo as libc::off_t) };
+            if r < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if let Some(i) = buf[..r as usize].iter().rposition(|&b| b != 0) {
+                return Ok(align_up(lo + i as u64 + 1, 512).min(len).max(floor));
+            }
+            hi = lo;
+        }
+    }
+    Ok(floor)
+}
+
+fn read_marker(fd: RawFd) -> Option<u64> {
+    let mut v = [0u8; 32];
+    // SAFETY: reads at most v.len() bytes into the live array.
+    let n = unsafe { libc::fgetxattr(fd, MARKER.as_ptr(), v.as_mut_ptr().cast(), v.len()) };
+    if n <= 0 {
+        return None;
+    }
+    std::str::from_utf8(&v[..n as usize]).ok()?.trim().parse().ok()
+}
+
+/// Does the file's filesystem fallocate? Asked with KEEP_SIZE past the end
+/// (the size stays), then given back by a truncate to the same size.
+fn probe_falloc(fd: RawFd, len: u64) -> bool {
+    // SAFETY: fallocate and ftruncate on our own fd, to sizes it has.
+    unsafe {
+        let ok = libc::fallocate(fd, libc::FALLOC_FL_KEEP_SIZE, len as libc::off_t, 4096) == 0;
+        if ok {
+            libc::ftruncate(fd, len as libc::off_t);
+        }
+        ok
+    }
+}
+
+pub struct PreallocDriver;
+
+impl Driver for PreallocDriver {
+    fn name(&self) -> &'static str {
+        "preallocate"
+    }
+    fn kind(&self) -> DriverKind {
+        DriverKind::Filter
+    }
+    fn open_filter<'a>(&'a self, ctx: &'a OpenCtx, mut opts: OptionTree) -> BoxFuture<'a, Result<Arc<dyn BlockNode>>> {
+        Box::pin(async move {
+            let align = opts.take_size("prealloc-align")?.unwrap_or(MIB);
+            let size = opts.take_size("prealloc-size")?.unwrap_or(128 * MIB);
+            let max_size = opts.take_size("prealloc-max-size")?.unwrap_or(size.max(1 << 30));
+            let ahead = opts.take_bool("prealloc-ahead")?.unwrap_or(true);
+            let mode = opts.take("prealloc-mode");
+            if align == 0 || !align.is_power_of_two() {
+                return Err(invalid(format!("prealloc-align must be a power of two, not {align}")));
+            }
+            if size > 1 << 40 || max_size > 1 << 40 {
+                return Err(invalid("prealloc-size and prealloc-max-size may be at most 1T"));
+            }
+            if max_size < size {
+                return Err(invalid(format!("prealloc-max-size ({max_size}) is below prealloc-size ({size})")));
+            }
+            let file_opts = opts.take_subtree("file");
+            opts.ensure_consumed("The 'preallocate' filter")?;
+
+            // Exclusive write and resize on the file; without write, or when
+            // someone else writes to it, a pass-through.
+            let mut excl = ctx.clone();
+            excl.flags.extra_perm = excl.flags.extra_perm.union(Perm::RESIZE);
+            excl.flags.shared = excl.flags.shared.without(Perm::WRITE.union(Perm::RESIZE));
+            let (file, active) = if !ctx.flags.write {
+                (ctx.open_protocol(file_opts).await?, false)
+            } else {
+                match excl.open_protocol(file_opts.clone()).await {
+                    Ok(f) => (f, true),
+                    Err(e) if e.kind() == ErrorKind::Locked => {
+                        let f = ctx.open_protocol(file_opts).await?;
+                        (ctx.warn)(&format!(
+                            "preallocate: {}: shared with another writer, so not preallocating ({e})",
+                            f.filename()
+                        ));
+                        (f, false)
+                    }
+                    Err(e) => return Err(e),
+                }
+            };
+            let fd = file.passthrough_fd().map(|(fd, _)| fd);
+            let mut len = file.size();
+            if active {
+                if let Some((fd, m)) = fd.and_then(|fd| read_marker(fd).map(|m| (fd, m))) {
+                    // Left long by a crash: cut the preallocated tail.
+                    let end = recover_end(fd, m.min(len), len)
+                        .map_err(|e| Error::os("finding the end of the data", e).with_file(file.filename()))?;
+                    if end < len {
+                        file.truncate(end, false, Prealloc::Off).await?;
+                        (ctx.warn)(&format!(
+                            "preallocate: {}: the file was left preallocated (a crash?): cut from {len} to {end} bytes",
+                            file.filename()
+                        ));
+                        len = end;
+                    }
+                    // SAFETY: fd is the child's open file; the name is live.
+                    unsafe { libc::fremovexattr(fd, MARKER.as_ptr()) };
+                }
+            }
+            let mode = match mode.as_deref() {
+                Some("falloc") => Mode::Falloc,
+                Some("zeroes") => Mode::Zeroes,
+                None | Some("auto") => match fd {
+                    Some(fd) if active && !probe_falloc(fd, len) => Mode::Zeroes,
+                    _ => Mode::Falloc,
+                },
+                Some(m) => {
+                    return Err(invalid(format!("invalid prealloc-mode '{m}': expected auto, falloc or zeroes")))
+                }
+            };
+            let cfg = Config { align, size, max_size, ahead, mode };
+            let st = State {
+                data_end: len,
+                file_end: len,
+                step: size,
+                marked: None,
+                failed: false,
+                ahead_running: false,
+                last_ahead: None,
+                unwritten: Unwritten::default(),
+            };
+            Ok(Arc::new_cyclic(|me| PreallocNode {
+                file,
+                active,
+                cfg,
+                fd,
+                st: Mutex::new(st),
+                growing: RangeTracker::new(),
+                me: me.clone(),
+            }) as Arc<dyn BlockNode>)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Unwritten;
+
+    #[test]
+    fn unwritten_ranges_stay_sorted_merged_and_disjoint() {
+        let mut u = Unwritten::default();
+        u.add(100, 200);
+        u.add(0, 50);
+        u.add(200, 300); // touches: merged
+        u.add(50, 100); // fills the gap: one range
+        assert_eq!(u.0, vec![(0, 300)]);
+        u.remove(120, 130);
+        u.remove(290, 400);
+        assert_eq!(u.0, vec![(0, 120), (130, 290)]);
+        u.add(400, 500);
+        u.add(125, 450); // overlaps two: they become one
+        assert_eq!(u.0, vec![(0, 120), (125, 500)]);
+        assert_eq!(u.at(0), (Some(120), None));
+        assert_eq!(u.at(120), (None, Some(125)));
+        assert_eq!(u.at(499), (Some(500), None));
+        assert_eq!(u.at(500), (None, None));
+    }
+}
