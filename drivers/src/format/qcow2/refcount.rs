@@ -237,12 +237,18 @@ impl State {
         'restart: loop {
             let mut start = self.free_hint.max(from);
             let mut c = start;
+            // The first free cluster the scan meets: when the scan starts at
+            // the hint, everything before it is in use, and the hint moves
+            // there (else every allocation would rescan the used clusters
+            // between the hint and the end of the image: quadratic).
+            let mut first_free = None;
             // Scan a block at a time: one lookup per block, not per cluster.
             let per = geo.refblock_entries();
             'scan: while c < start + n {
                 let rti = (c >> geo.rb_bits) as usize;
                 let stop = (start + n).min(((rti as u64) + 1) << geo.rb_bits);
                 if rti >= self.table.len() || self.table[rti] & REFT_OFFSET_MASK == 0 {
+                    first_free.get_or_insert(c);
                     c = stop; // no block yet: all free
                     continue;
                 }
@@ -253,6 +259,7 @@ impl State {
                         c = start;
                         continue 'scan;
                     }
+                    first_free.get_or_insert(c);
                     c += 1;
                 }
             }
@@ -265,8 +272,11 @@ impl State {
                 c = ((c >> geo.rb_bits) + 1) << geo.rb_bits;
             }
             self.set_run(geo, start, n);
-            if start == self.free_hint {
-                self.free_hint = start + n;
+            if from <= self.free_hint {
+                self.free_hint = match first_free {
+                    Some(f) if f < start => f,
+                    _ => start + n,
+                };
             }
             return Ok(start << geo.cluster_bits);
         }
