@@ -305,6 +305,8 @@ fn real_main(args: Args) -> Result<ExitCode> {
         max_request: DEFAULT_MAX_REQUEST,
         stats: Default::default(),
         verbose: args.verbose,
+        shards: rt.shards(),
+        serving: Default::default(),
     });
 
     let stop = Arc::new(AtomicBool::new(false));

@@ -210,7 +210,7 @@ async fn run(c: &Conn, req: &Request, payload: Option<Payload>) -> Result<Vec<Se
                     // shard has a connection, the hand-off to a worker
                     // costs a third of the server's CPU per byte (nbdcopy
                     // with 2 connections: 0.38 vs 0.55 s per GiB).
-                    let now = if super::conn::every_shard_busy() {
+                    let now = if c.server.every_shard_busy() {
                         node.write_pipe_now(off + at as u64, &pipe, len)
                     } else {
                         None

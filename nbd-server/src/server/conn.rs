@@ -11,7 +11,7 @@ use std::future::poll_fn;
 use std::io;
 use std::ops::Range;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Poll, Waker};
 
@@ -71,30 +71,19 @@ pub(super) struct Conn {
     pub(super) pipes_made: Cell<usize>,
 }
 
-/// Connections in transmission, and the runtime's shards (set by the
-/// accept loop).
-static CONNS: AtomicUsize = AtomicUsize::new(0);
-pub(super) static SHARDS: AtomicUsize = AtomicUsize::new(usize::MAX);
-
-/// Are there at least as many connections as shards? Then every core has
-/// a connection's work to overlap with a write its shard does itself, and
-/// handing the write to an io_uring worker only adds a context switch.
-pub(super) fn every_shard_busy() -> bool {
-    CONNS.load(Ordering::Relaxed) >= SHARDS.load(Ordering::Relaxed)
-}
-
-struct Counted;
+/// Counts a connection in `Server::serving` while it lives.
+struct Counted(Arc<Server>);
 
 impl Counted {
-    fn new() -> Counted {
-        CONNS.fetch_add(1, Ordering::Relaxed);
-        Counted
+    fn new(server: &Arc<Server>) -> Counted {
+        server.serving.fetch_add(1, Ordering::Relaxed);
+        Counted(server.clone())
     }
 }
 
 impl Drop for Counted {
     fn drop(&mut self) {
-        CONNS.fetch_sub(1, Ordering::Relaxed);
+        self.0.serving.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -107,7 +96,7 @@ fn wake(w: &RefCell<Option<Waker>>) {
 /// Serve a negotiated connection until it ends. Runs on a shard.
 pub async fn serve(server: Arc<Server>, n: Negotiated) {
     let Negotiated { fd, tls, export, mode, contexts } = n;
-    let _counted = Counted::new();
+    let _counted = Counted::new(&server);
     let wire = Wire::new(fd, tls);
     let c = Rc::new(Conn {
         wire,

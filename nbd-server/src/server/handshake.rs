@@ -438,6 +438,8 @@ pub fn negotiate_bytes(node: Arc<dyn engine::block::BlockNode>, input: &[u8]) ->
         handshake_limit: Some(std::time::Duration::from_secs(5)),
         max_request: super::DEFAULT_MAX_REQUEST,
         stats: Default::default(),
+        shards: 1,
+        serving: Default::default(),
         verbose: false,
     };
     let data = input.to_vec();

@@ -71,7 +71,6 @@ pub fn run(
 ) {
     let st =
         Arc::new(State { active: AtomicUsize::new(0), served: AtomicUsize::new(0), sockets: Mutex::new(Vec::new()) });
-    super::conn::SHARDS.store(rt.shards(), Ordering::Relaxed);
     let mut next_shard = 0usize;
     let mut next_id = 0u64;
     loop {

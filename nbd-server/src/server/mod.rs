@@ -9,7 +9,7 @@ mod handshake;
 pub mod listen;
 
 use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -175,12 +175,24 @@ pub struct Server {
     pub max_request: u32,
     pub stats: Stats,
     pub verbose: bool,
+    /// Shards of the runtime that serves the connections.
+    pub shards: usize,
+    /// Connections in transmission.
+    pub serving: AtomicUsize,
 }
 
 /// 32 MiB: the largest request the spec says servers should accept.
 pub const DEFAULT_MAX_REQUEST: u32 = 32 << 20;
 
 impl Server {
+    /// Are there at least as many connections as shards? Then every core has
+    /// a connection's work to overlap with a write its shard does itself,
+    /// and handing the write to an io_uring worker only adds a context
+    /// switch.
+    pub fn every_shard_busy(&self) -> bool {
+        self.serving.load(Ordering::Relaxed) >= self.shards
+    }
+
     pub fn log(&self, msg: impl std::fmt::Display) {
         if self.verbose {
             eprintln!("ringblk-nbd: {msg}");
