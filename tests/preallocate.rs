@@ -20,9 +20,15 @@ fn file_len(p: &Path) -> u64 {
     std::fs::metadata(p).unwrap().len()
 }
 
-/// `qemu-img check --output=json`: (exit status, the report).
-fn qemu_check(img: &Path) -> (i32, serde_json::Value) {
-    let o = Command::new("qemu-img").args(["check", "--output=json", "-f", "qcow2"]).arg(img).output().unwrap();
+/// `qemu-img check --output=json` (with -U when `shared`: another process
+/// has the image open): (exit status, the report).
+fn qemu_check(img: &Path, shared: bool) -> (i32, serde_json::Value) {
+    let mut cmd = Command::new("qemu-img");
+    cmd.args(["check", "--output=json", "-f", "qcow2"]);
+    if shared {
+        cmd.arg("-U");
+    }
+    let o = cmd.arg(img).output().unwrap();
     let v = serde_json::from_slice(&o.stdout)
         .unwrap_or_else(|_| serde_json::json!({"stderr": String::from_utf8_lossy(&o.stderr)}));
     (o.status.code().unwrap_or(-1), v)
@@ -54,7 +60,7 @@ fn qcow2_written_through_the_filter_is_accepted_by_qemu_img() {
     let opts = filtered_qcow2(&img, "file.prealloc-size=4M,file.prealloc-align=256K,");
     run(Command::new(bin("ringblk")).args(["convert", "-n", "-f", "raw", "--target-image-opts"]).arg(&src).arg(&opts));
 
-    let (code, report) = qemu_check(&img);
+    let (code, report) = qemu_check(&img, false);
     assert_eq!(code, 0, "qemu-img check: {report}");
     assert_eq!(report["leaks"].as_u64().unwrap_or(0), 0, "{report}");
     assert_eq!(report["corruptions"].as_u64().unwrap_or(0), 0, "{report}");
@@ -77,20 +83,14 @@ fn qcow2_written_through_the_filter_is_accepted_by_qemu_img() {
     );
     run(Command::new("nbdcopy").arg(&src).arg(srv.uri("")));
     // While serving, the file runs ahead of the data.
-    let (_, during) = qemu_check_shared(&img2);
+    let (_, during) = qemu_check(&img2, true);
     let during_end = during["image-end-offset"].as_u64().unwrap();
     assert!(file_len(&img2) > during_end, "no preallocation while serving: {} vs {during_end}", file_len(&img2));
     srv.finish();
-    let (code, report) = qemu_check(&img2);
+    let (code, report) = qemu_check(&img2, false);
     assert_eq!(code, 0, "{report}");
     assert_eq!(file_len(&img2), report["image-end-offset"].as_u64().unwrap(), "{report}");
     run(Command::new("qemu-img").args(["compare", "-f", "raw", "-F", "qcow2"]).arg(&src).arg(&img2));
-}
-
-/// qemu-img check -U on an image another process has open.
-fn qemu_check_shared(img: &Path) -> (i32, serde_json::Value) {
-    let o = Command::new("qemu-img").args(["check", "-U", "--output=json", "-f", "qcow2"]).arg(img).output().unwrap();
-    (o.status.code().unwrap_or(-1), serde_json::from_slice(&o.stdout).unwrap_or(serde_json::Value::Null))
 }
 
 async fn open(opts: OptionTree) -> Arc<dyn BlockNode> {
@@ -252,7 +252,7 @@ fn a_file_left_long_by_a_killed_writer_is_cut_back_at_the_next_open() {
     // after the process is gone.
     let t0 = Instant::now();
     let before = loop {
-        let (code, v) = qemu_check(&img);
+        let (code, v) = qemu_check(&img, false);
         if code != 1 || t0.elapsed() > Duration::from_secs(20) {
             break v;
         }
@@ -270,7 +270,7 @@ fn a_file_left_long_by_a_killed_writer_is_cut_back_at_the_next_open() {
     let out = Command::new(bin("ringblk")).args(["check", "-r", "leaks", "--image-opts", &opts]).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("left preallocated"), "no word of the trim: {err}");
-    let (code, after) = qemu_check(&img);
+    let (code, after) = qemu_check(&img, false);
     assert_eq!(code, 0, "qemu-img check after the repair: {after}\n{err}");
     // Cut where the written bytes end (to the sector), not before.
     let len = file_len(&img);

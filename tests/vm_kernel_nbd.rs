@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use ringblk_tests::bin;
+use ringblk_tests::{bin, run, Rng};
 
 const MIB: usize = 1 << 20;
 
@@ -16,31 +16,12 @@ fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
 }
 
-fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "{cmd:?} failed ({}):\n{text}", out.status);
-    text
-}
-
-/// Deterministic bytes that no two regions share.
-fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 #[test]
 fn the_kernel_nbd_client_reads_and_writes_through_ringblk_nbd_c() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let (pattern, discard, payload) = (noise(1, MIB), noise(2, MIB), noise(3, MIB));
+    let mut rng = Rng::new(1);
+    let (pattern, discard, payload) = (rng.bytes(MIB), rng.bytes(MIB), rng.bytes(MIB));
     std::fs::write(d.join("pattern.bin"), &pattern).unwrap();
     std::fs::write(d.join("discard.bin"), &discard).unwrap();
     std::fs::write(d.join("payload.bin"), &payload).unwrap();
