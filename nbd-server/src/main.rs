@@ -479,35 +479,36 @@ fn fork_server() -> Result<OwnedFd> {
         std::process::exit(if code == 0 { 1 } else { code });
     }
     drop(rd);
-    // SAFETY: setsid and dup2 onto standard fds of /dev/null have no memory
-    // arguments. stderr stays until release_parent, so that a failure to
-    // start still reaches the terminal.
+    // SAFETY: setsid has no arguments.
+    unsafe { libc::setsid() };
+    // stderr stays until release_parent, so that a failure to start still
+    // reaches the terminal.
+    null_onto(&[0, 1]);
+    Ok(wr)
+}
+
+/// Point the standard descriptors `fds` at /dev/null.
+fn null_onto(fds: &[i32]) {
+    // SAFETY: open, dup2 and close of descriptors, no memory arguments but
+    // the NUL-terminated path.
     unsafe {
-        libc::setsid();
         let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
         if null >= 0 {
-            libc::dup2(null, 0);
-            libc::dup2(null, 1);
+            for &fd in fds {
+                libc::dup2(null, fd);
+            }
             libc::close(null);
         }
     }
-    Ok(wr)
 }
 
 /// Tell the waiting parent the server is up, and (unless -v) let go of the
 /// terminal's stderr.
 fn release_parent(fd: OwnedFd, verbose: bool) {
-    // SAFETY: writes one byte from a live buffer to the pipe we own; dup2
-    // of /dev/null onto stderr has no memory arguments.
-    unsafe {
-        libc::write(fd.as_raw_fd(), [1u8].as_ptr().cast(), 1);
-        if !verbose {
-            let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
-            if null >= 0 {
-                libc::dup2(null, 2);
-                libc::close(null);
-            }
-        }
+    // SAFETY: writes one byte from a live buffer to the pipe we own.
+    unsafe { libc::write(fd.as_raw_fd(), [1u8].as_ptr().cast(), 1) };
+    if !verbose {
+        null_onto(&[2]);
     }
     drop(fd);
 }
