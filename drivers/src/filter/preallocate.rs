@@ -246,6 +246,27 @@ impl PreallocNode {
         }
     }
 
+    /// A write of [offset, end) through to the file (`io`): the file made
+    /// long enough first, the range no longer unwritten, the data's end
+    /// moved once it is done.
+    async fn write_through<'a>(
+        &'a self,
+        offset: u64,
+        end: u64,
+        buf: IoBuf,
+        io: impl FnOnce(IoBuf) -> BoxFuture<'a, (Result<()>, IoBuf)>,
+    ) -> (Result<()>, IoBuf) {
+        if let Err(e) = self.reserve(end).await {
+            return (Err(e), buf);
+        }
+        self.written(offset, end);
+        let (r, buf) = io(buf).await;
+        if r.is_ok() {
+            self.wrote(end);
+        }
+        (r, buf)
+    }
+
     /// Before a write of [start, end): its range holds data from now on.
     fn written(&self, start: u64, end: u64) {
         if self.active {
@@ -397,32 +418,12 @@ impl BlockNode for PreallocNode {
         range: std::ops::Range<usize>,
         flags: WriteFlags,
     ) -> BoxFuture<'_, (Result<()>, IoBuf)> {
-        Box::pin(async move {
-            let end = offset.saturating_add(range.len() as u64);
-            if let Err(e) = self.reserve(end).await {
-                return (Err(e), buf);
-            }
-            self.written(offset, end);
-            let (r, buf) = self.file.write_part(offset, buf, range, flags).await;
-            if r.is_ok() {
-                self.wrote(end);
-            }
-            (r, buf)
-        })
+        let end = offset.saturating_add(range.len() as u64);
+        Box::pin(self.write_through(offset, end, buf, move |buf| self.file.write_part(offset, buf, range, flags)))
     }
     fn write_compressed(&self, offset: u64, buf: IoBuf) -> BoxFuture<'_, (Result<()>, IoBuf)> {
-        Box::pin(async move {
-            let end = offset.saturating_add(buf.len() as u64);
-            if let Err(e) = self.reserve(end).await {
-                return (Err(e), buf);
-            }
-            self.written(offset, end);
-            let (r, buf) = self.file.write_compressed(offset, buf).await;
-            if r.is_ok() {
-                self.wrote(end);
-            }
-            (r, buf)
-        })
+        let end = offset.saturating_add(buf.len() as u64);
+        Box::pin(self.write_through(offset, end, buf, move |buf| self.file.write_compressed(offset, buf)))
     }
     fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> BoxFuture<'_, Result<()>> {
         Box::pin(async move {
