@@ -6,7 +6,7 @@ use std::alloc::Layout;
 use std::ops::{Deref, DerefMut};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use crossbeam_queue::ArrayQueue;
 
@@ -35,12 +35,12 @@ unsafe impl Sync for BufPool {}
 
 impl BufPool {
     pub fn new(count: usize, buf_size: usize) -> Arc<BufPool> {
-        assert!(buf_size.is_multiple_of(BUF_ALIGN) && buf_size > 0, "pool buffer size must be a multiple of {BUF_ALIGN}");
+        assert!(
+            buf_size.is_multiple_of(BUF_ALIGN) && buf_size > 0,
+            "pool buffer size must be a multiple of {BUF_ALIGN}"
+        );
         let count = count.max(1);
-        let layout = Layout::from_size_align(count * buf_size, BUF_ALIGN).expect("pool layout fits in isize");
-        // SAFETY: layout has non-zero size.
-        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
-        let base = NonNull::new(ptr).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
+        let base = map_huge(count * buf_size);
         let free = ArrayQueue::new(count);
         for i in 0..count as u32 {
             free.push(i).expect("queue sized to count");
@@ -95,20 +95,128 @@ impl BufPool {
 
 impl Drop for BufPool {
     fn drop(&mut self) {
-        let layout = Layout::from_size_align(self.count * self.buf_size, BUF_ALIGN).expect("same layout as new");
-        // SAFETY: allocated in new() with this layout; every IoBuf holds an Arc to the
-        // pool, so none is alive when the pool drops.
-        unsafe { std::alloc::dealloc(self.base.as_ptr(), layout) };
+        // SAFETY: mapped in new() with this length; every IoBuf holds an Arc to
+        // the pool, so none is alive when the pool drops.
+        unsafe { unmap_huge(self.base, self.count * self.buf_size) };
     }
+}
+
+/// The size of a transparent huge page on x86-64 and arm64 (4K base pages).
+const HUGE_PAGE: usize = 2 << 20;
+
+/// Map `len` bytes (rounded up to whole huge pages) of zeroed anonymous
+/// memory aligned to a huge page, and ask for transparent huge pages. I/O
+/// buffers want them: a 4 KiB-page buffer is one DMA segment per page, and
+/// devices take few (a loop device 128), so the block layer splits a 1 MiB
+/// request of scattered pages in two; in huge pages it is 16 segments of
+/// 64 KiB. Where THP is off, the mapping is ordinary memory.
+fn map_huge(len: usize) -> NonNull<u8> {
+    let len = len.max(1).next_multiple_of(HUGE_PAGE);
+    let over = len + HUGE_PAGE;
+    // SAFETY: a fresh private anonymous mapping; no existing memory is touched.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            over,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        std::alloc::handle_alloc_error(Layout::from_size_align(len, HUGE_PAGE).expect("huge layout fits in isize"));
+    }
+    let start = p as usize;
+    let aligned = start.next_multiple_of(HUGE_PAGE);
+    // SAFETY: the head [start, aligned) and the tail after aligned + len lie in
+    // the mapping just made and nothing refers to them; the madvise range is
+    // inside what remains.
+    unsafe {
+        if aligned > start {
+            libc::munmap(p, aligned - start);
+        }
+        let tail = start + over - (aligned + len);
+        if tail > 0 {
+            libc::munmap((aligned + len) as *mut libc::c_void, tail);
+        }
+        libc::madvise(aligned as *mut libc::c_void, len, libc::MADV_HUGEPAGE);
+    }
+    NonNull::new(aligned as *mut u8).expect("mmap never returns null on success")
+}
+
+/// # Safety
+/// `base` and `len` must be a `map_huge` mapping that nothing refers to.
+unsafe fn unmap_huge(base: NonNull<u8>, len: usize) {
+    // SAFETY: the caller's contract.
+    unsafe { libc::munmap(base.as_ptr().cast(), len.max(1).next_multiple_of(HUGE_PAGE)) };
+}
+
+/// Buffers of 64 KiB to 32 MiB that no pool holds come from a process-wide
+/// cache of huge-page-backed blocks in power-of-two sizes: blocks up to a
+/// huge page are cut from huge pages, larger ones are mappings of their own.
+/// A freed block goes back to its size's free list, so a request loop reuses
+/// the same few blocks without a system call or a page fault.
+const LARGE_MIN: usize = 64 << 10;
+const LARGE_CLASSES: usize = 10; // 64 KiB << 0..=9, up to 32 MiB
+/// Free blocks kept per size above a huge page; more are unmapped.
+const LARGE_KEEP_BYTES: usize = 64 << 20;
+
+static LARGE_FREE: [Mutex<Vec<usize>>; LARGE_CLASSES] = [const { Mutex::new(Vec::new()) }; LARGE_CLASSES];
+
+fn large_class(len: usize) -> Option<usize> {
+    if !(LARGE_MIN..=LARGE_MIN << (LARGE_CLASSES - 1)).contains(&len) {
+        return None;
+    }
+    Some((len.next_power_of_two() / LARGE_MIN).trailing_zeros() as usize)
+}
+
+fn large_take(class: usize) -> NonNull<u8> {
+    let size = LARGE_MIN << class;
+    let mut free = LARGE_FREE[class].lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(p) = free.pop() {
+        return NonNull::new(p as *mut u8).expect("free list holds non-null blocks");
+    }
+    if size >= HUGE_PAGE {
+        drop(free);
+        return map_huge(size);
+    }
+    // Cut a fresh huge page into blocks of this size; keep the rest.
+    let page = map_huge(HUGE_PAGE).as_ptr() as usize;
+    free.extend((1..HUGE_PAGE / size).map(|i| page + i * size));
+    NonNull::new(page as *mut u8).expect("map_huge never returns null")
+}
+
+fn large_give(class: usize, p: NonNull<u8>) {
+    let size = LARGE_MIN << class;
+    let mut free = LARGE_FREE[class].lock().unwrap_or_else(|e| e.into_inner());
+    if size > HUGE_PAGE && (free.len() + 1) * size > LARGE_KEEP_BYTES {
+        drop(free);
+        // SAFETY: a block above a huge page is a mapping of its own, and the
+        // buffer that held it is gone.
+        unsafe { unmap_huge(p, size) };
+        return;
+    }
+    free.push(p.as_ptr() as usize);
 }
 
 enum Origin {
     /// `IoBuf::empty()`: no memory.
     Empty,
     Heap,
-    Pool { pool: Arc<BufPool>, index: u32 },
+    /// A block of the large-buffer cache, of size class `class`.
+    Large {
+        class: usize,
+    },
+    Pool {
+        pool: Arc<BufPool>,
+        index: u32,
+    },
     /// A private file mapping of its own (`IoBuf::from_mapping`), unmapped on drop.
-    Mapping { base: NonNull<u8>, len: usize },
+    Mapping {
+        base: NonNull<u8>,
+        len: usize,
+    },
 }
 
 /// An owned, page-aligned byte buffer. Operations take it by value and give it
@@ -134,6 +242,9 @@ impl IoBuf {
     pub fn new(len: usize) -> IoBuf {
         if let Some(b) = crate::runtime::try_pool_buf(len) {
             return b;
+        }
+        if let Some(class) = large_class(len) {
+            return IoBuf { ptr: large_take(class), cap: LARGE_MIN << class, len, origin: Origin::Large { class } };
         }
         IoBuf::heap(len)
     }
@@ -240,6 +351,7 @@ impl Drop for IoBuf {
                 // The pool was sized to hold every index, so the push cannot fail.
                 let _ = pool.free.push(*index);
             }
+            Origin::Large { class } => large_give(*class, self.ptr),
             Origin::Mapping { base, len } => {
                 // SAFETY: the mapping was given to us whole in from_mapping and
                 // nothing else refers to it once the buffer is gone.
@@ -272,6 +384,29 @@ mod tests {
         assert!(pool.take(8192).is_none(), "too big for the pool");
         drop(b);
         assert_eq!(pool.available(), 2);
+    }
+
+    #[test]
+    fn large_buffers_come_back_for_reuse_and_never_overlap() {
+        assert_eq!(large_class(64 << 10), Some(0));
+        assert_eq!(large_class((64 << 10) + 1), Some(1));
+        assert_eq!(large_class(32 << 20), Some(9));
+        assert_eq!(large_class((32 << 20) + 1), None);
+        assert_eq!(large_class(4096), None);
+        let mut held: Vec<IoBuf> = (0..40).map(|i| IoBuf::new(300_000 + i * 1000)).collect();
+        let mut spans: Vec<(usize, usize)> = held.iter().map(|b| (b.as_ptr() as usize, b.capacity())).collect();
+        for b in &mut held {
+            assert_eq!(b.capacity(), 512 << 10);
+            assert_eq!(b.as_ptr() as usize % BUF_ALIGN, 0);
+            b.fill(0xa5);
+        }
+        spans.sort();
+        for w in spans.windows(2) {
+            assert!(w[0].0 + w[0].1 <= w[1].0, "blocks overlap: {w:?}");
+        }
+        drop(held);
+        let big = IoBuf::new(3 << 20);
+        assert_eq!((big.capacity(), big.as_ptr() as usize % HUGE_PAGE), (4 << 20, 0));
     }
 
     #[test]
