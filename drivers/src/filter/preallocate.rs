@@ -13,8 +13,12 @@
 //! writer (`prealloc-ahead`): once the data comes within half a step of the
 //! file's end, the next step is allocated in the background, so a sequential
 //! writer does not wait for allocation, and the step doubles (up to
-//! `prealloc-max-size`) while the writer keeps catching up with it. At close
-//! the file is cut back to the end of the data.
+//! `prealloc-max-size`) while the writer keeps catching up with it and
+//! allocating is cheap. How the file is extended (`prealloc-mode`) depends
+//! on the filesystem: blocks allocated past the end and then the size moved
+//! on local filesystems, only the size moved on network filesystems and
+//! FUSE, zeroes written where fallocate fails. At close the file is cut
+//! back to the end of the data.
 //!
 //! A file left long by a crash carries a marker (the extended attribute
 //! `user.ringblk.preallocate`, holding a data end the data reaches at least):
@@ -42,6 +46,13 @@ const MARKER: &std::ffi::CStr = c"user.ringblk.preallocate";
 const MIB: u64 = 1 << 20;
 /// A writer that comes back for the next step within this is streaming.
 const STREAMING: std::time::Duration = std::time::Duration::from_secs(1);
+/// An extension that allocated at least this many bytes a second was cheap:
+/// its cost was the call, not the bytes (ext4 allocates 1 GiB of unwritten
+/// extents in milliseconds), so a bigger step saves calls. Where allocating
+/// costs in proportion to its size (a network filesystem, the slowfs rig at
+/// 1 GiB/s), a bigger step saves nothing and leaves more to give back at
+/// the end, so the step stays.
+const CHEAP_ALLOC_RATE: u64 = 8 << 30;
 
 /// How the file is extended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -50,6 +61,12 @@ enum Mode {
     Falloc,
     /// Zeroes written: for filesystems without fallocate.
     Zeroes,
+    /// Only the size moved, for filesystems reached over a network (and
+    /// FUSE): there fallocate is one request that holds the file's lock
+    /// while the server allocates, so every write waits for it, and a
+    /// write past the end is serialised with all others. Inside the size,
+    /// writes go in parallel and the server allocates for each in parallel.
+    Sparse,
 }
 
 impl Mode {
@@ -57,6 +74,7 @@ impl Mode {
         match self {
             Mode::Falloc => "falloc",
             Mode::Zeroes => "zeroes",
+            Mode::Sparse => "sparse",
         }
     }
 }
@@ -154,6 +172,10 @@ struct State {
     ahead_running: bool,
     /// When the last background extension started.
     last_ahead: Option<std::time::Instant>,
+    /// The last extension allocated at CHEAP_ALLOC_RATE or faster.
+    cheap: bool,
+    /// What the writer wrote while the last background extension ran.
+    lead: u64,
     unwritten: Unwritten,
 }
 
@@ -220,10 +242,14 @@ impl PreallocNode {
         let prealloc = match self.cfg.mode {
             Mode::Falloc => Prealloc::Falloc,
             Mode::Zeroes => Prealloc::Full,
+            Mode::Sparse => Prealloc::Off,
         };
+        let t0 = std::time::Instant::now();
         match self.file.truncate(to, false, prealloc).await {
             Ok(()) => {
+                let secs = t0.elapsed().as_secs_f64();
                 let mut s = self.state();
+                s.cheap = (to - from) as f64 >= CHEAP_ALLOC_RATE as f64 * secs;
                 s.file_end = to;
                 s.unwritten.add(from, to);
                 Ok(())
@@ -281,29 +307,50 @@ impl PreallocNode {
         if !self.active {
             return;
         }
-        let start = {
+        {
             let mut s = self.state();
             if end <= s.data_end {
                 return;
             }
             s.data_end = end;
-            let near = s.file_end.saturating_sub(s.data_end) < s.step / 2;
+        }
+        self.maybe_ahead();
+    }
+
+    /// Start the next extension in the background if the data has come
+    /// near the file's end: within half a step, plus what the writer wrote
+    /// while the last extension ran. An allocator slower than its writer
+    /// thus runs back to back instead of waiting for the writer to come near
+    /// again (on the slowfs rig, allocating 1 GiB takes longer than writing
+    /// it).
+    fn maybe_ahead(&self) {
+        let start = {
+            let mut s = self.state();
+            let near = s.file_end.saturating_sub(s.data_end) < (s.step / 2).saturating_add(s.lead);
             if !self.cfg.ahead || s.failed || s.ahead_running || !near {
                 return;
             }
             s.ahead_running = true;
             // A writer that caught up with the last step soon after it was
             // taken gets a step twice as large, so that it takes longer to
-            // catch up again; one that took its time goes back to the first.
+            // catch up again, as long as allocating is cheap per byte; one
+            // that took its time goes back to the first.
             let now = std::time::Instant::now();
             let streaming = s.last_ahead.is_some_and(|t| now.duration_since(t) < STREAMING);
-            s.step = if streaming { (s.step * 2).min(self.cfg.max_size) } else { self.cfg.size };
+            s.step = match (streaming, s.cheap) {
+                (true, true) => (s.step * 2).min(self.cfg.max_size),
+                (true, false) => s.step,
+                (false, _) => self.cfg.size,
+            };
+            if !streaming {
+                s.lead = 0;
+            }
             s.last_ahead = Some(now);
             Some(())
         };
         let (Some(()), Some(me)) = (start, self.me.upgrade()) else { return };
         engine::runtime::spawn_daemon(async move {
-            let _one = me.growing.begin(0, u64::MAX, true).await;
+            let one = me.growing.begin(0, u64::MAX, true).await;
             let (file_end, data_end, step) = {
                 let s = me.state();
                 (s.file_end, s.data_end, s.step)
@@ -314,7 +361,13 @@ impl PreallocNode {
                     eprintln!("{e}");
                 }
             }
-            me.state().ahead_running = false;
+            {
+                let mut s = me.state();
+                s.lead = s.data_end.saturating_sub(data_end).min(me.cfg.max_size);
+                s.ahead_running = false;
+            }
+            drop(one);
+            me.maybe_ahead();
         });
     }
 
@@ -635,6 +688,30 @@ fn read_marker(fd: RawFd) -> Option<u64> {
 
 /// Does the file's filesystem fallocate? Asked with KEEP_SIZE past the end
 /// (the size stays), then given back by a truncate to the same size.
+/// The file lives on a filesystem reached over a network, or through FUSE
+/// (statfs magic numbers, <linux/magic.h> and the projects' own).
+fn remote_fs(fd: RawFd) -> bool {
+    const REMOTE: [i64; 10] = [
+        0x6969,     // NFS
+        0xFF534D42, // CIFS
+        0xFE534D42, // SMB2
+        0x65735546, // FUSE
+        0x00c36400, // Ceph
+        0x0BD00BD0, // Lustre
+        0x47504653, // GPFS
+        0x01021997, // 9P
+        0x5346414F, // AFS
+        0x6B414653, // kAFS
+    ];
+    // SAFETY: an all-zero statfs is a valid value to be overwritten.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: fd is the child's open file and st is writable.
+    if unsafe { libc::fstatfs(fd, &mut st) } != 0 {
+        return false;
+    }
+    REMOTE.contains(&(st.f_type as i64))
+}
+
 fn probe_falloc(fd: RawFd, len: u64) -> bool {
     // SAFETY: fallocate and ftruncate on our own fd, to sizes it has.
     unsafe {
@@ -717,12 +794,16 @@ impl Driver for PreallocDriver {
             let mode = match mode.as_deref() {
                 Some("falloc") => Mode::Falloc,
                 Some("zeroes") => Mode::Zeroes,
+                Some("sparse") => Mode::Sparse,
                 None | Some("auto") => match fd {
+                    Some(fd) if remote_fs(fd) => Mode::Sparse,
                     Some(fd) if active && !probe_falloc(fd, len) => Mode::Zeroes,
                     _ => Mode::Falloc,
                 },
                 Some(m) => {
-                    return Err(invalid(format!("invalid prealloc-mode '{m}': expected auto, falloc or zeroes")))
+                    return Err(invalid(format!(
+                        "invalid prealloc-mode '{m}': expected auto, falloc, zeroes or sparse"
+                    )))
                 }
             };
             let cfg = Config { align, size, max_size, ahead, mode };
@@ -734,6 +815,8 @@ impl Driver for PreallocDriver {
                 failed: false,
                 ahead_running: false,
                 last_ahead: None,
+                cheap: false,
+                lead: 0,
                 unwritten: Unwritten::default(),
             };
             Ok(Arc::new_cyclic(|me| PreallocNode {
