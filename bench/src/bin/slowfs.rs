@@ -1,7 +1,8 @@
 //! `slowfs`: the slow-allocation rig. A FUSE filesystem that passes every
 //! file through to a backing directory, but charges time for allocation: a
-//! write or fallocate that makes the backing file allocate new blocks sleeps
-//! `--alloc-us-per-mib` for every MiB it allocated before it answers. It
+//! write or fallocate that covers bytes of a file no write or fallocate
+//! covered before (in 4 KiB blocks) sleeps `--alloc-us-per-mib` for every
+//! MiB of them before it answers. It
 //! stands in for filesystems whose allocation is slow by design (NFS, GPFS,
 //! Lustre), where a writer that waits for each allocation crawls and one
 //! that allocates ahead of itself does not.
@@ -14,7 +15,7 @@
 //! itself, as an allocation on a network filesystem would. Extended
 //! attributes, SEEK_DATA/SEEK_HOLE and fallocate's modes pass through.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::ffi::{CString, OsStr, OsString};
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -22,7 +23,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use clap::Parser;
@@ -74,23 +75,111 @@ struct Charged {
     requests: AtomicU64,
 }
 
+/// What the rig counts as allocated in one file: byte ranges in 4 KiB
+/// blocks, sorted and disjoint (start -> end). Kept by the rig rather than
+/// read back from the backing file: concurrent writes would each see the
+/// other's blocks in st_blocks, and tmpfs calls fallocated pages holes.
+#[derive(Default)]
+struct Extents(BTreeMap<u64, u64>);
+
+const BLOCK: u64 = 4096;
+
+impl Extents {
+    /// From the backing file's data ranges (a file the rig did not write).
+    fn scan(f: &File) -> Extents {
+        let mut x = Extents::default();
+        let fd = f.as_raw_fd();
+        let mut pos = 0i64;
+        loop {
+            // SAFETY: plain lseeks on an open file (positioned I/O only here,
+            // so moving its offset disturbs nothing).
+            let data = unsafe { libc::lseek(fd, pos, libc::SEEK_DATA) };
+            if data < 0 {
+                return x;
+            }
+            // SAFETY: as above.
+            let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+            if hole <= data {
+                return x;
+            }
+            x.add(data as u64, hole as u64);
+            pos = hole;
+        }
+    }
+
+    /// Cover [a, b); the bytes that were not covered before.
+    fn add(&mut self, a: u64, b: u64) -> u64 {
+        let (a, b) = (a / BLOCK * BLOCK, b.div_ceil(BLOCK) * BLOCK);
+        if a >= b {
+            return 0;
+        }
+        let (mut start, mut end, mut new) = (a, b, b - a);
+        let touching: Vec<(u64, u64)> =
+            self.0.range(..=b).rev().take_while(|&(_, &e)| e >= a).map(|(&s, &e)| (s, e)).collect();
+        for (s, e) in touching {
+            self.0.remove(&s);
+            new -= e.min(b).saturating_sub(s.max(a));
+            start = start.min(s);
+            end = end.max(e);
+        }
+        self.0.insert(start, end);
+        new
+    }
+
+    /// Uncover the whole blocks inside [a, b).
+    fn remove(&mut self, a: u64, b: u64) {
+        let (a, b) = (a.div_ceil(BLOCK) * BLOCK, b / BLOCK * BLOCK);
+        if a >= b {
+            return;
+        }
+        let hit: Vec<(u64, u64)> =
+            self.0.range(..b).rev().take_while(|&(_, &e)| e > a).map(|(&s, &e)| (s, e)).collect();
+        for (s, e) in hit {
+            self.0.remove(&s);
+            if s < a {
+                self.0.insert(s, a);
+            }
+            if e > b {
+                self.0.insert(b, e);
+            }
+        }
+    }
+}
+
 struct Shared {
     us_per_mib: u64,
     charged: Charged,
+    /// Inode number -> what is allocated in it.
+    extents: Mutex<HashMap<u64, Extents>>,
 }
 
 impl Shared {
-    /// Sleep for the bytes the backing file grew by between two stats.
-    fn charge(&self, before: u64, after: u64) {
-        let grew = after.saturating_sub(before) * 512;
-        if grew == 0 {
+    fn extents(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Extents>> {
+        self.extents.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Know what `f` (inode `ino`) already has, if the rig has not seen it.
+    fn track(&self, ino: u64, f: &File) {
+        self.extents().entry(ino).or_insert_with(|| Extents::scan(f));
+    }
+
+    /// Sleep for the bytes of [a, b) in `ino` nothing allocated before.
+    fn charge(&self, ino: u64, a: u64, b: u64) {
+        let new = self.extents().entry(ino).or_default().add(a, b);
+        if new == 0 {
             return;
         }
-        let us = grew * self.us_per_mib / (1 << 20);
-        self.charged.allocated.fetch_add(grew, Ordering::Relaxed);
+        let us = new * self.us_per_mib / (1 << 20);
+        self.charged.allocated.fetch_add(new, Ordering::Relaxed);
         self.charged.slept_us.fetch_add(us, Ordering::Relaxed);
         self.charged.requests.fetch_add(1, Ordering::Relaxed);
         std::thread::sleep(Duration::from_micros(us));
+    }
+
+    fn release(&self, ino: u64, a: u64, b: u64) {
+        if let Some(x) = self.extents().get_mut(&ino) {
+            x.remove(a, b);
+        }
     }
 }
 
@@ -128,16 +217,6 @@ fn lstat(p: &Path) -> std::io::Result<libc::stat> {
         return Err(std::io::Error::last_os_error());
     }
     Ok(st)
-}
-
-fn fstat_blocks(f: &File) -> u64 {
-    // SAFETY: as in lstat; the descriptor is open.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: f is an open file and st is writable.
-    if unsafe { libc::fstat(f.as_raw_fd(), &mut st) } != 0 {
-        return 0;
-    }
-    st.st_blocks as u64
 }
 
 fn kind(mode: u32) -> FileType {
@@ -278,7 +357,8 @@ impl Filesystem for SlowFs {
         let Some(p) = self.path(ino) else { return reply.error(libc::ENOENT) };
         let c = cpath(&p);
         if let Some(size) = size {
-            // Growing by truncate allocates nothing: it is not charged.
+            // Growing by truncate allocates nothing: it is not charged;
+            // shrinking frees what lay past the new end.
             let r = match fh.and_then(|h| self.file(h)) {
                 Some(f) => f.set_len(size),
                 None => std::fs::OpenOptions::new().write(true).open(&p).and_then(|f| f.set_len(size)),
@@ -286,6 +366,7 @@ impl Filesystem for SlowFs {
             if let Err(e) = r {
                 return reply.error(errno(&e));
             }
+            self.shared.release(ino, size, u64::MAX);
         }
         if let Some(mode) = mode {
             // SAFETY: c is a valid C string.
@@ -328,8 +409,14 @@ impl Filesystem for SlowFs {
 
     fn unlink(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEmpty) {
         let Some(p) = self.child(parent, name) else { return reply.error(libc::ENOENT) };
+        let ino = lstat(&p).map(|st| self.ino_of(&st, &p));
         match std::fs::remove_file(&p) {
-            Ok(()) => reply.ok(),
+            Ok(()) => {
+                if let Ok(ino) = ino {
+                    self.shared.extents().remove(&ino);
+                }
+                reply.ok()
+            }
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -368,6 +455,7 @@ impl Filesystem for SlowFs {
         let Some(p) = self.path(ino) else { return reply.error(libc::ENOENT) };
         match open_options(flags).open(&p) {
             Ok(f) => {
+                self.shared.track(ino, &f);
                 let fh = self.add_file(f);
                 reply.opened(fh, open_reply_flags(flags))
             }
@@ -400,6 +488,7 @@ impl Filesystem for SlowFs {
         };
         match self.remember(p) {
             Ok(a) => {
+                self.shared.track(a.ino, &f);
                 let fh = self.add_file(f);
                 reply.created(&TTL, &a, 0, fh, open_reply_flags(flags))
             }
@@ -437,7 +526,7 @@ impl Filesystem for SlowFs {
     fn write(
         &mut self,
         _req: &Request<'_>,
-        _ino: u64,
+        ino: u64,
         fh: u64,
         offset: i64,
         data: &[u8],
@@ -450,11 +539,10 @@ impl Filesystem for SlowFs {
         let data = data.to_vec();
         let shared = self.shared.clone();
         self.spawn(move || {
-            let before = fstat_blocks(&f);
+            shared.charge(ino, offset as u64, offset as u64 + data.len() as u64);
             if let Err(e) = f.write_all_at(&data, offset as u64) {
                 return reply.error(errno(&e));
             }
-            shared.charge(before, fstat_blocks(&f));
             reply.written(data.len() as u32)
         });
     }
@@ -491,7 +579,7 @@ impl Filesystem for SlowFs {
     fn fallocate(
         &mut self,
         _req: &Request<'_>,
-        _ino: u64,
+        ino: u64,
         fh: u64,
         offset: i64,
         length: i64,
@@ -501,12 +589,16 @@ impl Filesystem for SlowFs {
         let Some(f) = self.file(fh) else { return reply.error(libc::EBADF) };
         let shared = self.shared.clone();
         self.spawn(move || {
-            let before = fstat_blocks(&f);
+            let (a, b) = (offset as u64, offset as u64 + length as u64);
+            if mode & libc::FALLOC_FL_PUNCH_HOLE != 0 {
+                shared.release(ino, a, b);
+            } else {
+                shared.charge(ino, a, b);
+            }
             // SAFETY: f is an open file; fallocate takes plain integers.
             if unsafe { libc::fallocate(f.as_raw_fd(), mode, offset, length) } != 0 {
                 return reply.error(errno(&std::io::Error::last_os_error()));
             }
-            shared.charge(before, fstat_blocks(&f));
             reply.ok()
         });
     }
@@ -634,7 +726,11 @@ fn main() {
             std::process::exit(2);
         }
     };
-    let shared = Arc::new(Shared { us_per_mib: args.alloc_us_per_mib, charged: Charged::default() });
+    let shared = Arc::new(Shared {
+        us_per_mib: args.alloc_us_per_mib,
+        charged: Charged::default(),
+        extents: Mutex::new(HashMap::new()),
+    });
     let (tx, rx) = crossbeam_channel::unbounded::<Box<dyn FnOnce() + Send>>();
     let workers: Vec<_> = (0..args.threads.max(1))
         .map(|_| {
@@ -670,4 +766,24 @@ fn main() {
         c.allocated.load(Ordering::Relaxed) >> 20,
         c.slept_us.load(Ordering::Relaxed) / 1000
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Extents;
+
+    #[test]
+    fn extents_count_each_block_once() {
+        let mut x = Extents::default();
+        assert_eq!(x.add(0, 8192), 8192);
+        assert_eq!(x.add(4096, 12288), 4096);
+        assert_eq!(x.add(100, 200), 0, "inside a covered block");
+        assert_eq!(x.add(20480, 24576), 4096);
+        assert_eq!(x.add(0, 24576), 8192, "the gap between");
+        assert_eq!(x.0.len(), 1);
+        x.remove(4096, 8192);
+        assert_eq!(x.add(0, 24576), 4096);
+        x.remove(10000, u64::MAX);
+        assert_eq!(x.0.iter().map(|(&s, &e)| (s, e)).collect::<Vec<_>>(), vec![(0, 12288)]);
+    }
 }

@@ -36,6 +36,15 @@ pub struct RuntimeConfig {
     /// Buffers in each shard's registered pool, and their size.
     pub buffers: usize,
     pub buffer_size: usize,
+    /// Submit once this many entries are queued in one turn of the loop,
+    /// instead of only at its end (0: only at the end). The device starts
+    /// on the first requests while the shard still builds the rest, and
+    /// the kernel's plug merges them in smaller groups whose completions
+    /// stagger: a growing qcow2 write of 64 KiB requests at depth 16 on a
+    /// loop device took 1.03-1.12 s per 2 GiB with 4, 1.05-1.15 with 8,
+    /// 1.17-1.27 with no limit (the 16 requests went out as one 1 MiB
+    /// request and the device idled while they were refilled).
+    pub submit_batch: u32,
     /// Pin shard i to CPU i (mod the CPUs we may run on). Off by default: the
     /// ring's io-wq workers (buffered writes, fallocate) inherit the mask and
     /// would then fight their shard for one core; measured, pinning gained
@@ -54,6 +63,7 @@ impl Default for RuntimeConfig {
             // so the default pool is small; bigger requests use heap buffers.
             buffers: 64,
             buffer_size: 64 * 1024,
+            submit_batch: 8,
             pin: false,
         }
     }

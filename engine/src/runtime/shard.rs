@@ -138,6 +138,8 @@ pub(crate) struct Shard {
     /// Entries pushed to the SQ since the last io_uring_enter.
     unsubmitted: Cell<u32>,
     poll_mode: bool,
+    /// RuntimeConfig::submit_batch.
+    submit_batch: u32,
     /// Targets of the eventfd reads that stay armed for the ring's lifetime. Leaked
     /// (16 bytes a shard) because the kernel may finish such a read while the ring
     /// is being torn down, after the shard's own memory is gone.
@@ -199,6 +201,7 @@ impl Shard {
             ready: RefCell::new(VecDeque::new()),
             unsubmitted: Cell::new(0),
             poll_mode: cfg.poll,
+            submit_batch: cfg.submit_batch,
             wake_buf: Box::leak(Box::new(Cell::new(0))),
             native: RefCell::new(None),
             native_buf: Box::leak(Box::new(Cell::new(0))),
@@ -364,7 +367,11 @@ impl Shard {
             };
             let mut fut = fut;
             let mut cx = Context::from_waker(&waker);
-            match fut.as_mut().poll(&mut cx) {
+            let r = fut.as_mut().poll(&mut cx);
+            if self.submit_batch > 0 && self.unsubmitted.get() >= self.submit_batch {
+                self.submit(false);
+            }
+            match r {
                 Poll::Ready(()) => {
                     if self.tasks.borrow_mut().remove(key).daemon {
                         self.daemons.set(self.daemons.get() - 1);
