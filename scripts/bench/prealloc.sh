@@ -12,8 +12,12 @@
 #                  fio (io_uring, its own bandwidth) and ringblk bench on raw.
 # for 64k and 1M requests, cache=none and cache=writeback, the contenders
 # taking turns run by run. Prints MB/s (median of RUNS), then the ratios the
-# issue asks for. Times are wall times of the whole command, open and close
-# (the filter's final trim and flush) included.
+# issue asks for. The contenders' MB/s and their ratios come from wall times
+# of the whole command, open and close (the filter's final trim and flush)
+# included. The ceiling has no open or close to speak of (fio's bandwidth
+# counts its I/O only), so the last ratio compares I/O phases: the time
+# ringblk bench reports for its requests ("Run completed in"), against the
+# ceiling's.
 #
 # Filesystems: ext4, xfs and btrfs on a loop device over a file (BACKING=disk:
 # in the work directory; BACKING=ram: in /dev/shm, which takes the host
@@ -102,11 +106,15 @@ umount_fs() {
   fi
 }
 
-wall() { # command...: its wall time in seconds
-  { /usr/bin/time -f %e "$@" >/dev/null; } 2>&1 | tail -1
+timed() { # command...: "wall io": its wall time, and the time of its
+  # I/O phase as it reports it ("Run completed in X seconds.")
+  local out
+  out=$( { /usr/bin/time -f 'wall %e' "$@"; } 2>&1 )
+  awk '/^Run completed in/ {io=$4} /^wall / {w=$2} END {print w, io}' <<<"$out"
 }
 
-# seconds for one contender's write of $TOTAL bytes in requests of $2 at cache $3
+# "wall io" seconds for one contender's write of $TOTAL bytes in requests of
+# $2 at cache $3
 one() { # contender size cache
   local img=$MNT/t.qcow2 count=$((TOTAL / $(bytes "$2"))) t f
   rm -f "$MNT"/t.*
@@ -120,36 +128,39 @@ one() { # contender size cache
       dd if=/dev/zero of="$img" bs=1M count=$((TOTAL >> 20)) oflag=direct conv=notrunc status=none
       sync
       # fio's own bandwidth (its start-up is no part of what the storage
-      # does), and ringblk's wall time; the faster is the ceiling.
+      # does), and the I/O time ringblk bench reports; the faster is the
+      # ceiling.
       f=$(fio --name=ceiling --filename="$img" --rw=write --bs="$2" --iodepth=16 --ioengine=io_uring \
         --direct=1 --size="$TOTAL" --fallocate=none --output-format=json |
         python3 -c 'import json,sys; j=json.load(sys.stdin); print(int(sys.argv[1]) / j["jobs"][0]["write"]["bw_bytes"])' "$TOTAL")
-      t=$(wall "$R" bench -w -f raw -t none --pattern seq -s "$2" -c "$count" --shards 1 -d 16 "$img")
-      t=$(awk -v a="$f" -v b="$t" 'BEGIN {print (a < b ? a : b)}') ;;
+      t=$(timed "$R" bench -w -f raw -t none --pattern seq -s "$2" -c "$count" --shards 1 -d 16 "$img")
+      t=$(awk -v f="$f" -v t="$t" 'BEGIN {split(t, x, " "); io = (f < x[2] ? f : x[2]); print x[1], io}') ;;
     ringblk)
       qemu-img create -q -f qcow2 "$img" "$((TOTAL * 2))"
-      t=$(wall "$R" bench -w -f qcow2 -t "$3" --pattern seq -s "$2" -c "$count" --shards 1 -d 16 "$img") ;;
+      t=$(timed "$R" bench -w -f qcow2 -t "$3" --pattern seq -s "$2" -c "$count" --shards 1 -d 16 "$img") ;;
     ringblk+pre)
       qemu-img create -q -f qcow2 "$img" "$((TOTAL * 2))"
-      t=$(wall "$R" bench -w -t "$3" --pattern seq -s "$2" -c "$count" --shards 1 -d 16 --image-opts "$pre") ;;
+      t=$(timed "$R" bench -w -t "$3" --pattern seq -s "$2" -c "$count" --shards 1 -d 16 --image-opts "$pre") ;;
     qemu)
       qemu-img create -q -f qcow2 "$img" "$((TOTAL * 2))"
-      t=$(wall qemu-img bench -w -f qcow2 -t "$3" -i io_uring -s "$2" -c "$count" -d 16 "$img") ;;
+      t=$(timed qemu-img bench -w -f qcow2 -t "$3" -i io_uring -s "$2" -c "$count" -d 16 "$img") ;;
     qemu+pre)
       qemu-img create -q -f qcow2 "$img" "$((TOTAL * 2))"
-      t=$(wall qemu-img bench -w -t "$3" -i io_uring -s "$2" -c "$count" -d 16 --image-opts "$pre") ;;
+      t=$(timed qemu-img bench -w -t "$3" -i io_uring -s "$2" -c "$count" -d 16 --image-opts "$pre") ;;
   esac
   echo "$t"
 }
 
-median() { sort -n | awk '{v[NR]=$1} END {print v[int((NR+1)/2)]}'; }
+median() { # of column $1
+  awk -v c="${1:-1}" '{print $c}' | sort -n | awk '{v[NR]=$1} END {print v[int((NR+1)/2)]}'
+}
 mbps() { awk -v b="$TOTAL" -v t="$1" 'BEGIN {printf "%.0f", b / t / 1e6}'; }
 ratio() { [ -n "$1" ] && [ -n "$2" ] && awk -v a="$1" -v b="$2" 'BEGIN {printf "%.2f", a / b}' || echo -; }
 
 echo "### Sequential growing write of a new qcow2 image, $SIZE, depth 16, median of $RUNS (MB/s; loop devices backed by $BACKING)"
 echo
-echo "| fs | request | cache | ringblk | ringblk+pre | qemu | qemu+pre | ceiling | pre/ringblk | ringblk+pre/qemu+pre | ringblk+pre/ceiling |"
-echo "|---|---|---|---|---|---|---|---|---|---|---|"
+echo "| fs | request | cache | ringblk | ringblk+pre | qemu | qemu+pre | ceiling | ringblk+pre, I/O phase | pre/ringblk | ringblk+pre/qemu+pre | ringblk+pre/ceiling (I/O phases) |"
+echo "|---|---|---|---|---|---|---|---|---|---|---|---|"
 for fs in $FILESYSTEMS; do
   mount_fs "$fs"
   for size in $SIZES; do
@@ -164,11 +175,14 @@ for fs in $FILESYSTEMS; do
       done
       for c in ringblk ringblk+pre qemu qemu+pre ceiling; do
         if [ ! -f "$W/times.$c" ]; then res[$c]=; continue; fi
-        res[$c]=$(mbps "$(median <"$W/times.$c")")
-        echo "# $fs $size $cache $c: ${res[$c]} MB/s ($(tr '\n' ' ' <"$W/times.$c")s)" >&2
+        res[$c]=$(mbps "$(median 1 <"$W/times.$c")")
+        res[$c.io]=$(mbps "$(median 2 <"$W/times.$c")")
+        echo "# $fs $size $cache $c: ${res[$c]} MB/s, I/O phase ${res[$c.io]} MB/s (wall, I/O s: $(tr '\n' ',' <"$W/times.$c"))" >&2
         rm -f "$W/times.$c"
       done
-      echo "| $fs | $size | $cache | ${res[ringblk]} | ${res[ringblk+pre]} | ${res[qemu]} | ${res[qemu+pre]} | ${res[ceiling]:--} | $(ratio "${res[ringblk+pre]}" "${res[ringblk]}") | $(ratio "${res[ringblk+pre]}" "${res[qemu+pre]}") | $(ratio "${res[ringblk+pre]}" "${res[ceiling]}") |"
+      ceil=; [ -n "${res[ceiling]}" ] && ceil=${res[ceiling.io]}
+      pre_io=; [ -n "$ceil" ] && pre_io=${res[ringblk+pre.io]}
+      echo "| $fs | $size | $cache | ${res[ringblk]} | ${res[ringblk+pre]} | ${res[qemu]} | ${res[qemu+pre]} | ${ceil:--} | ${pre_io:--} | $(ratio "${res[ringblk+pre]}" "${res[ringblk]}") | $(ratio "${res[ringblk+pre]}" "${res[qemu+pre]}") | $(ratio "$pre_io" "$ceil") |"
       unset res
     done
   done
