@@ -123,15 +123,15 @@ async fn status_map(node: &dyn BlockNode) -> Vec<(bool, bool)> {
 
 #[test]
 fn the_filter_changes_no_byte_and_no_block_status() {
-    for seed in [77, 5, 9] {
-        filter_against_plain_file(seed);
+    for (seed, mode) in [(77, "auto"), (5, "auto"), (9, "auto"), (11, "sparse"), (12, "zeroes")] {
+        filter_against_plain_file(seed, mode);
     }
 }
 
 /// 400 random requests (writes in and past the end, zeroes, discards,
-/// truncates, flushes) on the filter over one file and on a plain second
-/// file, compared every 50.
-fn filter_against_plain_file(seed: u64) {
+/// truncates, flushes) on the filter (extending the file as `mode` says)
+/// over one file and on a plain second file, compared every 50.
+fn filter_against_plain_file(seed: u64, mode: &'static str) {
     let d = tmp();
     let a = path_str(&d.path().join("a.img"));
     let b = path_str(&d.path().join("b.img"));
@@ -141,6 +141,7 @@ fn filter_against_plain_file(seed: u64) {
         oa.set("driver", "preallocate");
         oa.set("prealloc-size", "1M");
         oa.set("prealloc-align", "64K");
+        oa.set("prealloc-mode", mode);
         oa.set("file.driver", "file");
         oa.set("file.filename", a2.as_str());
         let mut ob = OptionTree::new();
@@ -191,7 +192,7 @@ fn filter_against_plain_file(seed: u64) {
             }
             if i % 50 == 49 {
                 assert_eq!(na.size(), nb.size(), "sizes differ after op {i}");
-                assert!(read_all(&*na).await == read_all(&*nb).await, "contents differ after op {i}");
+                assert!(read_all(&*na).await == read_all(&*nb).await, "contents differ after op {i} ({mode})");
                 let (sa, sb) = (status_map(&*na).await, status_map(&*nb).await);
                 // Block status: where the plain file has a hole, so does the
                 // filtered one (the preallocated parts are no less sparse),
@@ -201,13 +202,16 @@ fn filter_against_plain_file(seed: u64) {
                 let denser = sa.iter().zip(&sb).position(|(a, b)| b.0 && !a.0);
                 assert!(
                     denser.is_none(),
-                    "the filter reports data where the plain file has a hole, after op {i}: block {denser:?}"
+                    "the filter ({mode}) reports data where the plain file has a hole, after op {i}: block {denser:?}"
                 );
                 let content = read_all(&*na).await;
                 for map in [&sa, &sb] {
                     for (k, &(zero, _)) in map.iter().enumerate() {
                         let blk = &content[k * 4096..((k + 1) * 4096).min(content.len())];
-                        assert!(!zero || blk.iter().all(|&x| x == 0), "block {k} said zero but is not, after op {i}");
+                        assert!(
+                            !zero || blk.iter().all(|&x| x == 0),
+                            "block {k} said zero but is not, after op {i} ({mode})"
+                        );
                     }
                 }
             }
@@ -219,7 +223,7 @@ fn filter_against_plain_file(seed: u64) {
     });
     // Closed: the filtered file is exactly as long as the plain one, and equal.
     assert_eq!(file_len(Path::new(&a)), file_len(Path::new(&b)));
-    assert!(std::fs::read(&a).unwrap() == std::fs::read(&b).unwrap(), "files differ after close");
+    assert!(std::fs::read(&a).unwrap() == std::fs::read(&b).unwrap(), "files differ after close ({mode})");
 }
 
 #[test]
