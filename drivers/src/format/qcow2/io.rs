@@ -315,6 +315,7 @@ impl Qcow2 {
             let off = self.refs.alloc(&*self.file, 1).await?;
             let (r, _) = self.file.write(off, IoBuf::zeroed(cs as usize), WriteFlags::default()).await;
             r?;
+            self.cache.mark_fresh(off);
             // The cache might still hold slices of a table this entry had
             // before (freed by a shrink): they are dropped on their next use,
             // as their host offset no longer matches.
