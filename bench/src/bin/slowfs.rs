@@ -197,6 +197,30 @@ fn errno(e: &std::io::Error) -> i32 {
     e.raw_os_error().unwrap_or(libc::EIO)
 }
 
+/// errno of the last failed libc call.
+fn last_errno() -> i32 {
+    errno(&std::io::Error::last_os_error())
+}
+
+fn reply_empty(reply: ReplyEmpty, r: std::io::Result<()>) {
+    match r {
+        Ok(()) => reply.ok(),
+        Err(e) => reply.error(errno(&e)),
+    }
+}
+
+/// Answer getxattr/listxattr from a libc call's result `r` into `buf`:
+/// the length asked for (`size` 0), or the bytes.
+fn reply_xattr(reply: ReplyXattr, size: u32, r: isize, buf: &[u8]) {
+    if r < 0 {
+        reply.error(last_errno())
+    } else if size == 0 {
+        reply.size(r as u32)
+    } else {
+        reply.data(&buf[..r as usize])
+    }
+}
+
 fn cpath(p: &Path) -> CString {
     CString::new(p.as_os_str().as_bytes()).unwrap_or_default()
 }
@@ -280,6 +304,20 @@ impl SlowFs {
         Ok(attr)
     }
 
+    fn reply_attr(&self, p: &Path, reply: ReplyAttr) {
+        match lstat(p) {
+            Ok(st) => reply.attr(&TTL, &self.attr(&st, p)),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn reply_entry(&mut self, p: PathBuf, reply: ReplyEntry) {
+        match self.remember(p) {
+            Ok(a) => reply.entry(&TTL, &a, 0),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
     fn add_file(&mut self, f: File) -> u64 {
         self.next_fh += 1;
         self.files.insert(self.next_fh, Arc::new(f));
@@ -322,18 +360,12 @@ impl Filesystem for SlowFs {
 
     fn lookup(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEntry) {
         let Some(p) = self.child(parent, name) else { return reply.error(libc::ENOENT) };
-        match self.remember(p) {
-            Ok(a) => reply.entry(&TTL, &a, 0),
-            Err(e) => reply.error(errno(&e)),
-        }
+        self.reply_entry(p, reply)
     }
 
     fn getattr(&mut self, _req: &Request<'_>, ino: u64, _fh: Option<u64>, reply: ReplyAttr) {
         let Some(p) = self.path(ino) else { return reply.error(libc::ENOENT) };
-        match lstat(&p) {
-            Ok(st) => reply.attr(&TTL, &self.attr(&st, &p)),
-            Err(e) => reply.error(errno(&e)),
-        }
+        self.reply_attr(&p, reply)
     }
 
     fn setattr(
@@ -371,7 +403,7 @@ impl Filesystem for SlowFs {
         if let Some(mode) = mode {
             // SAFETY: c is a valid C string.
             if unsafe { libc::chmod(c.as_ptr(), mode & 0o7777) } != 0 {
-                return reply.error(errno(&std::io::Error::last_os_error()));
+                return reply.error(last_errno());
             }
         }
         if atime.is_some() || mtime.is_some() {
@@ -386,25 +418,19 @@ impl Filesystem for SlowFs {
             let times = [ts(atime), ts(mtime)];
             // SAFETY: c is a valid C string and times holds two timespecs.
             if unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), times.as_ptr(), libc::AT_SYMLINK_NOFOLLOW) } != 0 {
-                return reply.error(errno(&std::io::Error::last_os_error()));
+                return reply.error(last_errno());
             }
         }
-        match lstat(&p) {
-            Ok(st) => reply.attr(&TTL, &self.attr(&st, &p)),
-            Err(e) => reply.error(errno(&e)),
-        }
+        self.reply_attr(&p, reply)
     }
 
     fn mkdir(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
         let Some(p) = self.child(parent, name) else { return reply.error(libc::ENOENT) };
         // SAFETY: a valid C string.
         if unsafe { libc::mkdir(cpath(&p).as_ptr(), mode & !umask) } != 0 {
-            return reply.error(errno(&std::io::Error::last_os_error()));
+            return reply.error(last_errno());
         }
-        match self.remember(p) {
-            Ok(a) => reply.entry(&TTL, &a, 0),
-            Err(e) => reply.error(errno(&e)),
-        }
+        self.reply_entry(p, reply)
     }
 
     fn unlink(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEmpty) {
@@ -423,10 +449,7 @@ impl Filesystem for SlowFs {
 
     fn rmdir(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEmpty) {
         let Some(p) = self.child(parent, name) else { return reply.error(libc::ENOENT) };
-        match std::fs::remove_dir(&p) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno(&e)),
-        }
+        reply_empty(reply, std::fs::remove_dir(&p))
     }
 
     fn rename(
@@ -567,13 +590,7 @@ impl Filesystem for SlowFs {
 
     fn fsync(&mut self, _req: &Request<'_>, _ino: u64, fh: u64, datasync: bool, reply: ReplyEmpty) {
         let Some(f) = self.file(fh) else { return reply.error(libc::EBADF) };
-        self.spawn(move || {
-            let r = if datasync { f.sync_data() } else { f.sync_all() };
-            match r {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(errno(&e)),
-            }
-        });
+        self.spawn(move || reply_empty(reply, if datasync { f.sync_data() } else { f.sync_all() }));
     }
 
     fn fallocate(
@@ -597,7 +614,7 @@ impl Filesystem for SlowFs {
             }
             // SAFETY: f is an open file; fallocate takes plain integers.
             if unsafe { libc::fallocate(f.as_raw_fd(), mode, offset, length) } != 0 {
-                return reply.error(errno(&std::io::Error::last_os_error()));
+                return reply.error(last_errno());
             }
             reply.ok()
         });
@@ -610,7 +627,7 @@ impl Filesystem for SlowFs {
         // positioned).
         let r = unsafe { libc::lseek(f.as_raw_fd(), offset, whence) };
         if r < 0 {
-            return reply.error(errno(&std::io::Error::last_os_error()));
+            return reply.error(last_errno());
         }
         reply.offset(r)
     }
@@ -640,7 +657,7 @@ impl Filesystem for SlowFs {
         let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
         // SAFETY: a valid C string and a writable struct.
         if unsafe { libc::statvfs(cpath(&self.backing).as_ptr(), &mut s) } != 0 {
-            return reply.error(errno(&std::io::Error::last_os_error()));
+            return reply.error(last_errno());
         }
         reply.statfs(
             s.f_blocks,
@@ -669,7 +686,7 @@ impl Filesystem for SlowFs {
         // SAFETY: valid C strings and a live value slice.
         let r = unsafe { libc::lsetxattr(cpath(&p).as_ptr(), n.as_ptr(), value.as_ptr().cast(), value.len(), flags) };
         if r != 0 {
-            return reply.error(errno(&std::io::Error::last_os_error()));
+            return reply.error(last_errno());
         }
         reply.ok()
     }
@@ -681,14 +698,7 @@ impl Filesystem for SlowFs {
         // SAFETY: valid C strings; buf holds size bytes (none when size is 0,
         // which asks for the length).
         let r = unsafe { libc::lgetxattr(cpath(&p).as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
-        if r < 0 {
-            return reply.error(errno(&std::io::Error::last_os_error()));
-        }
-        if size == 0 {
-            reply.size(r as u32)
-        } else {
-            reply.data(&buf[..r as usize])
-        }
+        reply_xattr(reply, size, r, &buf)
     }
 
     fn listxattr(&mut self, _req: &Request<'_>, ino: u64, size: u32, reply: ReplyXattr) {
@@ -696,14 +706,7 @@ impl Filesystem for SlowFs {
         let mut buf = vec![0u8; size as usize];
         // SAFETY: as in getxattr.
         let r = unsafe { libc::llistxattr(cpath(&p).as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
-        if r < 0 {
-            return reply.error(errno(&std::io::Error::last_os_error()));
-        }
-        if size == 0 {
-            reply.size(r as u32)
-        } else {
-            reply.data(&buf[..r as usize])
-        }
+        reply_xattr(reply, size, r, &buf)
     }
 
     fn removexattr(&mut self, _req: &Request<'_>, ino: u64, name: &OsStr, reply: ReplyEmpty) {
@@ -711,7 +714,7 @@ impl Filesystem for SlowFs {
         let n = CString::new(name.as_bytes()).unwrap_or_default();
         // SAFETY: valid C strings.
         if unsafe { libc::lremovexattr(cpath(&p).as_ptr(), n.as_ptr()) } != 0 {
-            return reply.error(errno(&std::io::Error::last_os_error()));
+            return reply.error(last_errno());
         }
         reply.ok()
     }
