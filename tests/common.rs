@@ -219,6 +219,34 @@ impl Rng {
     }
 }
 
+/// A 64 MiB raw disk at `path` whose first 24 MiB are random but for every
+/// fifth MiB from `zero_at`, left zero like the rest: data, zero runs and a
+/// tail for a convert to tell apart.
+pub fn write_patchy_disk(path: &Path, seed: u64, zero_at: usize) {
+    let mut rng = Rng::new(seed);
+    let mut data = vec![0u8; 64 << 20];
+    for chunk in 0..24 {
+        if chunk % 5 != zero_at {
+            data[chunk << 20..(chunk + 1) << 20].copy_from_slice(&rng.bytes(1 << 20));
+        }
+    }
+    std::fs::write(path, &data).unwrap();
+}
+
+/// `qemu-img check --output=json -f qcow2` (with -U when `shared`: another
+/// process has the image open): (exit status, the report).
+pub fn qemu_check(img: &Path, shared: bool) -> (i32, serde_json::Value) {
+    let mut cmd = Command::new("qemu-img");
+    cmd.args(["check", "--output=json", "-f", "qcow2"]);
+    if shared {
+        cmd.arg("-U");
+    }
+    let o = cmd.arg(img).output().unwrap();
+    let v = serde_json::from_slice(&o.stdout)
+        .unwrap_or_else(|_| serde_json::json!({"stderr": String::from_utf8_lossy(&o.stderr)}));
+    (o.status.code().unwrap_or(-1), v)
+}
+
 /// An extent reported by block status, with where it starts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Span {

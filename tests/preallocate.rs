@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use engine::block::{open_image, BlockNode, OpenCtx, OpenFlags, Prealloc, WriteFlags, ZeroFlags};
 use engine::options::OptionTree;
-use ringblk_tests::{bin, have, on_shard, path_str, read_all, run, write_at, Rng};
+use ringblk_tests::{bin, have, on_shard, path_str, qemu_check, read_all, run, write_at, write_patchy_disk, Rng};
 
 fn tmp() -> tempfile::TempDir {
     tempfile::tempdir_in("/var/tmp").unwrap()
@@ -18,20 +18,6 @@ fn tmp() -> tempfile::TempDir {
 
 fn file_len(p: &Path) -> u64 {
     std::fs::metadata(p).unwrap().len()
-}
-
-/// `qemu-img check --output=json` (with -U when `shared`: another process
-/// has the image open): (exit status, the report).
-fn qemu_check(img: &Path, shared: bool) -> (i32, serde_json::Value) {
-    let mut cmd = Command::new("qemu-img");
-    cmd.args(["check", "--output=json", "-f", "qcow2"]);
-    if shared {
-        cmd.arg("-U");
-    }
-    let o = cmd.arg(img).output().unwrap();
-    let v = serde_json::from_slice(&o.stdout)
-        .unwrap_or_else(|_| serde_json::json!({"stderr": String::from_utf8_lossy(&o.stderr)}));
-    (o.status.code().unwrap_or(-1), v)
 }
 
 fn filtered_qcow2(img: &Path, extra: &str) -> String {
@@ -46,15 +32,7 @@ fn qcow2_written_through_the_filter_is_accepted_by_qemu_img() {
     let d = tmp();
     let src = d.path().join("src.raw");
     let img = d.path().join("img.qcow2");
-    // 24 MiB of data with holes and zero runs, in a 64 MiB disk.
-    let mut rng = Rng::new(5);
-    let mut data = vec![0u8; 64 << 20];
-    for chunk in 0..24 {
-        if chunk % 5 != 3 {
-            data[chunk << 20..(chunk + 1) << 20].copy_from_slice(&rng.bytes(1 << 20));
-        }
-    }
-    std::fs::write(&src, &data).unwrap();
+    write_patchy_disk(&src, 5, 3);
     run(Command::new("qemu-img").args(["create", "-q", "-f", "qcow2"]).arg(&img).arg("64M"));
     // Small steps, so that a convert crosses many of them.
     let opts = filtered_qcow2(&img, "file.prealloc-size=4M,file.prealloc-align=256K,");

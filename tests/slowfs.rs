@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use ringblk_tests::{bin, path_str, run, Rng};
+use ringblk_tests::{bin, path_str, qemu_check, run, write_patchy_disk, Rng};
 
 /// A mounted slowfs over a fresh directory in /dev/shm; unmounted on drop.
 struct SlowFs {
@@ -123,15 +123,7 @@ fn the_rig_charges_for_allocation_only_and_passes_through_what_the_filter_uses()
 fn the_filter_on_slowfs_only_moves_the_size_and_qemu_accepts_the_image() {
     let d = tempfile::tempdir_in("/var/tmp").unwrap();
     let src = d.path().join("src.raw");
-    // 24 MiB of data with zero runs, in a 64 MiB disk.
-    let mut rng = Rng::new(11);
-    let mut data = vec![0u8; 64 << 20];
-    for chunk in 0..24 {
-        if chunk % 5 != 2 {
-            data[chunk << 20..(chunk + 1) << 20].copy_from_slice(&rng.bytes(1 << 20));
-        }
-    }
-    std::fs::write(&src, &data).unwrap();
+    write_patchy_disk(&src, 11, 2);
 
     let fs = SlowFs::mount(200);
     let img = fs.path("img.qcow2");
@@ -155,9 +147,8 @@ fn the_filter_on_slowfs_only_moves_the_size_and_qemu_accepts_the_image() {
         .args(["convert", "-n", "-f", "raw", "-t", "none", "--target-image-opts"])
         .arg(&src)
         .arg(&opts));
-    let out = Command::new("qemu-img").args(["check", "--output=json", "-f", "qcow2"]).arg(&img).output().unwrap();
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert!(out.status.success(), "qemu-img check: {report}");
+    let (code, report) = qemu_check(&img, false);
+    assert_eq!(code, 0, "qemu-img check: {report}");
     assert_eq!(report["leaks"].as_u64().unwrap_or(0), 0, "{report}");
     let end = report["image-end-offset"].as_u64().unwrap();
     assert_eq!(std::fs::metadata(&img).unwrap().len(), end, "cut back to the image's end: {report}");
