@@ -15,8 +15,8 @@
 //! writer does not wait for allocation, and the step doubles (up to
 //! `prealloc-max-size`) while the writer keeps catching up with it and
 //! allocating is cheap. How the file is extended (`prealloc-mode`) depends
-//! on the filesystem: blocks allocated past the end and then the size moved
-//! on local filesystems, only the size moved on network filesystems and
+//! on the filesystem: the size moved and the new range allocated on local
+//! filesystems, only the size moved on network filesystems and
 //! FUSE, zeroes written where fallocate fails. At close the file is cut
 //! back to the end of the data.
 //!
