@@ -68,6 +68,7 @@ async fn submit_rw(shard: std::rc::Rc<Shard>, t: Result<types::Fixed, types::Fd>
         }
     };
     let key = shard.submit_op(sqe);
+    shard.queued_bytes(len as u64);
     let (res, buf) = Op::new(shard, key, buf).await;
     (errno_result(res), buf)
 }

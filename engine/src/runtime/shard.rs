@@ -137,9 +137,13 @@ pub(crate) struct Shard {
     ready: RefCell<VecDeque<usize>>,
     /// Entries pushed to the SQ since the last io_uring_enter.
     unsubmitted: Cell<u32>,
+    /// Bytes the reads and writes among them move.
+    unsubmitted_bytes: Cell<u64>,
     poll_mode: bool,
     /// RuntimeConfig::submit_batch.
     submit_batch: u32,
+    /// RuntimeConfig::submit_bytes.
+    submit_bytes: u64,
     /// Targets of the eventfd reads that stay armed for the ring's lifetime. Leaked
     /// (16 bytes a shard) because the kernel may finish such a read while the ring
     /// is being torn down, after the shard's own memory is gone.
@@ -200,8 +204,10 @@ impl Shard {
             timers: Cell::new(0),
             ready: RefCell::new(VecDeque::new()),
             unsubmitted: Cell::new(0),
+            unsubmitted_bytes: Cell::new(0),
             poll_mode: cfg.poll,
             submit_batch: cfg.submit_batch,
+            submit_bytes: cfg.submit_bytes,
             wake_buf: Box::leak(Box::new(Cell::new(0))),
             native: RefCell::new(None),
             native_buf: Box::leak(Box::new(Cell::new(0))),
@@ -233,7 +239,13 @@ impl Shard {
             // SQ full: hand what we have to the kernel now to make room.
             let _ = ring.submit();
             self.unsubmitted.set(0);
+            self.unsubmitted_bytes.set(0);
         }
+    }
+
+    /// Count the bytes of a read or write just queued (for submit_bytes).
+    pub(crate) fn queued_bytes(&self, n: u64) {
+        self.unsubmitted_bytes.set(self.unsubmitted_bytes.get() + n);
     }
 
     /// Submit a tracked operation and return its slab key.
@@ -368,7 +380,9 @@ impl Shard {
             let mut fut = fut;
             let mut cx = Context::from_waker(&waker);
             let r = fut.as_mut().poll(&mut cx);
-            if self.submit_batch > 0 && self.unsubmitted.get() >= self.submit_batch {
+            if self.submit_batch > 0
+                && (self.unsubmitted.get() >= self.submit_batch || self.unsubmitted_bytes.get() >= self.submit_bytes)
+            {
                 self.submit(false);
             }
             match r {
@@ -425,6 +439,7 @@ impl Shard {
         let want = usize::from(wait);
         let r = ring.submitter().submit_and_wait(want);
         self.unsubmitted.set(0);
+        self.unsubmitted_bytes.set(0);
         match r {
             Ok(_) => {}
             // Interrupted, or the kernel is short of memory for this batch:
