@@ -120,6 +120,8 @@ fn filter_against_plain_file(seed: u64, mode: &'static str) {
         oa.set("prealloc-size", "1M");
         oa.set("prealloc-align", "64K");
         oa.set("prealloc-mode", mode);
+        // Small, so that writeback is started behind the writer all along.
+        oa.set("prealloc-write-behind", "64K");
         oa.set("file.driver", "file");
         oa.set("file.filename", a2.as_str());
         let mut ob = OptionTree::new();
@@ -202,6 +204,98 @@ fn filter_against_plain_file(seed: u64, mode: &'static str) {
     // Closed: the filtered file is exactly as long as the plain one, and equal.
     assert_eq!(file_len(Path::new(&a)), file_len(Path::new(&b)));
     assert!(std::fs::read(&a).unwrap() == std::fs::read(&b).unwrap(), "files differ after close ({mode})");
+}
+
+/// Pages of `path` in [0, len): (in the page cache, dirty), from cachestat(2).
+fn cache_state(path: &str, len: u64) -> (u64, u64) {
+    #[repr(C)]
+    struct Range {
+        off: u64,
+        len: u64,
+    }
+    #[repr(C)]
+    #[derive(Default)]
+    struct Stat {
+        cache: u64,
+        dirty: u64,
+        writeback: u64,
+        evicted: u64,
+        recently_evicted: u64,
+    }
+    let f = std::fs::File::open(path).unwrap();
+    let range = Range { off: 0, len };
+    let mut st = Stat::default();
+    // SAFETY: cachestat (451) reads `range` and writes `st`, both live.
+    let r = unsafe {
+        libc::syscall(451, std::os::fd::AsRawFd::as_raw_fd(&f), &range as *const Range, &mut st as *mut Stat, 0)
+    };
+    assert_eq!(r, 0, "cachestat: {}", std::io::Error::last_os_error());
+    (st.cache, st.dirty)
+}
+
+/// Through the page cache, the data grown by `prealloc-write-behind` is
+/// sent to the disk while the writer goes on: after 64 MiB of 1 MiB writes,
+/// none of what lies a step behind the end is still dirty, while without
+/// write-behind (and under O_DIRECT, which has no page cache to write) it
+/// all is (or nothing happens).
+#[test]
+fn write_behind_starts_writeback_of_the_grown_data() {
+    let d = tmp();
+    for (name, behind, direct) in [("wb.img", "8M", false), ("off.img", "0", false), ("direct.img", "8M", true)] {
+        let p = path_str(&d.path().join(name));
+        std::fs::write(&p, b"").unwrap();
+        let p2 = p.clone();
+        let (reported, written_behind) = on_shard(move || async move {
+            let mut o = OptionTree::new();
+            o.set("driver", "preallocate");
+            o.set("prealloc-write-behind", behind);
+            o.set("file.driver", "file");
+            o.set("file.filename", p2.as_str());
+            o.set("file.cache.direct", if direct { "on" } else { "off" });
+            let n = open(o).await;
+            let mut rng = Rng::new(3);
+            let chunk = rng.bytes(1 << 20);
+            for i in 0..64u64 {
+                write_at(&*n, i << 20, &chunk, WriteFlags::default()).await.unwrap();
+            }
+            // The write-behind runs on a helper thread: wait for it.
+            let t0 = Instant::now();
+            let status = || n.format_specific().unwrap()["data"].clone();
+            let waits = behind != "0" && !direct;
+            while waits
+                && status()["written-behind"].as_u64().unwrap() < 56 << 20
+                && t0.elapsed() < Duration::from_secs(10)
+            {
+                engine::runtime::sleep(Duration::from_millis(10)).await;
+            }
+            let s = status();
+            let (cache, dirty) = cache_state(&p2, 56 << 20);
+            if !direct {
+                assert!(cache > 0, "{name}: nothing of the buffered writes in the page cache");
+            }
+            match (behind, direct) {
+                ("8M", false) => assert_eq!(dirty, 0, "{name}: {dirty} pages still dirty behind the writer ({s})"),
+                _ => assert_eq!(s["written-behind"], 0, "{name}: wrote behind with {behind}, direct {direct}"),
+            }
+            if behind == "0" {
+                assert!(
+                    dirty > 56 * 256 / 2,
+                    "{name}: only {dirty} pages dirty without write-behind: the control is void"
+                );
+            }
+            let r = (s["prealloc-write-behind"].as_u64().unwrap(), s["written-behind"].as_u64().unwrap());
+            n.close().await.unwrap();
+            r
+        });
+        match (behind, direct) {
+            ("8M", false) => assert_eq!((reported, written_behind), (8 << 20, 56 << 20), "{name}"),
+            _ => assert_eq!((reported, written_behind), (0, 0), "{name}"),
+        }
+        let back = std::fs::read(&p).unwrap();
+        assert_eq!(back.len(), 64 << 20, "{name}: trimmed to the data at close");
+        let chunk = Rng::new(3).bytes(1 << 20);
+        assert!(back.chunks(1 << 20).all(|c| c == chunk.as_slice()), "{name}: contents differ");
+    }
 }
 
 #[test]

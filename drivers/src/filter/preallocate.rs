@@ -20,6 +20,14 @@
 //! FUSE, zeroes written where fallocate fails. At close the file is cut
 //! back to the end of the data.
 //!
+//! Through the page cache (a child without O_DIRECT), the filter also
+//! writes behind a growing writer (`prealloc-write-behind`, default 32M):
+//! once the data has grown by that much, writeback of the part one step
+//! behind its end is started (sync_file_range, SYNC_FILE_RANGE_WRITE, on a
+//! helper thread), so that the disk works while the writer fills the cache
+//! instead of after it, at the final flush. Durability is unchanged: only
+//! a flush says the data is on stable storage.
+//!
 //! A file left long by a crash carries a marker (the extended attribute
 //! `user.ringblk.preallocate`, holding a data end the data reaches at least):
 //! the next open through the filter finds the last non-zero byte past it
@@ -86,6 +94,8 @@ struct Config {
     max_size: u64,
     ahead: bool,
     mode: Mode,
+    /// Start writeback once the data has grown by this much (0: never).
+    write_behind: u64,
 }
 
 /// Ranges of the file past the data's end when they were added (by an
@@ -177,6 +187,10 @@ struct State {
     /// What the writer wrote while the last background extension ran.
     lead: u64,
     unwritten: Unwritten,
+    /// Writeback has been started for the data below this.
+    behind: u64,
+    /// A write-behind is in flight.
+    behind_running: bool,
 }
 
 pub struct PreallocNode {
@@ -188,6 +202,10 @@ pub struct PreallocNode {
     /// file, and a crash leaves it long).
     fd: Option<RawFd>,
     st: Mutex<State>,
+    /// A descriptor of our own for write-behind, when the child's file goes
+    /// through the page cache: the call runs on a helper thread and may
+    /// outlive the child's close.
+    behind_fd: Option<Arc<std::os::fd::OwnedFd>>,
     /// One extension at a time (the whole range, serialising).
     growing: RangeTracker,
     me: Weak<PreallocNode>,
@@ -315,6 +333,47 @@ impl PreallocNode {
             s.data_end = end;
         }
         self.maybe_ahead();
+        self.maybe_write_behind();
+    }
+
+    /// Start writeback of the data grown since the last write-behind, up
+    /// to one step behind the data's end (the writes still in flight land
+    /// in that step, and pages under writeback would make them wait).
+    fn maybe_write_behind(&self) {
+        let (Some(fd), step) = (&self.behind_fd, self.cfg.write_behind) else { return };
+        let (from, to) = {
+            let mut s = self.state();
+            let to = s.data_end.saturating_sub(step) / step * step;
+            if s.behind_running || to < s.behind.saturating_add(step) {
+                return;
+            }
+            s.behind_running = true;
+            (s.behind, to)
+        };
+        let (fd, Some(me)) = (fd.clone(), self.me.upgrade()) else { return };
+        engine::runtime::spawn_daemon(async move {
+            engine::aio::blocking(move || {
+                use std::os::fd::AsRawFd;
+                // SAFETY: an fd of our own, kept open by the Arc; the call
+                // only starts writeback of the range's dirty pages. A
+                // failure costs nothing: the flush writes them anyway.
+                unsafe {
+                    libc::sync_file_range(
+                        fd.as_raw_fd(),
+                        from as libc::off64_t,
+                        (to - from) as libc::off64_t,
+                        libc::SYNC_FILE_RANGE_WRITE,
+                    )
+                }
+            })
+            .await;
+            {
+                let mut s = me.state();
+                s.behind = to;
+                s.behind_running = false;
+            }
+            me.maybe_write_behind();
+        });
     }
 
     /// Start the next extension in the background if the data has come
@@ -568,6 +627,7 @@ impl BlockNode for PreallocNode {
                     let mut s = self.state();
                     s.data_end = size;
                     s.file_end = size;
+                    s.behind = s.behind.min(size);
                     s.unwritten.remove(size, u64::MAX);
                 }
                 self.unmark();
@@ -625,6 +685,8 @@ impl BlockNode for PreallocNode {
                 "prealloc-size": self.cfg.size,
                 "prealloc-max-size": self.cfg.max_size,
                 "prealloc-ahead": self.cfg.ahead,
+                "prealloc-write-behind": if self.behind_fd.is_some() { self.cfg.write_behind } else { 0 },
+                "written-behind": s.behind,
                 "step": s.step,
                 "data-end": s.data_end,
                 "file-end": s.file_end,
@@ -686,8 +748,6 @@ fn read_marker(fd: RawFd) -> Option<u64> {
     std::str::from_utf8(&v[..n as usize]).ok()?.trim().parse().ok()
 }
 
-/// Does the file's filesystem fallocate? Asked with KEEP_SIZE past the end
-/// (the size stays), then given back by a truncate to the same size.
 /// The file lives on a filesystem reached over a network, or through FUSE
 /// (statfs magic numbers, <linux/magic.h> and the projects' own).
 fn remote_fs(fd: RawFd) -> bool {
@@ -712,6 +772,16 @@ fn remote_fs(fd: RawFd) -> bool {
     REMOTE.contains(&(st.f_type as i64))
 }
 
+/// The file was opened with O_DIRECT (cache=none): no page cache to write
+/// behind.
+fn direct_io(fd: RawFd) -> bool {
+    // SAFETY: F_GETFL on the child's open file.
+    let fl = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    fl < 0 || fl & libc::O_DIRECT != 0
+}
+
+/// Does the file's filesystem fallocate? Asked with KEEP_SIZE past the end
+/// (the size stays), then given back by a truncate to the same size.
 fn probe_falloc(fd: RawFd, len: u64) -> bool {
     // SAFETY: fallocate and ftruncate on our own fd, to sizes it has.
     unsafe {
@@ -738,6 +808,7 @@ impl Driver for PreallocDriver {
             let size = opts.take_size("prealloc-size")?.unwrap_or(128 * MIB);
             let max_size = opts.take_size("prealloc-max-size")?.unwrap_or(size.max(1 << 30));
             let ahead = opts.take_bool("prealloc-ahead")?.unwrap_or(true);
+            let write_behind = opts.take_size("prealloc-write-behind")?.unwrap_or(32 * MIB);
             let mode = opts.take("prealloc-mode");
             if align == 0 || !align.is_power_of_two() {
                 return Err(invalid(format!("prealloc-align must be a power of two, not {align}")));
@@ -806,7 +877,18 @@ impl Driver for PreallocDriver {
                     )))
                 }
             };
-            let cfg = Config { align, size, max_size, ahead, mode };
+            let cfg = Config { align, size, max_size, ahead, mode, write_behind };
+            let behind_fd = match fd {
+                Some(fd) if active && write_behind > 0 && !direct_io(fd) => {
+                    // SAFETY: fd is the child's open file; the dup is ours.
+                    let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+                    // SAFETY: a fresh descriptor nobody else owns.
+                    (dup >= 0).then(|| {
+                        Arc::new(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(dup) })
+                    })
+                }
+                _ => None,
+            };
             let st = State {
                 data_end: len,
                 file_end: len,
@@ -818,6 +900,8 @@ impl Driver for PreallocDriver {
                 cheap: false,
                 lead: 0,
                 unwritten: Unwritten::default(),
+                behind: len,
+                behind_running: false,
             };
             Ok(Arc::new_cyclic(|me| PreallocNode {
                 file,
@@ -825,6 +909,7 @@ impl Driver for PreallocDriver {
                 cfg,
                 fd,
                 st: Mutex::new(st),
+                behind_fd,
                 growing: RangeTracker::new(),
                 me: me.clone(),
             }) as Arc<dyn BlockNode>)
