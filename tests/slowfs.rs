@@ -132,16 +132,19 @@ fn the_filter_on_slowfs_only_moves_the_size_and_qemu_accepts_the_image() {
         "driver=qcow2,file.driver=preallocate,file.prealloc-size=8M,file.file.driver=file,file.file.filename={}",
         path_str(&img)
     );
-    // auto picks `sparse` on FUSE (and `falloc` on the local filesystem).
+    // auto picks `sparse` on FUSE with O_DIRECT, `falloc` through the page
+    // cache and on the local filesystem.
     let info = |opts: &str| -> serde_json::Value {
         let out = run(Command::new(bin("ringblk")).args(["info", "--output=json", "--image-opts", opts]));
         let v: serde_json::Value = serde_json::from_str(&out).unwrap();
         v["children"][0]["info"]["format-specific"]["data"].clone()
     };
-    assert_eq!(info(&opts)["mode"], "sparse", "{}", info(&opts));
+    let direct = format!("{opts},file.file.cache.direct=on");
+    assert_eq!(info(&direct)["mode"], "sparse", "{}", info(&direct));
+    assert_eq!(info(&opts)["mode"], "falloc", "{}", info(&opts));
     let local = d.path().join("local.qcow2");
     run(Command::new("qemu-img").args(["create", "-q", "-f", "qcow2"]).arg(&local).arg("64M"));
-    assert_eq!(info(&opts.replace(&path_str(&img), &path_str(&local)))["mode"], "falloc");
+    assert_eq!(info(&direct.replace(&path_str(&img), &path_str(&local)))["mode"], "falloc");
 
     run(Command::new(bin("ringblk"))
         .args(["convert", "-n", "-f", "raw", "-t", "none", "--target-image-opts"])

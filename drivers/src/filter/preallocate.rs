@@ -16,8 +16,8 @@
 //! `prealloc-max-size`) while the writer keeps catching up with it and
 //! allocating is cheap. How the file is extended (`prealloc-mode`) depends
 //! on the filesystem: the size moved and the new range allocated on local
-//! filesystems, only the size moved on network filesystems and
-//! FUSE, zeroes written where fallocate fails. At close the file is cut
+//! filesystems and through the page cache, only the size moved for O_DIRECT
+//! on network filesystems and FUSE, zeroes written where fallocate fails. At close the file is cut
 //! back to the end of the data.
 //!
 //! Through the page cache (a child without O_DIRECT), the filter also
@@ -69,8 +69,8 @@ enum Mode {
     Falloc,
     /// Zeroes written: for filesystems without fallocate.
     Zeroes,
-    /// Only the size moved, for filesystems reached over a network (and
-    /// FUSE): there fallocate is one request that holds the file's lock
+    /// Only the size moved, for O_DIRECT files on filesystems reached over a
+    /// network (and FUSE): there fallocate is one request that holds the file's lock
     /// while the server allocates, so every write waits for it, and a
     /// write past the end is serialised with all others. Inside the size,
     /// writes go in parallel and the server allocates for each in parallel.
@@ -867,7 +867,12 @@ impl Driver for PreallocDriver {
                 Some("zeroes") => Mode::Zeroes,
                 Some("sparse") => Mode::Sparse,
                 None | Some("auto") => match fd {
-                    Some(fd) if remote_fs(fd) => Mode::Sparse,
+                    // Through the page cache every write holds the file's
+                    // lock anyway (and io_uring runs buffered writes to one
+                    // file one at a time), so they gain nothing from
+                    // allocating in parallel, and lose each one's own
+                    // allocation round trip: fallocate ahead, as locally.
+                    Some(fd) if remote_fs(fd) && direct_io(fd) => Mode::Sparse,
                     Some(fd) if active && !probe_falloc(fd, len) => Mode::Zeroes,
                     _ => Mode::Falloc,
                 },
@@ -880,12 +885,8 @@ impl Driver for PreallocDriver {
             let cfg = Config { align, size, max_size, ahead, mode, write_behind };
             let behind_fd = match fd {
                 Some(fd) if active && write_behind > 0 && !direct_io(fd) => {
-                    // SAFETY: fd is the child's open file; the dup is ours.
-                    let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
-                    // SAFETY: a fresh descriptor nobody else owns.
-                    (dup >= 0).then(|| {
-                        Arc::new(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(dup) })
-                    })
+                    // SAFETY: fd is the child's open file, open for this call.
+                    unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }.try_clone_to_owned().ok().map(Arc::new)
                 }
                 _ => None,
             };
