@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# Alternating A/B runs for one preallocate question at a time, on a fresh
+# filesystem over a written-through loop device (as prealloc.sh makes them):
+# prints each contender's times in seconds, run by run.
+#
+#   scripts/bench/prealloc-ab.sh FS SIZE [RUNS]     (root; release build)
+#   FS: ext4, xfs, btrfs or slowfs (the rig; SLOW_US_PER_MIB=1000); SIZE: request size (64k, 1M)
+#   CACHE=none|writeback (default none); TOTAL=2G; W=/var/tmp/prealloc-ab
+#   CONTENDERS (default "raw-written raw-falloc pre qemu+pre"), any of:
+#     raw-written   ringblk bench on raw, into a file written before (I/O phase)
+#     raw-falloc    ringblk bench on raw, into a fallocated file (I/O phase)
+#     pre           ringblk bench, qcow2 through the filter, defaults (wall)
+#     pre-MODE      the same with prealloc-mode=MODE (falloc, sparse, zeroes)
+#     pre-nowb      the same with prealloc-write-behind=0
+#     plain         ringblk bench, qcow2 without the filter (wall)
+#     qemu+pre      qemu-img bench through QEMU's filter (wall)
+# raw-* report the I/O phase (ringblk's "Run completed in"): they stand for
+# what the filesystem does once allocation is out of the way; the others
+# report the whole command's wall time, as prealloc.sh does.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+FS=$1 SZ=$2 RUNS=${3:-5}
+CACHE=${CACHE:-none}
+CONTENDERS=${CONTENDERS:-raw-written raw-falloc pre qemu+pre}
+TOTAL=$(numfmt --from=iec "${TOTAL:-2G}")
+W=${W:-/var/tmp/prealloc-ab}
+R=${RINGBLK:-target/release/ringblk}
+[ -x "$R" ] || { echo "build first: cargo build --release -p ringblk-cli" >&2; exit 1; }
+mkdir -p "$W/mnt"
+IMG=$W/fs.img MNT=$W/mnt
+if [ "$FS" = slowfs ]; then
+  # The slow-allocation rig over a /dev/shm directory, as in prealloc.sh.
+  SLOWDIR=$(mktemp -d /dev/shm/ringblk-slowfs.XXXX)
+  "${SLOWFS:-target/release/slowfs}" --alloc-us-per-mib "${SLOW_US_PER_MIB:-1000}" "$SLOWDIR" "$MNT" 2>"$W/slowfs.log" &
+  trap 'umount "$MNT" 2>/dev/null; sleep 0.5; rm -rf "$SLOWDIR"' EXIT
+  for _ in $(seq 50); do mountpoint -q "$MNT" && break; sleep 0.1; done
+  mountpoint -q "$MNT" || { echo "slowfs did not mount (see $W/slowfs.log)" >&2; exit 1; }
+  FS=slowfs-mounted
+fi
+if [ "$FS" != slowfs-mounted ]; then
+truncate -s 6G "$IMG"
+dd if=/dev/zero of="$IMG" bs=1M count=6144 conv=notrunc,fsync oflag=direct status=none
+LOOP=$(losetup -f --show --direct-io=on "$IMG")
+trap 'umount "$MNT" 2>/dev/null; losetup -d "$LOOP"; rm -f "$IMG" "$W"/t.*' EXIT
+case $FS in
+  ext4) mkfs.ext4 -q -F -E lazy_itable_init=0,lazy_journal_init=0,nodiscard "$LOOP" ;;
+  xfs) mkfs.xfs -q -f -K "$LOOP" ;;
+  btrfs) mkfs.btrfs -q -f -K "$LOOP" >/dev/null 2>&1 ;;
+  *) echo "FS is ext4, xfs or btrfs" >&2; exit 2 ;;
+esac
+mount "$LOOP" "$MNT"
+fi
+count=$((TOTAL / $(numfmt --from=iec "${SZ^^}")))
+q=$MNT/t.qcow2
+pre="driver=qcow2,file.driver=preallocate,file.file.driver=file,file.file.filename=$q"
+rb() { "$R" bench -w -t "$CACHE" --pattern seq -s "$SZ" -c "$count" --shards 1 -d 16 "$@"; }
+wall() { local TIMEFORMAT=%R; { time "$@" >/dev/null 2>&1; } 2>&1; }
+io() { "$@" | awk '/^Run completed in/ {print $4}'; }
+one() {
+  rm -f "$MNT"/t.*
+  sync
+  echo 3 > /proc/sys/vm/drop_caches
+  case $1 in
+    raw-*)
+      fallocate -l "$TOTAL" "$MNT/t.raw"
+      [ "$1" = raw-written ] && dd if=/dev/zero of="$MNT/t.raw" bs=1M count=$((TOTAL >> 20)) oflag=direct conv=notrunc status=none
+      sync
+      io rb -f raw "$MNT/t.raw" ;;
+    *)
+      qemu-img create -q -f qcow2 "$q" $((TOTAL * 2))
+      case $1 in
+        pre) wall rb --image-opts "$pre" ;;
+        pre-nowb) wall rb --image-opts "$pre,file.prealloc-write-behind=0" ;;
+        pre-*) wall rb --image-opts "$pre,file.prealloc-mode=${1#pre-}" ;;
+        plain) wall rb -f qcow2 "$q" ;;
+        qemu+pre) wall qemu-img bench -w -t "$CACHE" -i io_uring -s "$SZ" -c "$count" -d 16 --image-opts "$pre" ;;
+        *) echo "unknown contender $1" >&2; exit 2 ;;
+      esac ;;
+  esac
+}
+one plain >/dev/null # untimed warm-up
+declare -A t
+for _ in $(seq "$RUNS"); do
+  for c in $CONTENDERS; do t[$c]="${t[$c]:-} $(one "$c")"; done
+done
+echo "# ${FS%-mounted} $SZ cache=$CACHE, $RUNS alternating runs (s)"
+for c in $CONTENDERS; do echo "$c:${t[$c]}"; done
