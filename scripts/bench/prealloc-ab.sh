@@ -14,6 +14,7 @@
 #     pre-nowb      the same with prealloc-write-behind=0
 #     plain         ringblk bench, qcow2 without the filter (wall)
 #     qemu+pre      qemu-img bench through QEMU's filter (wall)
+#   CONTENDER:b   the same with the binary RINGBLK_B (an A/B of two builds)
 # raw-* report the I/O phase (ringblk's "Run completed in"): they stand for
 # what the filesystem does once allocation is out of the way; the others
 # report the whole command's wall time, as prealloc.sh does.
@@ -57,6 +58,8 @@ rb() { "$R" bench -w -t "$CACHE" --pattern seq -s "$SZ" -c "$count" --shards 1 -
 wall() { local TIMEFORMAT=%R; { time "$@" >/dev/null 2>&1; } 2>&1; }
 io() { "$@" | awk '/^Run completed in/ {print $4}'; }
 one() {
+  local R=$R
+  if [ "${1%:b}" != "$1" ]; then R=$RINGBLK_B; set -- "${1%:b}"; fi
   rm -f "$MNT"/t.*
   sync
   echo 3 > /proc/sys/vm/drop_caches

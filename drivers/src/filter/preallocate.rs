@@ -748,30 +748,6 @@ fn read_marker(fd: RawFd) -> Option<u64> {
     std::str::from_utf8(&v[..n as usize]).ok()?.trim().parse().ok()
 }
 
-/// The file lives on a filesystem reached over a network, or through FUSE
-/// (statfs magic numbers, <linux/magic.h> and the projects' own).
-fn remote_fs(fd: RawFd) -> bool {
-    const REMOTE: [i64; 10] = [
-        0x6969,     // NFS
-        0xFF534D42, // CIFS
-        0xFE534D42, // SMB2
-        0x65735546, // FUSE
-        0x00c36400, // Ceph
-        0x0BD00BD0, // Lustre
-        0x47504653, // GPFS
-        0x01021997, // 9P
-        0x5346414F, // AFS
-        0x6B414653, // kAFS
-    ];
-    // SAFETY: an all-zero statfs is a valid value to be overwritten.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: fd is the child's open file and st is writable.
-    if unsafe { libc::fstatfs(fd, &mut st) } != 0 {
-        return false;
-    }
-    REMOTE.contains(&(st.f_type as i64))
-}
-
 /// The file was opened with O_DIRECT (cache=none): no page cache to write
 /// behind.
 fn direct_io(fd: RawFd) -> bool {
@@ -872,7 +848,7 @@ impl Driver for PreallocDriver {
                     // file one at a time), so they gain nothing from
                     // allocating in parallel, and lose each one's own
                     // allocation round trip: fallocate ahead, as locally.
-                    Some(fd) if remote_fs(fd) && direct_io(fd) => Mode::Sparse,
+                    Some(fd) if crate::protocol::sys::remote_fs(fd) && direct_io(fd) => Mode::Sparse,
                     Some(fd) if active && !probe_falloc(fd, len) => Mode::Zeroes,
                     _ => Mode::Falloc,
                 },

@@ -706,8 +706,13 @@ impl FileDriver {
         } else {
             None
         };
+        // Merged writes help where the filesystem pays per write and in
+        // turn (a local filesystem's unwritten extents, FUSE's lock on a
+        // page-cache write); a server that takes O_DIRECT writes in
+        // parallel (FUSE, network filesystems) is better fed many.
+        let merge_writes = !(direct && sys::remote_fs(raw));
         Ok(Arc::new(FileNode {
-            file: AioFile::new(fd, aio),
+            file: AioFile::new(fd, aio).with_merge_writes(merge_writes),
             kind: self.kind,
             filename,
             size: AtomicU64::new(size),

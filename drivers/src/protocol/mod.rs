@@ -1,4 +1,4 @@
 //! Protocol drivers: where bytes finally live.
 
 pub mod file;
-mod sys;
+pub(crate) mod sys;

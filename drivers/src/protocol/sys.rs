@@ -324,6 +324,30 @@ pub fn map_resident(fd: RawFd, off: u64, len: usize) -> Option<(std::ptr::NonNul
     Some((std::ptr::NonNull::new(p.cast())?, map_len, delta))
 }
 
+/// The file lives on a filesystem reached over a network, or through FUSE
+/// (statfs magic numbers, <linux/magic.h> and the projects' own).
+pub fn remote_fs(fd: RawFd) -> bool {
+    const REMOTE: [i64; 10] = [
+        0x6969,     // NFS
+        0xFF534D42, // CIFS
+        0xFE534D42, // SMB2
+        0x65735546, // FUSE
+        0x00c36400, // Ceph
+        0x0BD00BD0, // Lustre
+        0x47504653, // GPFS
+        0x01021997, // 9P
+        0x5346414F, // AFS
+        0x6B414653, // kAFS
+    ];
+    // SAFETY: an all-zero statfs is a valid value to be overwritten.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: fd is the child's open file and st is writable.
+    if unsafe { libc::fstatfs(fd, &mut st) } != 0 {
+        return false;
+    }
+    REMOTE.contains(&(st.f_type as i64))
+}
+
 #[cfg(test)]
 mod dirty_tests {
     use super::*;

@@ -7,7 +7,7 @@
 
 pub(crate) mod native;
 mod threads;
-mod uring;
+pub(crate) mod uring;
 
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
@@ -75,6 +75,8 @@ pub struct AioFile {
     /// Shared with thread-pool jobs so the fd number stays ours until every job
     /// that uses it has finished, even if the AioFile is dropped first.
     fd: Arc<OwnedFd>,
+    /// Writes may join their neighbours in one vectored write (io_uring).
+    pub(crate) merge_writes: bool,
     uid: u64,
     backend: Backend,
     /// Shards whose ring registered this file; they drop it when we close.
@@ -114,10 +116,18 @@ impl AioFile {
                 None
             },
             fd: Arc::new(fd),
+            merge_writes: true,
             uid: NEXT_FILE_UID.fetch_add(1, Ordering::Relaxed),
             backend,
             registered_on: Mutex::new(Vec::new()),
         }
+    }
+
+    /// Whether this file's writes may go out merged with the ones next to
+    /// them (RuntimeConfig::merge_writes; on by default).
+    pub fn with_merge_writes(mut self, on: bool) -> AioFile {
+        self.merge_writes = on;
+        self
     }
 
     pub fn backend(&self) -> Backend {

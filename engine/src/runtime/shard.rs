@@ -88,6 +88,34 @@ pub(crate) enum OpSlot {
     /// The future was dropped mid-flight: keep what the kernel may still touch
     /// until the completion is reaped.
     Abandoned(Box<dyn std::any::Any>),
+    /// Writes sent as one vectored write (RuntimeConfig::merge_writes): its
+    /// completion completes each member (slot key, length) with its share.
+    /// The iovecs live here until then.
+    Group(Vec<(usize, u32)>, Box<[libc::iovec]>),
+}
+
+/// Writes queued in this turn that follow each other in one file, not yet
+/// in the SQ: they go out as one vectored write when the turn submits.
+pub(crate) struct MergeWindow {
+    pub(crate) target: Result<types::Fixed, types::Fd>,
+    /// Where the first write starts and the last ends.
+    pub(crate) off: u64,
+    pub(crate) end: u64,
+    pub(crate) rw_flags: i32,
+    /// (op slot key, data, length, fixed-buffer index) in file order.
+    pub(crate) members: Vec<(usize, *const u8, u32, Option<u16>)>,
+}
+
+/// At most this many writes, and this many bytes, in one vectored write.
+const MERGE_MAX_WRITES: usize = 64;
+const MERGE_MAX_BYTES: u64 = 1 << 20;
+
+fn same_target(a: &Result<types::Fixed, types::Fd>, b: &Result<types::Fixed, types::Fd>) -> bool {
+    match (a, b) {
+        (Ok(x), Ok(y)) => x.0 == y.0,
+        (Err(x), Err(y)) => x.0 == y.0,
+        _ => false,
+    }
 }
 
 struct TaskSlot {
@@ -144,6 +172,11 @@ pub(crate) struct Shard {
     submit_batch: u32,
     /// RuntimeConfig::submit_bytes.
     submit_bytes: u64,
+    /// RuntimeConfig::merge_writes.
+    pub(crate) merge_writes: bool,
+    merge: RefCell<Option<MergeWindow>>,
+    /// Writes that went out as part of a vectored write of several.
+    merged: Cell<u64>,
     /// Targets of the eventfd reads that stay armed for the ring's lifetime. Leaked
     /// (16 bytes a shard) because the kernel may finish such a read while the ring
     /// is being torn down, after the shard's own memory is gone.
@@ -208,6 +241,9 @@ impl Shard {
             poll_mode: cfg.poll,
             submit_batch: cfg.submit_batch,
             submit_bytes: cfg.submit_bytes,
+            merge_writes: cfg.merge_writes,
+            merge: RefCell::new(None),
+            merged: Cell::new(0),
             wake_buf: Box::leak(Box::new(Cell::new(0))),
             native: RefCell::new(None),
             native_buf: Box::leak(Box::new(Cell::new(0))),
@@ -248,6 +284,81 @@ impl Shard {
         self.unsubmitted_bytes.set(self.unsubmitted_bytes.get() + n);
     }
 
+    /// Queue a write to go out with the writes before it, if it follows them
+    /// in the same file with the same flags; otherwise the window so far is
+    /// pushed and this write starts the next. Returns the write's slot key.
+    pub(crate) fn merge_write(
+        &self,
+        target: Result<types::Fixed, types::Fd>,
+        off: u64,
+        data: *const u8,
+        len: u32,
+        fixed: Option<u16>,
+        rw_flags: i32,
+    ) -> usize {
+        let key = self.ops.borrow_mut().insert(OpSlot::Waiting(None));
+        let member = (key, data, len, fixed);
+        let mut w = self.merge.borrow_mut();
+        let joins = w.as_ref().is_some_and(|w| {
+            same_target(&w.target, &target)
+                && w.end == off
+                && w.rw_flags == rw_flags
+                && w.members.len() < MERGE_MAX_WRITES
+                && w.end - w.off + u64::from(len) <= MERGE_MAX_BYTES
+        });
+        let full = if let (true, Some(w)) = (joins, w.as_mut()) {
+            w.end += u64::from(len);
+            w.members.push(member);
+            None
+        } else {
+            let next = MergeWindow { target, off, end: off + u64::from(len), rw_flags, members: vec![member] };
+            w.replace(next)
+        };
+        // A window that cannot grow goes to the SQ now. Until then its
+        // writes count toward neither submit_batch nor submit_bytes: a
+        // stream of 64 KiB writes goes to the device 1 MiB at a time.
+        let full =
+            full.or_else(|| w.take_if(|w| w.members.len() == MERGE_MAX_WRITES || w.end - w.off >= MERGE_MAX_BYTES));
+        drop(w);
+        if let Some(full) = full {
+            self.push_window(full);
+        }
+        key
+    }
+
+    /// Push the writes waiting in the merge window to the SQ.
+    pub(crate) fn flush_merge(&self) {
+        let w = self.merge.borrow_mut().take();
+        if let Some(w) = w {
+            self.push_window(w);
+        }
+    }
+
+    fn push_window(&self, w: MergeWindow) {
+        let sqe = if let [(key, ..)] = w.members[..] {
+            crate::aio::uring::window_sqe(&w, None).user_data(key as u64)
+        } else {
+            self.merged.set(self.merged.get() + w.members.len() as u64);
+            let iov: Box<[libc::iovec]> = w
+                .members
+                .iter()
+                .map(|&(_, data, len, _)| libc::iovec { iov_base: data.cast_mut().cast(), iov_len: len as usize })
+                .collect();
+            let sqe = crate::aio::uring::window_sqe(&w, Some(&iov));
+            let members = w.members.iter().map(|&(key, _, len, _)| (key, len)).collect();
+            // The iovecs move with their box: the SQE's pointer stays good.
+            let key = self.ops.borrow_mut().insert(OpSlot::Group(members, iov));
+            sqe.user_data(key as u64)
+        };
+        self.push_sqe(&sqe);
+        self.queued_bytes(w.end - w.off);
+    }
+
+    /// Writes sent as part of a vectored write of several so far.
+    pub(crate) fn merged_writes(&self) -> u64 {
+        self.merged.get()
+    }
+
     /// Submit a tracked operation and return its slab key.
     pub(crate) fn submit_op(&self, sqe: squeue::Entry) -> usize {
         let key = self.ops.borrow_mut().insert(OpSlot::Waiting(None));
@@ -271,6 +382,27 @@ impl Shard {
                 drop(ops);
                 // Now the kernel is done with it: free buffers (back to the pool).
                 drop(keep);
+            }
+            OpSlot::Group(members, iov) => {
+                ops.remove(key);
+                drop(ops);
+                // In file order: each member gets what of it was written. A
+                // member past a short write is told to try again (EINTR), and
+                // its retry meets whatever cut the write short.
+                let mut left = res;
+                for (k, len) in members {
+                    let r = if res < 0 {
+                        res
+                    } else if left > 0 {
+                        let n = left.min(i32::try_from(len).unwrap_or(i32::MAX));
+                        left -= n;
+                        n
+                    } else {
+                        -libc::EINTR
+                    };
+                    self.complete_op(k, r);
+                }
+                drop(iov);
             }
             OpSlot::Done(_) => unreachable!("operation {key} completed twice"),
         }
@@ -435,6 +567,7 @@ impl Shard {
     }
 
     fn submit(&self, wait: bool) {
+        self.flush_merge();
         let ring = self.ring.borrow();
         let want = usize::from(wait);
         let r = ring.submitter().submit_and_wait(want);

@@ -190,3 +190,90 @@ fn sleep_waits_and_daemons_do_not_hold_shutdown() {
     drop(rt);
     assert!(t.elapsed() < Duration::from_secs(2), "shutdown waited {:?} for a sleeping daemon", t.elapsed());
 }
+
+/// Writes of `pattern(i)` to blocks `order[..]` of `file` (4 KiB each), all
+/// started in one turn of the loop; their results in the same order.
+async fn writes_in_one_turn(file: &std::rc::Rc<AioFile>, order: &[u64], fua: bool) -> Vec<std::io::Result<usize>> {
+    let handles: Vec<_> = order
+        .iter()
+        .map(|&i| {
+            let file = file.clone();
+            spawn_local(async move {
+                let buf = IoBuf::from_slice(&[i as u8 + 1; 4096]);
+                file.write(buf, 0, 4096, i * 4096, fua).await.0
+            })
+        })
+        .collect();
+    let mut out = Vec::new();
+    for h in handles {
+        out.push(h.await);
+    }
+    out
+}
+
+#[test]
+fn contiguous_writes_in_one_turn_go_out_as_one_vectored_write() {
+    use std::rc::Rc;
+    let rt = Runtime::single().unwrap();
+    rt.block_on(|| async {
+        let f = tempfile::tempfile().unwrap();
+        let file = Rc::new(AioFile::new(OwnedFd::from(f.try_clone().unwrap()), Backend::IoUring));
+        // 0..6 contiguous, then a gap (9), then 10..12 contiguous, and a
+        // FUA write (7) that must not join writes without FUA.
+        let order = [0, 1, 2, 3, 4, 5, 9, 10, 11, 7];
+        let before = merged_writes();
+        let mut res = writes_in_one_turn(&file, &order[..9], false).await;
+        res.extend(writes_in_one_turn(&file, &order[9..], true).await);
+        for (r, &i) in res.iter().zip(&order) {
+            assert_eq!(r.as_ref().map_err(|e| e.to_string()), Ok(&4096), "write of block {i}");
+        }
+        let merged = merged_writes() - before;
+        assert!(merged >= 2, "no writes merged ({merged})");
+        let mut back = vec![0u8; 12 * 4096];
+        let n = std::os::unix::fs::FileExt::read_at(&f, &mut back, 0).unwrap();
+        assert_eq!(n, back.len());
+        for b in 0..12u64 {
+            let want = if order.contains(&b) { b as u8 + 1 } else { 0 };
+            let blk = &back[b as usize * 4096..(b as usize + 1) * 4096];
+            assert!(blk.iter().all(|&x| x == want), "block {b} holds {} not {want}", blk[0]);
+        }
+
+        // An error reaches every member: a file open read-only.
+        let ro = std::fs::File::open(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&f))).unwrap();
+        let ro = Rc::new(AioFile::new(OwnedFd::from(ro), Backend::IoUring));
+        let before = merged_writes();
+        for r in writes_in_one_turn(&ro, &[0, 1, 2, 3], false).await {
+            assert_eq!(r.unwrap_err().raw_os_error(), Some(libc::EBADF));
+        }
+        assert!(merged_writes() - before >= 2, "the failing writes were not merged");
+    });
+}
+
+/// A merged write whose future is dropped before the window goes out keeps
+/// its buffer until the vectored write completes; the others complete.
+#[test]
+fn a_merged_write_dropped_before_submission_keeps_its_buffer() {
+    use std::rc::Rc;
+    let rt = Runtime::single().unwrap();
+    rt.block_on(|| async {
+        let f = tempfile::tempfile().unwrap();
+        let file = Rc::new(AioFile::new(OwnedFd::from(f.try_clone().unwrap()), Backend::IoUring));
+        let (free0, _) = pool_stats();
+        let mut a = Box::pin(file.write(IoBuf::from_slice(&[1; 4096]), 0, 4096, 0, false));
+        assert!(poll_once(a.as_mut()).await.is_none(), "queued, not done");
+        let b = file.write(IoBuf::from_slice(&[2; 4096]), 0, 4096, 4096, false);
+        // `a` is dropped while its write waits in the window with `b`'s.
+        drop(a);
+        assert_eq!(b.await.0.unwrap(), 4096);
+        for _ in 0..1000 {
+            if pool_stats().0 == free0 {
+                break;
+            }
+            nop().await;
+        }
+        assert_eq!(pool_stats().0, free0, "buffers back in the pool once the write completed");
+        let mut back = vec![0u8; 8192];
+        std::os::unix::fs::FileExt::read_at(&f, &mut back, 0).unwrap();
+        assert!(back[..4096].iter().all(|&x| x == 1) && back[4096..].iter().all(|&x| x == 2));
+    });
+}
