@@ -20,6 +20,7 @@
 # report the whole command's wall time, as prealloc.sh does.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+. scripts/bench/fs-lib.sh
 FS=$1 SZ=$2 RUNS=${3:-5}
 CACHE=${CACHE:-none}
 CONTENDERS=${CONTENDERS:-raw-written raw-falloc pre qemu+pre}
@@ -32,24 +33,13 @@ IMG=$W/fs.img MNT=$W/mnt
 if [ "$FS" = slowfs ]; then
   # The slow-allocation rig over a /dev/shm directory, as in prealloc.sh.
   SLOWDIR=$(mktemp -d /dev/shm/ringblk-slowfs.XXXX)
-  "${SLOWFS:-target/release/slowfs}" --alloc-us-per-mib "${SLOW_US_PER_MIB:-1000}" "$SLOWDIR" "$MNT" 2>"$W/slowfs.log" &
   trap 'umount "$MNT" 2>/dev/null; sleep 0.5; rm -rf "$SLOWDIR"' EXIT
-  for _ in $(seq 50); do mountpoint -q "$MNT" && break; sleep 0.1; done
-  mountpoint -q "$MNT" || { echo "slowfs did not mount (see $W/slowfs.log)" >&2; exit 1; }
-  FS=slowfs-mounted
-fi
-if [ "$FS" != slowfs-mounted ]; then
-truncate -s 6G "$IMG"
-dd if=/dev/zero of="$IMG" bs=1M count=6144 conv=notrunc,fsync oflag=direct status=none
-LOOP=$(losetup -f --show --direct-io=on "$IMG")
-trap 'umount "$MNT" 2>/dev/null; losetup -d "$LOOP"; rm -f "$IMG" "$W"/t.*' EXIT
-case $FS in
-  ext4) mkfs.ext4 -q -F -E lazy_itable_init=0,lazy_journal_init=0,nodiscard "$LOOP" ;;
-  xfs) mkfs.xfs -q -f -K "$LOOP" ;;
-  btrfs) mkfs.btrfs -q -f -K "$LOOP" >/dev/null 2>&1 ;;
-  *) echo "FS is ext4, xfs or btrfs" >&2; exit 2 ;;
-esac
-mount "$LOOP" "$MNT"
+  mount_slowfs "${SLOWFS:-target/release/slowfs}" "$SLOWDIR" "$MNT" "$W/slowfs.log" "${SLOW_US_PER_MIB:-1000}"
+else
+  LOOP=$(loop_backing "$IMG" 6G)
+  trap 'umount "$MNT" 2>/dev/null; losetup -d "$LOOP"; rm -f "$IMG" "$W"/t.*' EXIT
+  mkfs_for "$FS" "$LOOP"
+  mount "$LOOP" "$MNT"
 fi
 count=$((TOTAL / $(numfmt --from=iec "${SZ^^}")))
 q=$MNT/t.qcow2
@@ -86,5 +76,5 @@ declare -A t
 for _ in $(seq "$RUNS"); do
   for c in $CONTENDERS; do t[$c]="${t[$c]:-} $(one "$c")"; done
 done
-echo "# ${FS%-mounted} $SZ cache=$CACHE, $RUNS alternating runs (s)"
+echo "# $FS $SZ cache=$CACHE, $RUNS alternating runs (s)"
 for c in $CONTENDERS; do echo "$c:${t[$c]}"; done

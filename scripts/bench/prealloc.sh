@@ -34,6 +34,7 @@
 #   RINGBLK=target/release/ringblk SLOWFS=target/release/slowfs
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+. scripts/bench/fs-lib.sh
 W=${1:-$(mktemp -d /var/tmp/ringblk-prealloc.XXXX)}
 mkdir -p "$W"
 rm -f "$W/slowfs.log"
@@ -64,42 +65,20 @@ cleanup() {
 }
 trap cleanup EXIT
 
-mkfs_for() {
-  case $1 in
-    # No lazy initialisation: ext4lazyinit zeroing inode tables in the
-    # background turned a run in ten into a 10 s outlier.
-    # No discard at mkfs either: it would punch the backing file (see
-    # mount_fs) back into holes.
-    ext4) mkfs.ext4 -q -F -E lazy_itable_init=0,lazy_journal_init=0,nodiscard "$2" ;;
-    xfs) mkfs.xfs -q -f -K "$2" ;;
-    btrfs) mkfs.btrfs -q -f -K "$2" >/dev/null 2>&1 ;;
-    *) echo "unknown filesystem $1" >&2; exit 1 ;;
-  esac
-}
-
 mount_fs() { # fs
   mkdir -p "$MNT"
   if [ "$1" = slowfs ]; then
     [ -x "$SLOWFS" ] || { echo "build first: cargo build --release -p ringblk-bench --bin slowfs" >&2; exit 1; }
     SLOWDIR=$(mktemp -d /dev/shm/ringblk-slowfs.XXXX)
-    "$SLOWFS" --alloc-us-per-mib "$SLOW_US_PER_MIB" "$SLOWDIR" "$MNT" 2>>"$W/slowfs.log" &
-    for _ in $(seq 50); do mountpoint -q "$MNT" && return; sleep 0.1; done
-    echo "slowfs did not mount (see $W/slowfs.log)" >&2; exit 1
+    mount_slowfs "$SLOWFS" "$SLOWDIR" "$MNT" "$W/slowfs.log" "$SLOW_US_PER_MIB"
+    return
   fi
   case $BACKING in
     disk) FSIMG=$W/fs.img ;;
     ram) FSIMG=$(mktemp /dev/shm/ringblk-fs.XXXX) ;;
     *) echo "BACKING is disk or ram" >&2; exit 1 ;;
   esac
-  # The loop device stands in for a disk, and a disk allocates nothing: the
-  # backing file is written through before mkfs. Left sparse, the first
-  # write to each block of it made the host filesystem (or tmpfs) allocate,
-  # which charged whichever contender first wrote a block the ceiling's
-  # pre-written file never covered: the ceiling ratio on ext4 64k read
-  # 0.72 on a sparse tmpfs file, and 1.0 once the blocks were there.
-  truncate -s "$FS_SIZE" "$FSIMG"
-  dd if=/dev/zero of="$FSIMG" bs=1M count=$(($(bytes "$FS_SIZE") >> 20)) conv=notrunc,fsync oflag=direct status=none
-  LOOP=$(losetup -f --show --direct-io=on "$FSIMG")
+  LOOP=$(loop_backing "$FSIMG" "$FS_SIZE")
   mkfs_for "$1" "$LOOP"
   mount "$LOOP" "$MNT"
 }
