@@ -838,6 +838,7 @@ impl Driver for PreallocDriver {
                     unsafe { libc::fremovexattr(fd, MARKER.as_ptr()) };
                 }
             }
+            let direct = fd.is_none_or(direct_io);
             let mode = match mode.as_deref() {
                 Some("falloc") => Mode::Falloc,
                 Some("zeroes") => Mode::Zeroes,
@@ -848,7 +849,7 @@ impl Driver for PreallocDriver {
                     // file one at a time), so they gain nothing from
                     // allocating in parallel, and lose each one's own
                     // allocation round trip: fallocate ahead, as locally.
-                    Some(fd) if crate::protocol::sys::remote_fs(fd) && direct_io(fd) => Mode::Sparse,
+                    Some(fd) if direct && crate::protocol::sys::remote_fs(fd) => Mode::Sparse,
                     Some(fd) if active && !probe_falloc(fd, len) => Mode::Zeroes,
                     _ => Mode::Falloc,
                 },
@@ -860,7 +861,7 @@ impl Driver for PreallocDriver {
             };
             let cfg = Config { align, size, max_size, ahead, mode, write_behind };
             let behind_fd = match fd {
-                Some(fd) if active && write_behind > 0 && !direct_io(fd) => {
+                Some(fd) if active && write_behind > 0 && !direct => {
                     // SAFETY: fd is the child's open file, open for this call.
                     unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }.try_clone_to_owned().ok().map(Arc::new)
                 }

@@ -191,6 +191,13 @@ fn sleep_waits_and_daemons_do_not_hold_shutdown() {
     assert!(t.elapsed() < Duration::from_secs(2), "shutdown waited {:?} for a sleeping daemon", t.elapsed());
 }
 
+/// A temporary file, and the same file open for the io_uring backend.
+fn uring_tempfile() -> (std::fs::File, std::rc::Rc<AioFile>) {
+    let f = tempfile::tempfile().unwrap();
+    let file = AioFile::new(OwnedFd::from(f.try_clone().unwrap()), Backend::IoUring);
+    (f, std::rc::Rc::new(file))
+}
+
 /// Writes of `pattern(i)` to blocks `order[..]` of `file` (4 KiB each), all
 /// started in one turn of the loop; their results in the same order.
 async fn writes_in_one_turn(file: &std::rc::Rc<AioFile>, order: &[u64], fua: bool) -> Vec<std::io::Result<usize>> {
@@ -216,8 +223,7 @@ fn contiguous_writes_in_one_turn_go_out_as_one_vectored_write() {
     use std::rc::Rc;
     let rt = Runtime::single().unwrap();
     rt.block_on(|| async {
-        let f = tempfile::tempfile().unwrap();
-        let file = Rc::new(AioFile::new(OwnedFd::from(f.try_clone().unwrap()), Backend::IoUring));
+        let (f, file) = uring_tempfile();
         // 0..6 contiguous, then a gap (9), then 10..12 contiguous, and a
         // FUA write (7) that must not join writes without FUA.
         let order = [0, 1, 2, 3, 4, 5, 9, 10, 11, 7];
@@ -253,11 +259,9 @@ fn contiguous_writes_in_one_turn_go_out_as_one_vectored_write() {
 /// its buffer until the vectored write completes; the others complete.
 #[test]
 fn a_merged_write_dropped_before_submission_keeps_its_buffer() {
-    use std::rc::Rc;
     let rt = Runtime::single().unwrap();
     rt.block_on(|| async {
-        let f = tempfile::tempfile().unwrap();
-        let file = Rc::new(AioFile::new(OwnedFd::from(f.try_clone().unwrap()), Backend::IoUring));
+        let (f, file) = uring_tempfile();
         let (free0, _) = pool_stats();
         let mut a = Box::pin(file.write(IoBuf::from_slice(&[1; 4096]), 0, 4096, 0, false));
         assert!(poll_once(a.as_mut()).await.is_none(), "queued, not done");
