@@ -17,7 +17,8 @@
 #   CONTENDER:b   the same with the binary RINGBLK_B (an A/B of two builds)
 # raw-* report the I/O phase (ringblk's "Run completed in"): they stand for
 # what the filesystem does once allocation is out of the way; the others
-# report the whole command's wall time, as prealloc.sh does.
+# report the whole command's wall time, as prealloc.sh does; PHASE=io makes
+# ringblk's pre* and plain report their I/O phase too (qemu+pre stays wall).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 . scripts/bench/fs-lib.sh
@@ -46,6 +47,7 @@ q=$MNT/t.qcow2
 pre="driver=qcow2,file.driver=preallocate,file.file.driver=file,file.file.filename=$q"
 rb() { "$R" bench -w -t "$CACHE" --pattern seq -s "$SZ" -c "$count" --shards 1 -d 16 "$@"; }
 wall() { local TIMEFORMAT=%R; { time "$@" >/dev/null 2>&1; } 2>&1; }
+rbw() { if [ "${PHASE:-wall}" = io ]; then io rb "$@"; else wall rb "$@"; fi; }
 io() { "$@" | awk '/^Run completed in/ {print $4}'; }
 one() {
   local R=$R
@@ -62,10 +64,10 @@ one() {
     *)
       qemu-img create -q -f qcow2 "$q" $((TOTAL * 2))
       case $1 in
-        pre) wall rb --image-opts "$pre" ;;
-        pre-nowb) wall rb --image-opts "$pre,file.prealloc-write-behind=0" ;;
-        pre-*) wall rb --image-opts "$pre,file.prealloc-mode=${1#pre-}" ;;
-        plain) wall rb -f qcow2 "$q" ;;
+        pre) rbw --image-opts "$pre" ;;
+        pre-nowb) rbw --image-opts "$pre,file.prealloc-write-behind=0" ;;
+        pre-*) rbw --image-opts "$pre,file.prealloc-mode=${1#pre-}" ;;
+        plain) rbw -f qcow2 "$q" ;;
         qemu+pre) wall qemu-img bench -w -t "$CACHE" -i io_uring -s "$SZ" -c "$count" -d 16 --image-opts "$pre" ;;
         *) echo "unknown contender $1" >&2; exit 2 ;;
       esac ;;
