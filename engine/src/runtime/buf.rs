@@ -60,6 +60,12 @@ impl BufPool {
         self.count
     }
 
+    /// The pool's memory as one region (start, bytes): what a driver maps
+    /// for a device to reach every buffer of the pool (VFIO DMA).
+    pub fn region(&self) -> (*const u8, usize) {
+        (self.base.as_ptr(), self.count * self.buf_size)
+    }
+
     /// Buffers currently free (not owned by any IoBuf).
     pub fn available(&self) -> usize {
         self.free.len()

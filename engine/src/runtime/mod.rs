@@ -269,6 +269,11 @@ pub fn pool_registered() -> bool {
     shard::current().is_some_and(|s| s.pool_registered)
 }
 
+/// The current shard's buffer pool (a driver maps it for DMA).
+pub fn current_pool() -> Option<Arc<BufPool>> {
+    shard::current().map(|s| s.pool.clone())
+}
+
 pub(crate) fn try_pool_buf(len: usize) -> Option<IoBuf> {
     shard::current().and_then(|s| s.pool.take(len))
 }

@@ -174,6 +174,9 @@ pub(crate) struct Shard {
     submit_bytes: u64,
     /// RuntimeConfig::merge_writes.
     pub(crate) merge_writes: bool,
+    /// The kernel flags pending task work in the SQ (IORING_SETUP_TASKRUN_FLAG):
+    /// a turn with nothing to submit and nothing flagged skips io_uring_enter.
+    taskrun_flag: bool,
     merge: RefCell<Option<MergeWindow>>,
     /// Writes that went out as part of a vectored write of several.
     merged: Cell<u64>,
@@ -210,13 +213,14 @@ impl Shard {
             b.setup_sqpoll(cfg.sqpoll_idle_ms);
         } else {
             // Completions are only reaped by this thread, so the kernel need not
-            // interrupt it to run task work.
-            b.setup_coop_taskrun();
+            // interrupt it to run task work; the flag tells us when some is
+            // waiting (see submit).
+            b.setup_coop_taskrun().setup_taskrun_flag();
         }
-        let ring = match b.build(cfg.ring_entries) {
-            Ok(r) => r,
+        let (ring, taskrun_flag) = match b.build(cfg.ring_entries) {
+            Ok(r) => (r, !cfg.poll),
             // Kernels without COOP_TASKRUN: plain ring.
-            Err(_) if !cfg.poll => IoUring::new(cfg.ring_entries)?,
+            Err(_) if !cfg.poll => (IoUring::new(cfg.ring_entries)?, false),
             Err(e) => return Err(e),
         };
         let pool = BufPool::new(cfg.buffers, cfg.buffer_size);
@@ -242,6 +246,7 @@ impl Shard {
             submit_batch: cfg.submit_batch,
             submit_bytes: cfg.submit_bytes,
             merge_writes: cfg.merge_writes,
+            taskrun_flag,
             merge: RefCell::new(None),
             merged: Cell::new(0),
             wake_buf: Box::leak(Box::new(Cell::new(0))),
@@ -568,6 +573,17 @@ impl Shard {
 
     fn submit(&self, wait: bool) {
         self.flush_merge();
+        if !wait && self.unsubmitted.get() == 0 && self.taskrun_flag {
+            // A busy turn (tasks ready, or polling a device queue) with no
+            // new entries: enter the kernel only if completions wait there
+            // as task work or in an overflowed CQ. Otherwise a polling shard
+            // would make one system call per turn for nothing.
+            let mut ring = self.ring.borrow_mut();
+            let sq = ring.submission();
+            if !sq.taskrun() && !sq.cq_overflow() {
+                return;
+            }
+        }
         let ring = self.ring.borrow();
         let want = usize::from(wait);
         let r = ring.submitter().submit_and_wait(want);
