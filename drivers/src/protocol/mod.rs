@@ -1,4 +1,5 @@
 //! Protocol drivers: where bytes finally live.
 
 pub mod file;
+pub mod nvme;
 pub(crate) mod sys;

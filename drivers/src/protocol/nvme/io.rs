@@ -1,0 +1,502 @@
+//! A shard's I/O queue pair: command slots (one per command id), the
+//! future a request awaits, completion reaping (MSI-X eventfd read through
+//! the shard's ring, or adaptive polling), the shard's buffer pool mapped
+//! for DMA, PRP list pages and bounce buffers, and recovery after a
+//! controller reset. One per shard per controller; never crosses threads.
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::future::Future;
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use engine::aio::{AioFile, Backend};
+use engine::error::{invalid, Error, ErrorKind, Result};
+use engine::runtime::{BufPool, IoBuf};
+
+use super::ctrl::Controller;
+use super::dma::{build_prps, DmaBuf, PAGE};
+use super::queue::Rings;
+use super::spec::{Cqe, Sqe};
+
+/// Entries per I/O queue (capped by CAP.MQES).
+pub const IO_DEPTH: u16 = 256;
+/// PRP entries in one list page: transfers up to 2 MiB + a page.
+const PRP_PER_LIST: usize = PAGE / 8;
+/// A command that has not completed in this long means a hung controller.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What a command's memory is: the caller's buffer and, when that buffer
+/// is not mapped for DMA, the bounce buffer the device uses instead. The
+/// slot owns both while the command is in flight, so a request future
+/// dropped mid-flight never frees memory the device may still write.
+#[derive(Default)]
+pub struct Held {
+    pub buf: Option<IoBuf>,
+    pub bounce: Option<DmaBuf>,
+}
+
+enum Slot {
+    Free,
+    Busy { sqe: Sqe, held: Held, waker: Option<Waker>, since: Instant, abandoned: bool },
+    Done { cqe: Cqe, held: Held },
+}
+
+pub struct IoQueue {
+    pub ctrl: Arc<Controller>,
+    rings: RefCell<Rings>,
+    slots: RefCell<Vec<Slot>>,
+    free: RefCell<Vec<u16>>,
+    /// Requests waiting for a free command id.
+    cid_waiters: RefCell<VecDeque<Waker>>,
+    prp_lists: DmaBuf,
+    in_flight: Cell<usize>,
+    generation: Cell<u64>,
+    /// The reaper, when it sleeps because nothing is in flight.
+    idle: RefCell<Option<Waker>>,
+    /// MSI-X eventfd of this queue's vector, read through the shard's ring.
+    event: Option<Rc<AioFile>>,
+    /// Poll the completion queue while commands are in flight instead of
+    /// waiting for the interrupt.
+    pub poll: bool,
+    /// The shard's buffer pool and where it is mapped for the device.
+    pool: Option<(Arc<BufPool>, u64)>,
+    /// Bounce buffers not in use, by size.
+    bounce_free: RefCell<Vec<DmaBuf>>,
+    /// Commands completed, and how many of them were resubmitted after a reset.
+    pub completed: Cell<u64>,
+    pub resubmitted: Cell<u64>,
+}
+
+impl IoQueue {
+    /// Make this shard's queue pair on the controller and start its reaper.
+    pub fn new(ctrl: &Arc<Controller>, poll: bool) -> Result<Rc<IoQueue>> {
+        let qid = ctrl.take_qid()?;
+        match IoQueue::build(ctrl, qid, poll) {
+            Ok(q) => Ok(q),
+            Err(e) => {
+                ctrl.put_qid(qid);
+                Err(e)
+            }
+        }
+    }
+
+    fn build(ctrl: &Arc<Controller>, qid: u16, poll: bool) -> Result<Rc<IoQueue>> {
+        let depth = IO_DEPTH.min(ctrl.cap.max_queue_entries.min(u32::from(u16::MAX)) as u16);
+        let mut rings = Rings::new(&ctrl.dma, &ctrl.dev, ctrl.cap.doorbell_stride, qid, depth)?;
+        // Command ids 0..depth-1: one fewer than the entries, so the SQ can
+        // never fill up.
+        let ids = depth - 1;
+        let prp_lists = DmaBuf::new(&ctrl.dma, usize::from(ids) * PAGE)?;
+        let pool = match engine::runtime::current_pool() {
+            Some(p) => {
+                let (base, len) = p.region();
+                Some((p.clone(), ctrl.dma.map(base, len)?))
+            }
+            None => None,
+        };
+        let generation = ctrl.create_io_queue(&mut rings)?;
+        let event = match ctrl.vector(qid) {
+            // SAFETY: dup of the controller's eventfd gives us an fd we own.
+            Some(fd) => {
+                // SAFETY: dup of an eventfd the controller keeps open.
+                let dup = unsafe { libc::dup(fd) };
+                if dup < 0 {
+                    return Err(Error::os("dup of an MSI-X eventfd", std::io::Error::last_os_error()));
+                }
+                // SAFETY: the dup is a new fd nothing else owns.
+                Some(Rc::new(AioFile::new(unsafe { OwnedFd::from_raw_fd(dup) }, Backend::IoUring)))
+            }
+            None => None,
+        };
+        let q = Rc::new(IoQueue {
+            ctrl: ctrl.clone(),
+            rings: RefCell::new(rings),
+            slots: RefCell::new((0..ids).map(|_| Slot::Free).collect()),
+            free: RefCell::new((0..ids).rev().collect()),
+            cid_waiters: RefCell::new(VecDeque::new()),
+            prp_lists,
+            in_flight: Cell::new(0),
+            generation: Cell::new(generation),
+            idle: RefCell::new(None),
+            poll: poll || event.is_none(),
+            event,
+            pool,
+            bounce_free: RefCell::new(Vec::new()),
+            completed: Cell::new(0),
+            resubmitted: Cell::new(0),
+        });
+        engine::runtime::spawn_daemon(reaper(Rc::downgrade(&q)));
+        engine::runtime::spawn_daemon(watchdog(Rc::downgrade(&q)));
+        Ok(q)
+    }
+
+    pub fn qid(&self) -> u16 {
+        self.rings.borrow().qid
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.get()
+    }
+
+    /// The IOVA of `len` bytes at `p`, if the device may reach them: the
+    /// shard's pool (zero copy) or the driver's own DMA memory. Anything
+    /// else is refused here, before a command could carry it to the device.
+    pub fn iova_of(&self, p: *const u8, len: usize) -> Result<u64> {
+        if let Some((pool, iova)) = &self.pool {
+            let (base, plen) = pool.region();
+            let (a, b) = (p as usize, base as usize);
+            if a >= b && a + len <= b + plen {
+                return Ok(iova + (a - b) as u64);
+            }
+        }
+        self.ctrl.dma.translate(p, len).ok_or_else(|| {
+            Error::new(
+                ErrorKind::InvalidArgument,
+                format!("buffer at {p:p} ({len} bytes) is not mapped for DMA: refused"),
+            )
+        })
+    }
+
+    /// A bounce buffer of at least `len` bytes.
+    pub fn bounce(&self, len: usize) -> Result<DmaBuf> {
+        let mut f = self.bounce_free.borrow_mut();
+        if let Some(i) = f.iter().position(|b| b.len() >= len) {
+            return Ok(f.swap_remove(i));
+        }
+        drop(f);
+        DmaBuf::new(&self.ctrl.dma, len.next_power_of_two().max(PAGE))
+    }
+
+    pub fn give_back_bounce(&self, b: DmaBuf) {
+        let mut f = self.bounce_free.borrow_mut();
+        // Keep a few: enough for a queue's worth of small requests.
+        if f.len() < 64 {
+            f.push(b);
+        }
+    }
+
+    /// Wait for a free command id.
+    pub async fn acquire(self: &Rc<Self>) -> u16 {
+        std::future::poll_fn(|cx| {
+            if let Some(c) = self.free.borrow_mut().pop() {
+                return Poll::Ready(c);
+            }
+            self.cid_waiters.borrow_mut().push_back(cx.waker().clone());
+            Poll::Pending
+        })
+        .await
+    }
+
+    /// Give back a command id that was never submitted.
+    pub fn release_unused(&self, cid: u16) {
+        self.release(cid);
+    }
+
+    fn release(&self, cid: u16) {
+        self.slots.borrow_mut()[usize::from(cid)] = Slot::Free;
+        self.free.borrow_mut().push(cid);
+        if let Some(w) = self.cid_waiters.borrow_mut().pop_front() {
+            w.wake();
+        }
+    }
+
+    /// Fill in the data pointer of `sqe` for `len` bytes at `iova`, with the
+    /// command's own PRP list page when it needs one.
+    pub fn set_data(&self, cid: u16, sqe: &mut Sqe, iova: u64, len: usize) -> Result<()> {
+        let at = usize::from(cid) * PAGE;
+        // SAFETY: the list page of a command id that is ours and not in
+        // flight; the device reads it only after we submit.
+        let page = unsafe { &mut self.prp_lists.bytes_mut()[at..at + PAGE] };
+        // SAFETY: a page-aligned 4096-byte slice reinterpreted as 512 u64s.
+        let list = unsafe { std::slice::from_raw_parts_mut(page.as_mut_ptr().cast::<u64>(), PRP_PER_LIST) };
+        let (p1, p2) = build_prps(iova, len, list, self.prp_lists.iova + at as u64)?;
+        sqe.set_prp(p1, p2);
+        Ok(())
+    }
+
+    /// Submit `sqe` under command id `cid` (from `acquire`) and wait for its
+    /// completion. Gives back what it held.
+    pub fn submit(self: &Rc<Self>, cid: u16, mut sqe: Sqe, held: Held) -> Exec {
+        sqe.set_cid(cid);
+        self.slots.borrow_mut()[usize::from(cid)] =
+            Slot::Busy { sqe, held, waker: None, since: Instant::now(), abandoned: false };
+        self.in_flight.set(self.in_flight.get() + 1);
+        if self.generation.get() == self.ctrl.generation() {
+            let mut r = self.rings.borrow_mut();
+            r.push(&sqe);
+            r.ring_sq();
+        }
+        // else: the reaper remakes the queue and resubmits every busy slot.
+        if let Some(w) = self.idle.borrow_mut().take() {
+            w.wake();
+        }
+        Exec { q: self.clone(), cid, done: false }
+    }
+
+    /// Reap what the device completed. Returns how many.
+    pub fn reap(&self) -> usize {
+        let mut n = 0;
+        let mut wake = Vec::new();
+        {
+            let mut r = self.rings.borrow_mut();
+            let mut slots = self.slots.borrow_mut();
+            while let Some(c) = r.pop() {
+                let Some(slot) = slots.get_mut(usize::from(c.cid)) else { continue };
+                match std::mem::replace(slot, Slot::Free) {
+                    Slot::Busy { abandoned: true, .. } => {
+                        // Nobody waits: the memory it held goes now, the id
+                        // back to the free list.
+                        self.free.borrow_mut().push(c.cid);
+                        if let Some(w) = self.cid_waiters.borrow_mut().pop_front() {
+                            wake.push(w);
+                        }
+                    }
+                    Slot::Busy { held, waker, .. } => {
+                        *slot = Slot::Done { cqe: c, held };
+                        if let Some(w) = waker {
+                            wake.push(w);
+                        }
+                    }
+                    // A completion for an id not in flight: a stale one from
+                    // before a reset. Put the slot back as it was.
+                    other => *slot = other,
+                }
+                n += 1;
+            }
+            r.ring_cq();
+        }
+        self.in_flight.set(self.in_flight.get() - n.min(self.in_flight.get()));
+        self.completed.set(self.completed.get() + n as u64);
+        for w in wake {
+            w.wake();
+        }
+        n
+    }
+
+    /// After a controller reset: make the queue pair again and resubmit,
+    /// oldest first, every command still in flight.
+    fn recover(&self) -> Result<()> {
+        let mut r = self.rings.borrow_mut();
+        let generation = self.ctrl.create_io_queue(&mut r)?;
+        self.generation.set(generation);
+        let mut busy: Vec<(Instant, Sqe)> = self
+            .slots
+            .borrow()
+            .iter()
+            .filter_map(|s| match s {
+                Slot::Busy { sqe, since, .. } => Some((*since, *sqe)),
+                _ => None,
+            })
+            .collect();
+        busy.sort_by_key(|b| b.0);
+        for (_, sqe) in &busy {
+            r.push(sqe);
+        }
+        if !busy.is_empty() {
+            r.ring_sq();
+        }
+        self.resubmitted.set(self.resubmitted.get() + busy.len() as u64);
+        Ok(())
+    }
+
+    /// Fail every command in flight (the controller could not be recovered).
+    fn fail_all(&self, errno: i32) {
+        let mut wake = Vec::new();
+        for (cid, slot) in self.slots.borrow_mut().iter_mut().enumerate() {
+            if let Slot::Busy { held, waker, abandoned, .. } = std::mem::replace(slot, Slot::Free) {
+                let status = super::spec::Status(0x3ff); // vendor specific: EIO
+                let cqe = Cqe { cid: cid as u16, status, result: errno as u32, ..Default::default() };
+                if abandoned {
+                    self.free.borrow_mut().push(cid as u16);
+                } else {
+                    *slot = Slot::Done { cqe, held };
+                    wake.extend(waker);
+                }
+            }
+        }
+        self.in_flight.set(0);
+        for w in wake {
+            w.wake();
+        }
+    }
+
+    /// The oldest command in flight has waited this long.
+    fn oldest(&self) -> Option<Duration> {
+        self.slots
+            .borrow()
+            .iter()
+            .filter_map(|s| match s {
+                Slot::Busy { since, .. } => Some(since.elapsed()),
+                _ => None,
+            })
+            .max()
+    }
+}
+
+impl Drop for IoQueue {
+    fn drop(&mut self) {
+        // A reaper waiting for the interrupt wakes, finds us gone and ends.
+        if let Some(f) = &self.event {
+            let one = 1u64.to_ne_bytes();
+            // SAFETY: an 8-byte write to our own eventfd.
+            let _ = unsafe { libc::write(f.fd(), one.as_ptr().cast(), 8) };
+        }
+        let qid = self.rings.borrow().qid;
+        self.ctrl.delete_io_queue(qid, self.generation.get());
+        self.ctrl.put_qid(qid);
+        if let Some((_, iova)) = &self.pool {
+            self.ctrl.dma.unmap(*iova);
+        }
+    }
+}
+
+/// A submitted command's completion.
+pub struct Exec {
+    q: Rc<IoQueue>,
+    cid: u16,
+    done: bool,
+}
+
+impl Future for Exec {
+    type Output = (Result<Cqe>, Held);
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let cid = usize::from(self.cid);
+        let mut slots = self.q.slots.borrow_mut();
+        match &mut slots[cid] {
+            Slot::Busy { waker, .. } => {
+                *waker = Some(cx.waker().clone());
+                Poll::Pending
+            }
+            Slot::Done { .. } => {
+                let Slot::Done { cqe, held } = std::mem::replace(&mut slots[cid], Slot::Free) else { unreachable!() };
+                drop(slots);
+                self.done = true;
+                self.q.release(self.cid);
+                let r = if cqe.status.ok() {
+                    Ok(cqe)
+                } else if cqe.status.0 == 0x3ff {
+                    Err(Error::new(ErrorKind::Io, "NVMe command failed: the controller could not be recovered"))
+                } else {
+                    Err(Error::os(
+                        &format!("NVMe command failed: {}", cqe.status),
+                        std::io::Error::from_raw_os_error(cqe.status.errno()),
+                    ))
+                };
+                Poll::Ready((r, held))
+            }
+            Slot::Free => unreachable!("command {cid} awaited while free"),
+        }
+    }
+}
+
+impl Drop for Exec {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        let mut slots = self.q.slots.borrow_mut();
+        match &mut slots[usize::from(self.cid)] {
+            Slot::Busy { abandoned, .. } => *abandoned = true,
+            Slot::Done { .. } => {
+                drop(slots);
+                self.q.release(self.cid);
+            }
+            Slot::Free => {}
+        }
+    }
+}
+
+/// The shard's completion loop for one queue: reap, then wait for more
+/// (MSI-X eventfd through the ring, or polling while commands flow), sleep
+/// when nothing is in flight; remake the queue after a controller reset.
+/// Holds the queue only between waits, so a queue nobody uses any more
+/// goes, and its reaper with it.
+async fn reaper(weak: std::rc::Weak<IoQueue>) {
+    let mut ev = IoBuf::heap(8);
+    loop {
+        let Some(q) = weak.upgrade() else { return };
+        if q.generation.get() != q.ctrl.generation() {
+            if let Err(e) = q.recover() {
+                eprintln!("ringblk: NVMe queue {}: {e}", q.qid());
+                q.fail_all(libc::EIO);
+            }
+        }
+        let got = q.reap();
+        if q.in_flight() == 0 {
+            // Sleep until a submission (or a reset) wakes us.
+            drop(q);
+            std::future::poll_fn(|cx| {
+                let Some(q) = weak.upgrade() else { return Poll::Ready(()) };
+                if q.in_flight() > 0 || q.generation.get() != q.ctrl.generation() {
+                    return Poll::Ready(());
+                }
+                *q.idle.borrow_mut() = Some(cx.waker().clone());
+                Poll::Pending
+            })
+            .await;
+            continue;
+        }
+        match (&q.event, q.poll) {
+            (Some(f), false) if got == 0 => {
+                let f = f.clone();
+                drop(q);
+                // Wait for the interrupt. A count left over from completions
+                // already reaped costs one extra turn, no more.
+                let (r, b) = f.read(ev, 0, 8, 0).await;
+                ev = b;
+                if r.is_err() {
+                    engine::runtime::sleep(Duration::from_millis(1)).await;
+                }
+            }
+            _ => {
+                drop(q);
+                engine::runtime::yield_now().await;
+            }
+        }
+    }
+}
+
+/// Once a second: a command older than COMMAND_TIMEOUT, or a controller in
+/// fatal status, resets the controller (every shard's reaper then remakes
+/// its queue and resubmits).
+async fn watchdog(weak: std::rc::Weak<IoQueue>) {
+    loop {
+        engine::runtime::sleep(Duration::from_secs(1)).await;
+        let Some(q) = weak.upgrade() else { return };
+        if q.in_flight() == 0 {
+            continue;
+        }
+        let why = match q.oldest() {
+            Some(age) if age > COMMAND_TIMEOUT => format!("a command waited {} s", age.as_secs()),
+            _ if q.ctrl.failed() => "controller fatal status".to_string(),
+            _ => continue,
+        };
+        if let Err(e) = q.ctrl.reset(&why) {
+            eprintln!("ringblk: {e}");
+            q.fail_all(libc::EIO);
+        }
+    }
+}
+
+/// Validate a request against the namespace: block aligned, in range.
+pub fn check_blocks(offset: u64, len: u64, block: u32, size: u64) -> Result<()> {
+    let b = u64::from(block);
+    if !offset.is_multiple_of(b) || !len.is_multiple_of(b) {
+        return Err(
+            invalid(format!("request at {offset} of {len} bytes is not aligned to the {block}-byte blocks")).at(offset)
+        );
+    }
+    if offset.checked_add(len).is_none_or(|e| e > size) {
+        return Err(Error::new(
+            ErrorKind::OutOfBounds,
+            format!("request at {offset} of {len} bytes ends beyond {size}"),
+        )
+        .at(offset));
+    }
+    Ok(())
+}
