@@ -2,7 +2,7 @@
 # Boot a throwaway guest under full emulation, run one shell script in it as
 # root, power off, and exit with the script's status.
 #
-#   scripts/vm/run.sh --script T.sh [--bin PROG]... [--file F]... [--nvme IMG]...
+#   scripts/vm/run.sh --script T.sh [--bin PROG]... [--file F]... [--nvme IMG]... [--nvme-4k IMG]...
 #                     [--modules "nbd nvme ..."] [--iommu] [--smp N] [--mem MiB]
 #                     [--timeout S] [--log FILE] [--append ARGS]
 #
@@ -10,7 +10,9 @@
 # fetches both). Each --bin is copied in, stripped, with the shared libraries
 # ldd names; each --file lands in /data; each --nvme IMG becomes an emulated
 # NVMe controller (serial rb0, rb1, ...) over the host file IMG, whose writes
-# reach the file by the time the guest has powered off. --modules are loaded
+# reach the file by the time the guest has powered off (--nvme-4k: with
+# 4096-byte logical blocks instead of 512); the controllers take PCI slots
+# in the order given. --modules are loaded
 # (with what they depend on) before the script runs. --iommu adds an emulated
 # Intel IOMMU with interrupt remapping, and the kernel arguments VFIO needs.
 #
@@ -29,7 +31,8 @@ while [ $# -gt 0 ]; do
         --script) script=$2; shift 2 ;;
         --bin) bins+=("$2"); shift 2 ;;
         --file) files+=("$2"); shift 2 ;;
-        --nvme) nvmes+=("$2"); shift 2 ;;
+        --nvme) nvmes+=("$2|512"); shift 2 ;;
+        --nvme-4k) nvmes+=("$2|4096"); shift 2 ;;
         --modules) modules=$2; shift 2 ;;
         --iommu) iommu=1; shift ;;
         --smp) smp=$2; shift 2 ;;
@@ -124,9 +127,10 @@ if [ $iommu = 1 ]; then
 fi
 qemu_args+=(-machine "$machine")
 i=0
-for img in "${nvmes[@]}"; do
+for spec in "${nvmes[@]}"; do
+    img=${spec%|*} bs=${spec##*|}
     qemu_args+=(-drive "file=$img,format=raw,if=none,id=nvme$i,cache=writeback"
-                -device "nvme,drive=nvme$i,serial=rb$i")
+                -device "nvme,drive=nvme$i,serial=rb$i,logical_block_size=$bs,physical_block_size=$bs")
     i=$((i + 1))
 done
 [ -z "$append" ] || kargs+=" $append"
