@@ -1,6 +1,7 @@
 # Guest half of tests/vm_nvme.rs: the userspace NVMe driver over VFIO.
 # Three emulated controllers, in PCI order: A (512-byte blocks) for the
-# workload, B (4096-byte blocks) for the workload with a controller reset,
+# workload (MSI-X interrupts), B (4096-byte blocks) for the workload with a
+# controller reset, completions polled,
 # C holding a qcow2 image the host made, which ringblk fills over nvme://.
 # /data/params.sh says how big and how long (the host replays the same
 # streams to know what A and B must hold afterwards).
@@ -25,7 +26,7 @@ done
 nvme-guest identify "$A"
 nvme-guest refuse "$A"
 nvme-guest workload "$A" "$SIZE" "$SHARDS" "$WORKERS" "$OPS" "$SEED"
-nvme-guest workload "$B" "$SIZE" "$SHARDS" "$WORKERS" "$OPS" "$SEED_B" reset
+nvme-guest workload "$B" "$SIZE" "$SHARDS" "$WORKERS" "$OPS" "$SEED_B" reset poll
 
 # qcow2 over the nvme protocol driver, with the CLI.
 ringblk info "nvme://$C/1"

@@ -5,7 +5,7 @@
 //! backing file after the guest powers off.
 //!
 //!   nvme-guest identify BDF
-//!   nvme-guest workload BDF SIZE SHARDS WORKERS OPS SEED [reset]
+//!   nvme-guest workload BDF SIZE SHARDS WORKERS OPS SEED [reset] [poll]
 //!   nvme-guest expect SIZE BLOCK SHARDS WORKERS OPS SEED OUT
 //!   nvme-guest refuse BDF
 //!
@@ -17,7 +17,8 @@
 //! there; the model marks them unknown until written again, and at the end
 //! every unknown block is zeroed so the final contents are fixed. With
 //! `reset`, worker 0 resets the controller halfway: the other workers' reads
-//! must still find every write they were told had completed.
+//! must still find every write they were told had completed. With `poll`,
+//! completions are polled (poll=on) instead of taken from MSI-X interrupts.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -36,9 +37,9 @@ fn arg<T: std::str::FromStr>(a: &[String], i: usize, what: &str) -> T {
     a.get(i).and_then(|v| v.parse().ok()).unwrap_or_else(|| fail(format!("argument {i} ({what}) missing or bad")))
 }
 
-async fn open(bdf: &str) -> Arc<NvmeNode> {
+async fn open(bdf: &str, poll: bool) -> Arc<NvmeNode> {
     let ctx = OpenCtx::new(drivers::registry(), OpenFlags { write: true, ..Default::default() });
-    NvmeNode::open(&ctx, bdf, 1, false).await.unwrap_or_else(|e| fail(format!("open {bdf}: {e}")))
+    NvmeNode::open(&ctx, bdf, 1, poll).await.unwrap_or_else(|e| fail(format!("open {bdf}: {e}")))
 }
 
 /// One operation of a worker's stream; the same stream drives the device
@@ -243,10 +244,11 @@ fn workload(a: &[String]) {
     let workers: u64 = arg(a, 5, "WORKERS per shard");
     let ops: u64 = arg(a, 6, "OPS");
     let seed: u64 = arg(a, 7, "SEED");
-    let reset = a.get(8).is_some_and(|v| v == "reset");
+    let reset = a[8..].iter().any(|v| v == "reset");
+    let poll = a[8..].iter().any(|v| v == "poll");
     let rt = Runtime::new(RuntimeConfig { shards, ..Default::default() }).unwrap();
     let b2 = bdf.clone();
-    let node = rt.block_on(move || async move { open(&b2).await });
+    let node = rt.block_on(move || async move { open(&b2, poll).await });
     if node.size() < size {
         fail(format!("namespace of {} bytes, asked for {size}", node.size()));
     }
@@ -285,6 +287,9 @@ fn workload(a: &[String]) {
         "nvme-guest: workload ok: {total} workers on {shards} queue pairs {qids:?}, {} acknowledged writes, {completed} commands, {resubmitted} resubmitted, {info}",
         acked.load(Ordering::Relaxed)
     );
+    if info["poll"].as_bool() != Some(poll) {
+        fail(format!("asked for poll={poll}, the node says {}", info["poll"]));
+    }
     if reset && info["resets"].as_u64() != Some(1) {
         fail(format!("asked for one reset, the controller saw {}", info["resets"]));
     }
@@ -319,7 +324,7 @@ fn expect(a: &[String]) {
 
 fn identify(a: &[String]) {
     let bdf: String = arg(a, 2, "BDF");
-    let node = ringblk_tests::on_shard(move || async move { open(&bdf).await });
+    let node = ringblk_tests::on_shard(move || async move { open(&bdf, false).await });
     println!(
         "nvme-guest: identify: size {} block {} {}",
         node.size(),
@@ -333,7 +338,7 @@ fn identify(a: &[String]) {
 fn refuse(a: &[String]) {
     let bdf: String = arg(a, 2, "BDF");
     ringblk_tests::on_shard(move || async move {
-        let node = open(&bdf).await;
+        let node = open(&bdf, false).await;
         let (r, _) = node.read_zero_copy(0, IoBuf::heap(4096)).await;
         match r {
             Err(e) if e.to_string().contains("not mapped for DMA") => println!("nvme-guest: refused: {e}"),
