@@ -3,7 +3,10 @@
 //! emulated IOMMU: bring-up and Identify, a refused unmapped buffer, a
 //! randomized workload over several queue pairs checked against a model,
 //! the same with a controller reset halfway, and a qcow2 image filled over
-//! nvme:// by the CLI. After the guest powers off the host checks the
+//! nvme:// by the CLI, and `ringblk bench` over every path to a namespace
+//! left to the kernel (threads, native, io_uring, io_uring_cmd passthrough,
+//! vfio) with passthrough writes read back through the block device. After
+//! the guest powers off the host checks the
 //! backing files: the workloads' final contents, replayed on the host by
 //! `nvme-guest expect`, and the qcow2 image with qemu-img. The harness
 //! fails the run on any IOMMU (DMAR) fault the guest kernel logs. The guest
@@ -54,6 +57,7 @@ fn the_nvme_driver_runs_a_guest_s_controllers_over_vfio() {
     std::fs::write(&src, &data).unwrap();
     // An NVMe namespace cannot grow: the image is made whole up front.
     let c = d.join("c.qcow2");
+    std::fs::File::create(d.join("d.raw")).unwrap().set_len(64 * MIB).unwrap();
     run(Command::new("qemu-img")
         .args(["create", "-q", "-f", "qcow2", "-o", "preallocation=metadata"])
         .arg(&c)
@@ -67,11 +71,11 @@ fn the_nvme_driver_runs_a_guest_s_controllers_over_vfio() {
         .arg(env!("CARGO_BIN_EXE_nvme-guest"))
         .arg("--bin")
         .arg(bin("ringblk"))
-        .args(["--iommu", "--modules", "vfio vfio_iommu_type1 vfio_pci", "--smp", "2"])
+        .args(["--iommu", "--modules", "nvme vfio vfio_iommu_type1 vfio_pci", "--smp", "2"])
         .args(["--timeout", "300", "--log"])
         .arg(&log)
         .args(["--file", "params.sh", "--file", "src.raw"])
-        .args(["--nvme", "a.raw", "--nvme-4k", "b.raw", "--nvme", "c.qcow2"])
+        .args(["--nvme", "a.raw", "--nvme-4k", "b.raw", "--nvme", "c.qcow2", "--nvme", "d.raw"])
         .current_dir(d)
         .output()
         .expect("scripts/vm/run.sh runs");

@@ -20,6 +20,7 @@ pub fn new_registry() -> Registry {
     r.register(Box::new(protocol::file::FileDriver::file()));
     r.register(Box::new(protocol::file::FileDriver::host_device()));
     r.register(Box::new(protocol::nvme::NvmeDriver));
+    r.register(Box::new(protocol::nvme::passthru::PassthruDriver));
     r.register(Box::new(format::raw::RawDriver));
     r.register(Box::new(format::qcow2::Qcow2Driver));
     r.register(Box::new(filter::blkdebug::BlkdebugDriver));

@@ -4,7 +4,7 @@
 #
 #   scripts/vm/run.sh --script T.sh [--bin PROG]... [--file F]... [--nvme IMG]... [--nvme-4k IMG]...
 #                     [--modules "nbd nvme ..."] [--iommu] [--smp N] [--mem MiB]
-#                     [--timeout S] [--log FILE] [--append ARGS]
+#                     [--timeout S] [--log FILE] [--append ARGS] [--plugin SO]
 #
 # The guest is Debian's 6.1 kernel on a busybox initramfs (scripts/vm/setup.sh
 # fetches both). Each --bin is copied in, stripped, with the shared libraries
@@ -13,7 +13,8 @@
 # reach the file by the time the guest has powered off (--nvme-4k: with
 # 4096-byte logical blocks instead of 512); the controllers take PCI slots
 # in the order given. --modules are loaded
-# (with what they depend on) before the script runs. --iommu adds an emulated
+# (with what they depend on) before the script runs. --plugin loads a TCG
+# plugin (scripts/vm/insn-count.c) whose output joins the log. --iommu adds an emulated
 # Intel IOMMU with interrupt remapping, and the kernel arguments VFIO needs.
 #
 # Exit status: the script's, or 97 when the guest never reported one (crash,
@@ -25,7 +26,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
 vm=${RINGBLK_VM_DIR:-$repo/target/vm}
-script= bins=() files=() nvmes=() modules= iommu=0 smp=2 mem=1024 timeout=300 log= append=
+script= bins=() files=() nvmes=() modules= iommu=0 smp=2 mem=1024 timeout=300 log= append= plugin=
 while [ $# -gt 0 ]; do
     case $1 in
         --script) script=$2; shift 2 ;;
@@ -40,6 +41,7 @@ while [ $# -gt 0 ]; do
         --timeout) timeout=$2; shift 2 ;;
         --log) log=$2; shift 2 ;;
         --append) append=$2; shift 2 ;;
+        --plugin) plugin=$2; shift 2 ;;
         *) echo "run.sh: unknown argument '$1'" >&2; exit 2 ;;
     esac
 done
@@ -134,6 +136,7 @@ for spec in "${nvmes[@]}"; do
     i=$((i + 1))
 done
 [ -z "$append" ] || kargs+=" $append"
+[ -z "$plugin" ] || qemu_args+=(-plugin "file=$plugin" -d plugin)
 
 export LD_LIBRARY_PATH=$vm/root/usr/lib/x86_64-linux-gnu
 export QEMU_MODULE_DIR=$vm/root/usr/lib/x86_64-linux-gnu/qemu

@@ -1,7 +1,10 @@
 //! `ringblk bench`: qemu-img bench's workload (count requests of a buffer size at
 //! a queue depth, sequential with a step) plus random offsets, several shards, and
 //! several I/O backends compared in one run. With no filename it makes a temporary
-//! 1 GiB image and compares 4k random reads and writes on every backend.
+//! 1 GiB image and compares 4k random reads and writes on every backend. On
+//! an NVMe namespace (`/dev/nvmeXnY`) two more contenders: `io_uring_cmd`
+//! (NVMe passthrough on /dev/ngXnY) and `vfio` (our userspace driver; the
+//! controller is rebound to vfio-pci for that run, which goes last).
 
 use std::cell::Cell;
 use std::rc::Rc;
@@ -31,10 +34,11 @@ pub struct BenchArgs {
     /// Flush after this many requests (0: never)
     #[arg(long = "flush-interval", default_value_t = 0)]
     flush_interval: u64,
-    /// I/O backend (threads, native, io_uring)
+    /// I/O backend (threads, native, io_uring; on an NVMe namespace also
+    /// io_uring_cmd and vfio)
     #[arg(short = 'i')]
     aio: Option<String>,
-    /// Several backends to compare: e.g. threads,native,io_uring
+    /// Several backends to compare: e.g. threads,native,io_uring,io_uring_cmd,vfio
     #[arg(long = "aio", value_delimiter = ',')]
     aio_list: Vec<String>,
     /// Bypass the host page cache (cache=none)
@@ -66,7 +70,8 @@ pub struct BenchArgs {
     /// Shards (threads) to run on; default one per core
     #[arg(long)]
     shards: Option<usize>,
-    /// Busy-poll (SQPOLL) instead of sleeping in the kernel
+    /// Busy-poll (SQPOLL) instead of sleeping in the kernel; the vfio run
+    /// polls its completion queue (poll=on)
     #[arg(long)]
     poll: bool,
     #[arg(long, value_enum, default_value_t)]
@@ -88,8 +93,36 @@ struct Workload {
     no_drain: bool,
 }
 
+/// What one run goes through: an aio backend of the file drivers, or one
+/// of the NVMe paths.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Contender {
+    Aio(Backend),
+    UringCmd,
+    Vfio,
+}
+
+impl Contender {
+    fn name(self) -> &'static str {
+        match self {
+            Contender::Aio(b) => b.name(),
+            Contender::UringCmd => "io_uring_cmd",
+            Contender::Vfio => "vfio",
+        }
+    }
+    fn parse(s: &str) -> Result<Contender> {
+        match s {
+            "io_uring_cmd" => Ok(Contender::UringCmd),
+            "vfio" => Ok(Contender::Vfio),
+            s => s.parse().map(Contender::Aio).map_err(|_| {
+                invalid(format!("invalid aio mode '{s}': expected threads, native, io_uring, io_uring_cmd or vfio"))
+            }),
+        }
+    }
+}
+
 struct Outcome {
-    backend: Backend,
+    backend: Contender,
     cache: String,
     workload: Workload,
     shards: usize,
@@ -222,6 +255,17 @@ fn run_one(spec: &engine::options::OptionTree, flags: OpenFlags, w: &Workload, s
     Ok(secs)
 }
 
+/// `driver=raw,file.driver=DRIVER,file.K=V...`
+fn nvme_spec(driver: &str, kv: &[(&str, &str)]) -> engine::options::OptionTree {
+    let mut t = engine::options::OptionTree::new();
+    t.set("driver", "raw");
+    t.set("file.driver", driver);
+    for (k, v) in kv {
+        t.set(&format!("file.{k}"), *v);
+    }
+    t
+}
+
 /// The temporary image of the default run: 1 GiB of non-zero data.
 fn make_default_image() -> Result<tempfile::TempPath> {
     use std::io::Write;
@@ -266,14 +310,22 @@ fn bench(a: BenchArgs) -> Result<()> {
         Some("seq") | Some("sequential") => (false, 0xa5),
         Some(n) => (false, n.parse::<u8>().map_err(|_| invalid(format!("Invalid pattern specified: '{n}'")))?),
     };
-    let backends: Vec<Backend> = if !a.aio_list.is_empty() {
-        a.aio_list.iter().map(|s| s.parse()).collect::<Result<_>>()?
+    let mut backends: Vec<Contender> = if !a.aio_list.is_empty() {
+        a.aio_list.iter().map(|s| Contender::parse(s)).collect::<Result<_>>()?
     } else if let Some(i) = &a.aio {
-        vec![i.parse()?]
+        vec![Contender::parse(i)?]
     } else if default_run {
-        Backend::ALL.to_vec()
+        Backend::ALL.iter().map(|&b| Contender::Aio(b)).collect()
     } else {
-        vec![Backend::IoUring]
+        vec![Contender::Aio(Backend::IoUring)]
+    };
+    // The vfio run takes the controller from the kernel: it goes last, so
+    // the others find their block device.
+    backends.sort_by_key(|c| *c == Contender::Vfio);
+    let nvme = if backends.iter().any(|c| matches!(c, Contender::UringCmd | Contender::Vfio)) {
+        Some(super::bench_nvme::namespace_of(&filename)?)
+    } else {
+        None
     };
     let cache_name = match (&a.cache, a.nocache) {
         (Some(c), _) => c.clone(),
@@ -305,8 +357,10 @@ fn bench(a: BenchArgs) -> Result<()> {
         for &backend in &backends {
             let mut w = base.clone();
             w.write = write;
-            // Linux AIO is only asynchronous with O_DIRECT; QEMU refuses it otherwise.
-            let (cache, cname) = if backend == Backend::Native && !cache.direct {
+            // Linux AIO is only asynchronous with O_DIRECT; QEMU refuses it
+            // otherwise. The NVMe paths have no page cache.
+            let direct = matches!(backend, Contender::Aio(Backend::Native) | Contender::UringCmd | Contender::Vfio);
+            let (cache, cname) = if direct && !cache.direct {
                 (CacheMode { direct: true, ..cache }, "none".to_string())
             } else {
                 (cache, cache_name.clone())
@@ -321,8 +375,26 @@ fn bench(a: BenchArgs) -> Result<()> {
                     );
                 }
             }
-            let flags = OpenFlags { write, aio: backend, cache, force_share: a.open.force_share, ..Default::default() };
-            let seconds = run_one(&spec, flags, &w, shards, a.poll)?;
+            let aio = match backend {
+                Contender::Aio(b) => b,
+                _ => Backend::IoUring,
+            };
+            let flags = OpenFlags { write, aio, cache, force_share: a.open.force_share, ..Default::default() };
+            let (spec, _binding) = match (backend, &nvme) {
+                (Contender::UringCmd, Some(ns)) => (nvme_spec("nvme-passthru", &[("filename", &ns.generic)]), None),
+                (Contender::Vfio, Some(ns)) => {
+                    let binding = super::bench_nvme::VfioBinding::bind(ns)?;
+                    let nsid = ns.nsid.to_string();
+                    let poll = if a.poll { "on" } else { "off" };
+                    let s = nvme_spec("nvme", &[("device", &ns.bdf), ("namespace", &nsid), ("poll", poll)]);
+                    (s, Some(binding))
+                }
+                _ => (spec.clone(), None),
+            };
+            // SQPOLL is the io_uring paths' polling; the vfio run polls its
+            // own queue (poll=on) instead.
+            let sqpoll = a.poll && backend != Contender::Vfio;
+            let seconds = run_one(&spec, flags, &w, shards, sqpoll)?;
             outcomes.push(Outcome { backend, cache: cname, workload: w, shards, seconds });
         }
     }

@@ -2,6 +2,7 @@
 
 pub mod amend;
 pub mod bench;
+mod bench_nvme;
 pub mod check;
 pub mod commit;
 pub mod compare;

@@ -9,10 +9,13 @@
 //! mapping), dma.rs (IOVA allocation, DMA memory, PRPs), queue.rs (rings and
 //! doorbells), ctrl.rs (bring-up, admin, reset, shutdown), io.rs (a shard's
 //! queue pair and completion loop). This file: options and the BlockNode.
+//! passthru.rs is the other way to a namespace, through the kernel's
+//! driver: io_uring NVMe passthrough on /dev/ngXnY.
 
 pub mod ctrl;
 pub mod dma;
 pub mod io;
+pub mod passthru;
 pub mod queue;
 pub mod spec;
 pub mod vfio;
