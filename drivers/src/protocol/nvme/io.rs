@@ -12,7 +12,7 @@ use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use engine::aio::{AioFile, Backend};
 use engine::error::{invalid, Error, ErrorKind, Result};
@@ -27,8 +27,9 @@ use super::spec::{Cqe, Sqe};
 pub const IO_DEPTH: u16 = 256;
 /// PRP entries in one list page: transfers up to 2 MiB + a page.
 const PRP_PER_LIST: usize = PAGE / 8;
-/// A command that has not completed in this long means a hung controller.
-const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
+/// A command that has not completed in this many watchdog ticks (one a
+/// second) means a hung controller.
+const COMMAND_TIMEOUT_TICKS: u64 = 30;
 
 /// What a command's memory is: the caller's buffer and, when that buffer
 /// is not mapped for DMA, the bounce buffer the device uses instead. The
@@ -42,7 +43,11 @@ pub struct Held {
 
 enum Slot {
     Free,
-    Busy { sqe: Sqe, held: Held, waker: Option<Waker>, since: Instant, abandoned: bool },
+    /// `since`: the submission's sequence number (resubmission order) and
+    /// the watchdog tick it was made in (its age, without reading a clock
+    /// per command: in a guest without a usable TSC that read is a system
+    /// call).
+    Busy { sqe: Sqe, held: Held, waker: Option<Waker>, since: (u64, u64), abandoned: bool },
     Done { cqe: Cqe, held: Held },
 }
 
@@ -70,6 +75,9 @@ pub struct IoQueue {
     /// Commands completed, and how many of them were resubmitted after a reset.
     pub completed: Cell<u64>,
     pub resubmitted: Cell<u64>,
+    /// Submissions so far, and watchdog ticks (seconds) so far.
+    seq: Cell<u64>,
+    tick: Cell<u64>,
 }
 
 impl IoQueue {
@@ -129,6 +137,8 @@ impl IoQueue {
             bounce_free: RefCell::new(Vec::new()),
             completed: Cell::new(0),
             resubmitted: Cell::new(0),
+            seq: Cell::new(0),
+            tick: Cell::new(0),
         });
         engine::runtime::spawn_daemon(reaper(Rc::downgrade(&q)));
         engine::runtime::spawn_daemon(watchdog(Rc::downgrade(&q)));
@@ -224,7 +234,8 @@ impl IoQueue {
     pub fn submit(self: &Rc<Self>, cid: u16, mut sqe: Sqe, held: Held) -> Exec {
         sqe.set_cid(cid);
         self.slots.borrow_mut()[usize::from(cid)] =
-            Slot::Busy { sqe, held, waker: None, since: Instant::now(), abandoned: false };
+            Slot::Busy { sqe, held, waker: None, since: (self.seq.get(), self.tick.get()), abandoned: false };
+        self.seq.set(self.seq.get() + 1);
         self.in_flight.set(self.in_flight.get() + 1);
         if self.generation.get() == self.ctrl.generation() {
             let mut r = self.rings.borrow_mut();
@@ -284,7 +295,7 @@ impl IoQueue {
         let mut r = self.rings.borrow_mut();
         let generation = self.ctrl.create_io_queue(&mut r)?;
         self.generation.set(generation);
-        let mut busy: Vec<(Instant, Sqe)> = self
+        let mut busy: Vec<((u64, u64), Sqe)> = self
             .slots
             .borrow()
             .iter()
@@ -325,13 +336,13 @@ impl IoQueue {
         }
     }
 
-    /// The oldest command in flight has waited this long.
-    fn oldest(&self) -> Option<Duration> {
+    /// The oldest command in flight has waited this many ticks.
+    fn oldest(&self) -> Option<u64> {
         self.slots
             .borrow()
             .iter()
             .filter_map(|s| match s {
-                Slot::Busy { since, .. } => Some(since.elapsed()),
+                Slot::Busy { since, .. } => Some(self.tick.get() - since.1),
                 _ => None,
             })
             .max()
@@ -468,11 +479,12 @@ async fn watchdog(weak: std::rc::Weak<IoQueue>) {
     loop {
         engine::runtime::sleep(Duration::from_secs(1)).await;
         let Some(q) = weak.upgrade() else { return };
+        q.tick.set(q.tick.get() + 1);
         if q.in_flight() == 0 {
             continue;
         }
         let why = match q.oldest() {
-            Some(age) if age > COMMAND_TIMEOUT => format!("a command waited {} s", age.as_secs()),
+            Some(age) if age > COMMAND_TIMEOUT_TICKS => format!("a command waited {age} s"),
             _ if q.ctrl.failed() => "controller fatal status".to_string(),
             _ => continue,
         };
