@@ -1,7 +1,7 @@
 # Guest half of tests/vm_nvme.rs: the userspace NVMe driver over VFIO.
 # Three emulated controllers, in PCI order: A (512-byte blocks) for the
-# workload (MSI-X interrupts), B (4096-byte blocks) for the workload with a
-# controller reset, completions polled,
+# workload (MSI-X interrupts, SGLs), B (4096-byte blocks) for the workload
+# with a controller reset, completions polled, PRPs,
 # C holding a qcow2 image the host made, which ringblk fills over nvme://,
 # D left to the kernel's nvme driver: ringblk bench compares every path to
 # it (threads, native, io_uring, io_uring_cmd passthrough, vfio), then
@@ -33,7 +33,7 @@ done
 nvme-guest identify "$A"
 nvme-guest refuse "$A"
 nvme-guest workload "$A" "$SIZE" "$SHARDS" "$WORKERS" "$OPS" "$SEED"
-nvme-guest workload "$B" "$SIZE" "$SHARDS" "$WORKERS" "$OPS" "$SEED_B" reset poll
+nvme-guest workload "$B" "$SIZE" "$SHARDS" "$WORKERS" "$OPS" "$SEED_B" reset poll prp
 
 # qcow2 over the nvme protocol driver, with the CLI.
 ringblk info "nvme://$C/1"

@@ -5,7 +5,7 @@
 //! backing file after the guest powers off.
 //!
 //!   nvme-guest identify BDF
-//!   nvme-guest workload BDF SIZE SHARDS WORKERS OPS SEED [reset] [poll]
+//!   nvme-guest workload BDF SIZE SHARDS WORKERS OPS SEED [reset] [poll] [prp]
 //!   nvme-guest expect SIZE BLOCK SHARDS WORKERS OPS SEED OUT
 //!   nvme-guest refuse BDF
 //!
@@ -18,7 +18,8 @@
 //! every unknown block is zeroed so the final contents are fixed. With
 //! `reset`, worker 0 resets the controller halfway: the other workers' reads
 //! must still find every write they were told had completed. With `poll`,
-//! completions are polled (poll=on) instead of taken from MSI-X interrupts.
+//! completions are polled (poll=on) instead of taken from MSI-X interrupts;
+//! with `prp`, data goes by PRPs (and PRP lists) rather than SGLs.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -246,9 +247,17 @@ fn workload(a: &[String]) {
     let seed: u64 = arg(a, 7, "SEED");
     let reset = a[8..].iter().any(|v| v == "reset");
     let poll = a[8..].iter().any(|v| v == "poll");
+    let prp = a[8..].iter().any(|v| v == "prp");
     let rt = Runtime::new(RuntimeConfig { shards, ..Default::default() }).unwrap();
     let b2 = bdf.clone();
-    let node = rt.block_on(move || async move { open(&b2, poll).await });
+    let node = rt.block_on(move || async move {
+        let n = open(&b2, poll).await;
+        if prp {
+            Arc::new(n.with_sgl(false))
+        } else {
+            n
+        }
+    });
     if node.size() < size {
         fail(format!("namespace of {} bytes, asked for {size}", node.size()));
     }
@@ -287,6 +296,10 @@ fn workload(a: &[String]) {
         "nvme-guest: workload ok: {total} workers on {shards} queue pairs {qids:?}, {} acknowledged writes, {completed} commands, {resubmitted} resubmitted, {info}",
         acked.load(Ordering::Relaxed)
     );
+    // QEMU's controller takes SGLs: the default uses them, `prp` not.
+    if info["sgl"].as_bool() != Some(!prp) {
+        fail(format!("asked for sgl={}, the node says {}", !prp, info["sgl"]));
+    }
     if info["poll"].as_bool() != Some(poll) {
         fail(format!("asked for poll={poll}, the node says {}", info["poll"]));
     }

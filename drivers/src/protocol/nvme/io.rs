@@ -47,8 +47,17 @@ enum Slot {
     /// the watchdog tick it was made in (its age, without reading a clock
     /// per command: in a guest without a usable TSC that read is a system
     /// call).
-    Busy { sqe: Sqe, held: Held, waker: Option<Waker>, since: (u64, u64), abandoned: bool },
-    Done { cqe: Cqe, held: Held },
+    Busy {
+        sqe: Sqe,
+        held: Held,
+        waker: Option<Waker>,
+        since: (u64, u64),
+        abandoned: bool,
+    },
+    Done {
+        cqe: Cqe,
+        held: Held,
+    },
 }
 
 pub struct IoQueue {
@@ -68,6 +77,8 @@ pub struct IoQueue {
     /// Poll the completion queue while commands are in flight instead of
     /// waiting for the interrupt.
     pub poll: bool,
+    /// Describe data with one SGL descriptor instead of PRPs.
+    sgl: bool,
     /// The shard's buffer pool and where it is mapped for the device.
     pool: Option<(Arc<BufPool>, u64)>,
     /// Bounce buffers not in use, by size.
@@ -82,9 +93,9 @@ pub struct IoQueue {
 
 impl IoQueue {
     /// Make this shard's queue pair on the controller and start its reaper.
-    pub fn new(ctrl: &Arc<Controller>, poll: bool) -> Result<Rc<IoQueue>> {
+    pub fn new(ctrl: &Arc<Controller>, poll: bool, sgl: bool) -> Result<Rc<IoQueue>> {
         let qid = ctrl.take_qid()?;
-        match IoQueue::build(ctrl, qid, poll) {
+        match IoQueue::build(ctrl, qid, poll, sgl) {
             Ok(q) => Ok(q),
             Err(e) => {
                 ctrl.put_qid(qid);
@@ -93,7 +104,7 @@ impl IoQueue {
         }
     }
 
-    fn build(ctrl: &Arc<Controller>, qid: u16, poll: bool) -> Result<Rc<IoQueue>> {
+    fn build(ctrl: &Arc<Controller>, qid: u16, poll: bool, sgl: bool) -> Result<Rc<IoQueue>> {
         let depth = IO_DEPTH.min(ctrl.cap.max_queue_entries.min(u32::from(u16::MAX)) as u16);
         let mut rings = Rings::new(&ctrl.dma, &ctrl.dev, ctrl.cap.doorbell_stride, qid, depth)?;
         // Command ids 0..depth-1: one fewer than the entries, so the SQ can
@@ -132,6 +143,7 @@ impl IoQueue {
             generation: Cell::new(generation),
             idle: RefCell::new(None),
             poll: poll || event.is_none(),
+            sgl,
             event,
             pool,
             bounce_free: RefCell::new(Vec::new()),
@@ -215,9 +227,14 @@ impl IoQueue {
         }
     }
 
-    /// Fill in the data pointer of `sqe` for `len` bytes at `iova`, with the
-    /// command's own PRP list page when it needs one.
+    /// Fill in the data pointer of `sqe` for `len` bytes at `iova`: one SGL
+    /// descriptor, or PRPs with the command's own PRP list page when it
+    /// needs one.
     pub fn set_data(&self, cid: u16, sqe: &mut Sqe, iova: u64, len: usize) -> Result<()> {
+        if self.sgl {
+            sqe.set_sgl(iova, len as u32);
+            return Ok(());
+        }
         let at = usize::from(cid) * PAGE;
         // SAFETY: the list page of a command id that is ours and not in
         // flight; the device reads it only after we submit.

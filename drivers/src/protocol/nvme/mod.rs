@@ -3,7 +3,8 @@
 //! pool. Names as QEMU's: `nvme://0000:01:00.0/1`, or
 //! `driver=nvme,device=0000:01:00.0,namespace=1`; ours on top: `poll=on`
 //! (poll completions while commands are in flight instead of waiting for
-//! the MSI-X interrupt).
+//! the MSI-X interrupt), `sgl=on|off` (data pointers as one SGL descriptor
+//! where the controller takes SGLs, the default, or as PRPs).
 //!
 //! Files: spec.rs (wire structures), vfio.rs (container, device, DMA
 //! mapping), dma.rs (IOVA allocation, DMA memory, PRPs), queue.rs (rings and
@@ -77,6 +78,8 @@ pub struct NvmeNode {
     max_transfer: usize,
     read_only: bool,
     poll: bool,
+    /// Data pointers as SGL descriptors (`sgl`, default on where offered).
+    sgl: bool,
     queues: ShardLocal<IoQueue>,
     /// Writes in flight, for read-modify-write of partial blocks.
     inflight: RangeTracker,
@@ -98,18 +101,33 @@ impl NvmeDriver {
             }
         };
         let poll = opts.take_bool("poll")?.unwrap_or(false);
+        let sgl = opts.take_bool("sgl")?;
         // QEMU's and the file driver's knobs that mean nothing here.
         for k in ["aio", "aio-max-batch", "discard", "cache.direct", "cache.no-flush", "locking"] {
             opts.take(k);
         }
         opts.ensure_consumed("The 'nvme' block driver")?;
-        Ok(NvmeNode::open(ctx, &bdf, nsid, poll).await?)
+        let node = NvmeNode::open(ctx, &bdf, nsid, poll).await?;
+        Ok(match sgl {
+            Some(true) if !node.ctrl.id.has_sgl() => {
+                return Err(unsupported("sgl=on: the NVMe controller does not take SGLs").with_file(&node.name))
+            }
+            Some(on) => Arc::new(node.with_sgl(on)),
+            None => node,
+        })
     }
 }
 
 impl NvmeNode {
+    /// This node with SGLs on or off (before its first I/O).
+    pub fn with_sgl(self: Arc<Self>, on: bool) -> NvmeNode {
+        let n = Arc::try_unwrap(self).unwrap_or_else(|_| unreachable!("a node just opened has one owner"));
+        NvmeNode { sgl: on, ..n }
+    }
+
     /// Open namespace `nsid` of the controller at `bdf` (bringing the
-    /// controller up unless this process has it already).
+    /// controller up unless this process has it already). Data goes by SGL
+    /// when the controller takes them.
     pub async fn open(ctx: &OpenCtx, bdf: &str, nsid: u32, poll: bool) -> Result<Arc<NvmeNode>> {
         let name = format!("nvme://{bdf}/{nsid}");
         let ctrl = engine::aio::blocking({
@@ -122,7 +140,6 @@ impl NvmeNode {
         let max_transfer = ctrl.id.max_transfer(ctrl.cap.min_page).unwrap_or(usize::MAX).min(MAX_PRP_TRANSFER);
         let max_transfer = max_transfer - max_transfer % ns.block_size as usize;
         Ok(Arc::new(NvmeNode {
-            ctrl,
             name,
             nsid,
             block: ns.block_size,
@@ -130,6 +147,8 @@ impl NvmeNode {
             max_transfer,
             read_only: !ctx.flags.write,
             poll,
+            sgl: ctrl.id.has_sgl(),
+            ctrl,
             queues: ShardLocal::default(),
             inflight: RangeTracker::new(),
         }))
@@ -146,7 +165,7 @@ impl NvmeNode {
         if let Some(q) = self.queues.get() {
             return Ok(q);
         }
-        let q = IoQueue::new(&self.ctrl, self.poll).map_err(|e| e.with_file(&self.name))?;
+        let q = IoQueue::new(&self.ctrl, self.poll, self.sgl).map_err(|e| e.with_file(&self.name))?;
         self.queues.set(q.clone());
         Ok(q)
     }
@@ -476,7 +495,7 @@ impl BlockNode for NvmeNode {
             "volatile-write-cache": id.volatile_cache, "io-queues": self.ctrl.io_queues,
             "write-zeroes": id.has_write_zeroes(), "dsm": id.has_dsm(),
             "resets": self.ctrl.resets.load(std::sync::atomic::Ordering::Relaxed),
-            "poll": self.poll,
+            "poll": self.poll, "sgl": self.sgl,
         }))
     }
 }

@@ -154,6 +154,21 @@ impl Sqe {
         self.0[8] = prp2 as u32;
         self.0[9] = (prp2 >> 32) as u32;
     }
+    /// The data pointer as one SGL Data Block descriptor (PSDT = 01): the
+    /// whole transfer in one contiguous IOVA range, no PRP list.
+    ///
+    /// | bytes | field                                            |
+    /// |-------|--------------------------------------------------|
+    /// | 0-7   | address                                          |
+    /// | 8-11  | length                                           |
+    /// | 15    | identifier: type 7:4 (0, data block), subtype 3:0 (0, address) |
+    pub fn set_sgl(&mut self, addr: u64, len: u32) {
+        self.0[0] = (self.0[0] & !(3 << 14)) | (1 << 14);
+        self.0[6] = addr as u32;
+        self.0[7] = (addr >> 32) as u32;
+        self.0[8] = len;
+        self.0[9] = 0;
+    }
     pub fn prp(&self) -> (u64, u64) {
         (u64::from(self.0[6]) | (u64::from(self.0[7]) << 32), u64::from(self.0[8]) | (u64::from(self.0[9]) << 32))
     }
@@ -313,6 +328,11 @@ impl IdController {
     pub fn has_dsm(&self) -> bool {
         self.oncs & (1 << 2) != 0
     }
+    /// SGLs for NVM commands (SGLS bits 1:0 = 01, any alignment, or 10,
+    /// dword aligned: our addresses always are).
+    pub fn has_sgl(&self) -> bool {
+        matches!(self.sgls & 3, 1 | 2)
+    }
     pub fn has_write_zeroes(&self) -> bool {
         self.oncs & (1 << 3) != 0
     }
@@ -404,6 +424,13 @@ mod tests {
         assert_eq!(u64::from_le_bytes(b[40..48].try_into().unwrap()), 0x1_2345_6789);
         assert_eq!(u32::from_le_bytes(b[48..52].try_into().unwrap()), 7 | (1 << 30));
         assert_eq!((s.cid(), s.opcode(), s.prp()), (0xbeef, nvm::WRITE, (0x1000, 0x2_0000_3000)));
+        s.set_sgl(0x3_0000_1000, 8192);
+        let b = s.to_bytes();
+        assert_eq!((b[1] >> 6) & 3, 1, "PSDT says SGL");
+        assert_eq!(u16::from_le_bytes([b[2], b[3]]), 0xbeef, "the command id survives");
+        assert_eq!(u64::from_le_bytes(b[24..32].try_into().unwrap()), 0x3_0000_1000);
+        assert_eq!(u32::from_le_bytes(b[32..36].try_into().unwrap()), 8192);
+        assert_eq!(b[39], 0, "data block descriptor, address subtype");
     }
 
     #[test]
