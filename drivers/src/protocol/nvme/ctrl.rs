@@ -81,7 +81,8 @@ impl Controller {
                 cap.min_page, cap.max_page
             )));
         }
-        let rings = Rings::new(&dma, &dev, cap.doorbell_stride, 0, ADMIN_DEPTH.min(cap.max_queue_entries as u16))?;
+        let rings =
+            Rings::new(&dma, &dev, cap.doorbell_stride, 0, u32::from(ADMIN_DEPTH).min(cap.max_queue_entries) as u16)?;
         let data = DmaBuf::new(&dma, PAGE)?;
         let mut c = Controller {
             dev,
@@ -95,14 +96,14 @@ impl Controller {
             vectors: Vec::new(),
             resets: AtomicU64::new(0),
         };
-        {
+        c.io_queues = {
             let mut a = c.lock_admin();
             c.enable(&mut a)?;
-        }
+            c.set_queue_count(&mut a)?
+        };
         let mut raw = [0u8; 4096];
         c.identify(admin::CNS_CONTROLLER, 0, &mut raw)?;
         c.id = IdController::parse(&raw);
-        c.io_queues = c.set_queue_count()?;
         *c.qids.lock().unwrap_or_else(|e| e.into_inner()) = vec![false; usize::from(c.io_queues) + 1];
         // MSI-X: vector 0 is the admin queue's (we poll it, but give it an
         // eventfd too so the table is whole), vector q is I/O queue q's.
@@ -110,8 +111,10 @@ impl Controller {
         if want >= 2 {
             let mut fds = Vec::new();
             for _ in 0..want {
+                // Blocking: io_uring answers a read of a non-blocking fd
+                // with EAGAIN at once instead of waiting for the interrupt.
                 // SAFETY: plain eventfd creation; checked below.
-                let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+                let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
                 if fd < 0 {
                     return Err(Error::os("eventfd", std::io::Error::last_os_error()));
                 }
@@ -252,12 +255,14 @@ impl Controller {
         Ok(ns)
     }
 
-    fn set_queue_count(&self) -> Result<u16> {
+    /// Set Features, number of queues: must come before any I/O queue is
+    /// made after an enable, so it runs under the admin lock the enable held.
+    fn set_queue_count(&self, a: &mut Admin) -> Result<u16> {
         let want = u32::from(MAX_IO_QUEUES - 1);
         let mut sqe = Sqe::new(admin::SET_FEATURES, 0);
         sqe.set_cdw(10, admin::FEAT_NUM_QUEUES);
         sqe.set_cdw(11, (want << 16) | want);
-        let r = self.admin(sqe)?;
+        let r = self.admin_locked(a, sqe)?;
         Ok(((r & 0xffff).min(r >> 16) as u16).saturating_add(1).min(MAX_IO_QUEUES))
     }
 
@@ -319,17 +324,22 @@ impl Controller {
     }
 
     /// Delete I/O queue `qid` (SQ first: the spec requires a CQ to have no
-    /// SQs left when it goes). Nothing to do if a reset has already wiped it.
-    pub fn delete_io_queue(&self, qid: u16, generation: u64) {
+    /// SQs left when it goes). Nothing to do if a reset has already wiped
+    /// it. True when the device is done with the queue's commands: a
+    /// deleted SQ's commands are completed or aborted before the delete
+    /// completes.
+    pub fn delete_io_queue(&self, qid: u16, generation: u64) -> bool {
         let mut a = self.lock_admin();
         if generation != self.generation() {
-            return;
+            return true;
         }
+        let mut ok = true;
         for op in [admin::DELETE_IO_SQ, admin::DELETE_IO_CQ] {
             let mut s = Sqe::new(op, 0);
             s.set_cdw(10, u32::from(qid));
-            let _ = self.admin_locked(&mut a, s);
+            ok &= self.admin_locked(&mut a, s).is_ok();
         }
+        ok
     }
 
     /// Controller reset and recovery: disable, bring the admin queue up
@@ -337,17 +347,32 @@ impl Controller {
     /// generation at its next turn, makes its queue pair again and
     /// resubmits the commands it had in flight (none of them was
     /// acknowledged: a command is done only when its completion is read).
-    pub fn reset(&self, why: &str) -> Result<()> {
+    pub fn reset(&self, seen: u64, why: &str) -> Result<()> {
         {
             let mut a = self.lock_admin();
+            // Several shards may see the same hang: the first resets, the
+            // others find the generation moved on and leave it at that.
+            if self.generation() != seen {
+                return Ok(());
+            }
             self.generation.fetch_add(1, Ordering::AcqRel);
             self.resets.fetch_add(1, Ordering::Relaxed);
             eprintln!("ringblk: NVMe controller {}: resetting ({why})", self.bdf());
-            self.enable(&mut a)?;
-        }
-        let n = self.set_queue_count()?;
-        if n < self.io_queues {
-            return Err(ctrl_err(self.bdf(), format!("granted {n} I/O queues after reset, {} before", self.io_queues)));
+            let n = self.enable(&mut a).and_then(|()| self.set_queue_count(&mut a));
+            match n {
+                Ok(n) if n >= self.io_queues => {}
+                Ok(n) => {
+                    self.stop_dma();
+                    return Err(ctrl_err(
+                        self.bdf(),
+                        format!("granted {n} I/O queues after reset, {} before", self.io_queues),
+                    ));
+                }
+                Err(e) => {
+                    self.stop_dma();
+                    return Err(e);
+                }
+            }
         }
         // Wake every shard sleeping on its interrupt so it notices.
         for fd in &self.vectors {
@@ -356,6 +381,15 @@ impl Controller {
             let _ = unsafe { libc::write(fd.as_raw_fd(), one.as_ptr().cast(), 8) };
         }
         Ok(())
+    }
+
+    /// The controller could not be brought back: turn off its bus mastering
+    /// so that it can no longer touch memory, before the commands it held
+    /// are failed and their buffers handed back.
+    pub fn stop_dma(&self) {
+        if let Err(e) = self.dev.stop_dma() {
+            eprintln!("ringblk: NVMe controller {}: {e}", self.bdf());
+        }
     }
 
     /// Is the controller in fatal status (CSTS.CFS) or gone?
@@ -377,7 +411,7 @@ impl Drop for Controller {
         if let Err(e) = self.wait_csts("shutting down", |s| s & csts::SHST_MASK == csts::SHST_COMPLETE) {
             eprintln!("ringblk: {e}");
         }
-        let _ = self.dev.set_msix(&[]);
+        self.dev.disable_msix();
     }
 }
 

@@ -20,6 +20,10 @@ struct Mapping {
     vaddr: usize,
     len: usize,
     iova: u64,
+    /// Driver-owned memory (queues, PRP lists, bounce buffers), which any
+    /// queue may point a command at; a shard's pool is not: only that
+    /// shard's queue, which knows its pool, translates into it.
+    shared: bool,
 }
 
 /// The container plus an IOVA allocator and the table of what is mapped.
@@ -29,10 +33,12 @@ pub struct Dma {
 }
 
 struct DmaState {
-    /// Next free IOVA per range (bump allocation; freed IOVA is reused
-    /// only when it was the last one handed out, which covers the
-    /// bounce and queue regions a reset or a shard's exit gives back).
+    /// Next free IOVA per range (bump allocation).
     next: Vec<(IovaRange, u64)>,
+    /// IOVA ranges given back (iova, length): reused for a mapping of the
+    /// same length (bounce buffers come in powers of two, queues in a few
+    /// sizes), or given back to `next` when they were the last handed out.
+    free: Vec<(u64, usize)>,
     maps: Vec<Mapping>,
 }
 
@@ -45,28 +51,36 @@ impl Dma {
             // in a command is more likely a bug than a buffer.
             .map(|r| (*r, r.start.max(0x10_0000).next_multiple_of(PAGE as u64)))
             .collect();
-        Arc::new(Dma { container, state: Mutex::new(DmaState { next, maps: Vec::new() }) })
+        Arc::new(Dma { container, state: Mutex::new(DmaState { next, free: Vec::new(), maps: Vec::new() }) })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, DmaState> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Map `len` bytes at `vaddr` (page aligned) at a fresh IOVA.
-    pub fn map(&self, vaddr: *const u8, len: usize) -> Result<u64> {
+    /// Map `len` bytes at `vaddr` (page aligned) at a free IOVA. `shared`:
+    /// driver memory any queue may use (see `translate`).
+    pub fn map(&self, vaddr: *const u8, len: usize, shared: bool) -> Result<u64> {
         let len = len.next_multiple_of(PAGE);
         let mut st = self.lock();
-        let slot = st
-            .next
-            .iter_mut()
-            .find(|(r, n)| n.checked_add(len as u64).is_some_and(|end| end - 1 <= r.end))
-            .ok_or_else(|| {
-                Error::new(ErrorKind::NoSpace, format!("no IOVA space left for {len} bytes of DMA memory"))
-            })?;
-        let iova = slot.1;
-        self.container.map_dma(vaddr, iova, len)?;
-        slot.1 += len as u64;
-        st.maps.push(Mapping { vaddr: vaddr as usize, len, iova });
+        let iova = if let Some(i) = st.free.iter().position(|&(_, l)| l == len) {
+            st.free.swap_remove(i).0
+        } else {
+            let slot = st
+                .next
+                .iter_mut()
+                .find(|(r, n)| n.checked_add(len as u64).is_some_and(|end| end - 1 <= r.end))
+                .ok_or_else(|| {
+                    Error::new(ErrorKind::NoSpace, format!("no IOVA space left for {len} bytes of DMA memory"))
+                })?;
+            slot.1 += len as u64;
+            slot.1 - len as u64
+        };
+        if let Err(e) = self.container.map_dma(vaddr, iova, len) {
+            st.free.push((iova, len));
+            return Err(e);
+        }
+        st.maps.push(Mapping { vaddr: vaddr as usize, len, iova, shared });
         Ok(iova)
     }
 
@@ -80,16 +94,20 @@ impl Dma {
         let _ = self.container.unmap_dma(m.iova, m.len);
         if let Some(slot) = st.next.iter_mut().find(|(_, n)| *n == m.iova + m.len as u64) {
             slot.1 = m.iova;
+        } else {
+            st.free.push((m.iova, m.len));
         }
     }
 
-    /// The IOVA of `len` bytes at `vaddr`, all inside one mapping, or None.
+    /// The IOVA of `len` bytes at `vaddr`, all inside one mapping of driver
+    /// memory, or None. Shards' pools are left out: a buffer of another
+    /// shard's pool could be sent here while that shard unmaps its pool.
     pub fn translate(&self, vaddr: *const u8, len: usize) -> Option<u64> {
         let a = vaddr as usize;
         self.lock()
             .maps
             .iter()
-            .find(|m| a >= m.vaddr && a.checked_add(len).is_some_and(|e| e <= m.vaddr + m.len))
+            .find(|m| m.shared && a >= m.vaddr && a.checked_add(len).is_some_and(|e| e <= m.vaddr + m.len))
             .map(|m| m.iova + (a - m.vaddr) as u64)
     }
 }
@@ -126,7 +144,7 @@ impl DmaBuf {
             return Err(Error::os(&format!("DMA memory of {len} bytes"), std::io::Error::last_os_error()));
         }
         let ptr = NonNull::new(p.cast()).expect("mmap succeeded, so not null");
-        match dma.map(ptr.as_ptr(), len) {
+        match dma.map(ptr.as_ptr(), len, true) {
             Ok(iova) => Ok(DmaBuf { dma: dma.clone(), ptr, len, iova }),
             Err(e) => {
                 // SAFETY: our mapping, never handed out.

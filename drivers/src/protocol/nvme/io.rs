@@ -27,6 +27,9 @@ use super::spec::{Cqe, Sqe};
 pub const IO_DEPTH: u16 = 256;
 /// PRP entries in one list page: transfers up to 2 MiB + a page.
 const PRP_PER_LIST: usize = PAGE / 8;
+/// The status a command gets when the controller could not be recovered
+/// (all status bits set: no status the device itself reports).
+const FAILED: u16 = 0x7fff;
 /// A command that has not completed in this many watchdog ticks (one a
 /// second) means a hung controller.
 const COMMAND_TIMEOUT_TICKS: u64 = 30;
@@ -89,6 +92,8 @@ pub struct IoQueue {
     /// Submissions so far, and watchdog ticks (seconds) so far.
     seq: Cell<u64>,
     tick: Cell<u64>,
+    /// The controller could not be recovered: commands fail at once.
+    broken: Cell<bool>,
 }
 
 impl IoQueue {
@@ -111,16 +116,7 @@ impl IoQueue {
         // never fill up.
         let ids = depth - 1;
         let prp_lists = DmaBuf::new(&ctrl.dma, usize::from(ids) * PAGE)?;
-        let pool = match engine::runtime::current_pool() {
-            Some(p) => {
-                let (base, len) = p.region();
-                Some((p.clone(), ctrl.dma.map(base, len)?))
-            }
-            None => None,
-        };
-        let generation = ctrl.create_io_queue(&mut rings)?;
         let event = match ctrl.vector(qid) {
-            // SAFETY: dup of the controller's eventfd gives us an fd we own.
             Some(fd) => {
                 // SAFETY: dup of an eventfd the controller keeps open.
                 let dup = unsafe { libc::dup(fd) };
@@ -131,6 +127,24 @@ impl IoQueue {
                 Some(Rc::new(AioFile::new(unsafe { OwnedFd::from_raw_fd(dup) }, Backend::IoUring)))
             }
             None => None,
+        };
+        let pool = match engine::runtime::current_pool() {
+            Some(p) => {
+                let (base, len) = p.region();
+                Some((p.clone(), ctrl.dma.map(base, len, false)?))
+            }
+            None => None,
+        };
+        let generation = match ctrl.create_io_queue(&mut rings) {
+            Ok(g) => g,
+            Err(e) => {
+                // Nothing points at the pool yet: unmap it, or a retry
+                // would map it again and this mapping would outlive it.
+                if let Some((_, iova)) = &pool {
+                    ctrl.dma.unmap(*iova);
+                }
+                return Err(e);
+            }
         };
         let q = Rc::new(IoQueue {
             ctrl: ctrl.clone(),
@@ -151,6 +165,7 @@ impl IoQueue {
             resubmitted: Cell::new(0),
             seq: Cell::new(0),
             tick: Cell::new(0),
+            broken: Cell::new(false),
         });
         engine::runtime::spawn_daemon(reaper(Rc::downgrade(&q)));
         engine::runtime::spawn_daemon(watchdog(Rc::downgrade(&q)));
@@ -222,7 +237,16 @@ impl IoQueue {
     fn release(&self, cid: u16) {
         self.slots.borrow_mut()[usize::from(cid)] = Slot::Free;
         self.free.borrow_mut().push(cid);
-        if let Some(w) = self.cid_waiters.borrow_mut().pop_front() {
+        self.wake_cid_waiters();
+    }
+
+    /// Every request waiting for a command id tries again: a waker may be
+    /// stale (its future dropped) or repeated, so handing the one free id
+    /// to one waker could leave a live waiter asleep. Waiting only happens
+    /// with all 255 ids busy.
+    fn wake_cid_waiters(&self) {
+        let ws: Vec<Waker> = self.cid_waiters.borrow_mut().drain(..).collect();
+        for w in ws {
             w.wake();
         }
     }
@@ -250,6 +274,11 @@ impl IoQueue {
     /// completion. Gives back what it held.
     pub fn submit(self: &Rc<Self>, cid: u16, mut sqe: Sqe, held: Held) -> Exec {
         sqe.set_cid(cid);
+        if self.broken.get() {
+            let cqe = Cqe { cid, status: super::spec::Status(FAILED), ..Default::default() };
+            self.slots.borrow_mut()[usize::from(cid)] = Slot::Done { cqe, held };
+            return Exec { q: self.clone(), cid, done: false };
+        }
         self.slots.borrow_mut()[usize::from(cid)] =
             Slot::Busy { sqe, held, waker: None, since: (self.seq.get(), self.tick.get()), abandoned: false };
         self.seq.set(self.seq.get() + 1);
@@ -266,9 +295,12 @@ impl IoQueue {
         Exec { q: self.clone(), cid, done: false }
     }
 
-    /// Reap what the device completed. Returns how many.
+    /// Reap what the device completed. Returns how many commands it
+    /// finished (completions for ids not in flight, which a misbehaving or
+    /// just-reset device might post, are dropped and not counted).
     pub fn reap(&self) -> usize {
         let mut n = 0;
+        let mut freed = false;
         let mut wake = Vec::new();
         {
             let mut r = self.rings.borrow_mut();
@@ -280,26 +312,24 @@ impl IoQueue {
                         // Nobody waits: the memory it held goes now, the id
                         // back to the free list.
                         self.free.borrow_mut().push(c.cid);
-                        if let Some(w) = self.cid_waiters.borrow_mut().pop_front() {
-                            wake.push(w);
-                        }
+                        freed = true;
+                        n += 1;
                     }
                     Slot::Busy { held, waker, .. } => {
                         *slot = Slot::Done { cqe: c, held };
-                        if let Some(w) = waker {
-                            wake.push(w);
-                        }
+                        wake.extend(waker);
+                        n += 1;
                     }
-                    // A completion for an id not in flight: a stale one from
-                    // before a reset. Put the slot back as it was.
                     other => *slot = other,
                 }
-                n += 1;
             }
             r.ring_cq();
         }
         self.in_flight.set(self.in_flight.get() - n.min(self.in_flight.get()));
         self.completed.set(self.completed.get() + n as u64);
+        if freed {
+            self.wake_cid_waiters();
+        }
         for w in wake {
             w.wake();
         }
@@ -312,12 +342,17 @@ impl IoQueue {
         let mut r = self.rings.borrow_mut();
         let generation = self.ctrl.create_io_queue(&mut r)?;
         self.generation.set(generation);
+        // Resubmitted commands start their timeout afresh.
+        let tick = self.tick.get();
         let mut busy: Vec<((u64, u64), Sqe)> = self
             .slots
-            .borrow()
-            .iter()
+            .borrow_mut()
+            .iter_mut()
             .filter_map(|s| match s {
-                Slot::Busy { sqe, since, .. } => Some((*since, *sqe)),
+                Slot::Busy { sqe, since, .. } => {
+                    since.1 = tick;
+                    Some((*since, *sqe))
+                }
                 _ => None,
             })
             .collect();
@@ -332,12 +367,16 @@ impl IoQueue {
         Ok(())
     }
 
-    /// Fail every command in flight (the controller could not be recovered).
+    /// Fail every command in flight, and every later one: the controller
+    /// could not be recovered (and its bus mastering is off, so the memory
+    /// the commands held is safe to hand back).
     fn fail_all(&self, errno: i32) {
+        self.broken.set(true);
+        self.generation.set(self.ctrl.generation());
         let mut wake = Vec::new();
         for (cid, slot) in self.slots.borrow_mut().iter_mut().enumerate() {
             if let Slot::Busy { held, waker, abandoned, .. } = std::mem::replace(slot, Slot::Free) {
-                let status = super::spec::Status(0x3ff); // vendor specific: EIO
+                let status = super::spec::Status(FAILED);
                 let cqe = Cqe { cid: cid as u16, status, result: errno as u32, ..Default::default() };
                 if abandoned {
                     self.free.borrow_mut().push(cid as u16);
@@ -348,6 +387,7 @@ impl IoQueue {
             }
         }
         self.in_flight.set(0);
+        self.wake_cid_waiters();
         for w in wake {
             w.wake();
         }
@@ -368,14 +408,23 @@ impl IoQueue {
 
 impl Drop for IoQueue {
     fn drop(&mut self) {
-        // A reaper waiting for the interrupt wakes, finds us gone and ends.
+        // A reaper waiting for the interrupt or for work wakes, finds us
+        // gone and ends.
+        if let Some(w) = self.idle.borrow_mut().take() {
+            w.wake();
+        }
         if let Some(f) = &self.event {
             let one = 1u64.to_ne_bytes();
             // SAFETY: an 8-byte write to our own eventfd.
             let _ = unsafe { libc::write(f.fd(), one.as_ptr().cast(), 8) };
         }
         let qid = self.rings.borrow().qid;
-        self.ctrl.delete_io_queue(qid, self.generation.get());
+        if !self.ctrl.delete_io_queue(qid, self.generation.get()) {
+            // The controller would not delete the queue: it may still read
+            // the SQ and PRP lists and move data for commands nobody waits
+            // for. Cut its bus mastering before all that memory is freed.
+            self.ctrl.stop_dma();
+        }
         self.ctrl.put_qid(qid);
         if let Some((_, iova)) = &self.pool {
             self.ctrl.dma.unmap(*iova);
@@ -407,7 +456,7 @@ impl Future for Exec {
                 self.q.release(self.cid);
                 let r = if cqe.status.ok() {
                     Ok(cqe)
-                } else if cqe.status.0 == 0x3ff {
+                } else if cqe.status.0 == FAILED {
                     Err(Error::new(ErrorKind::Io, "NVMe command failed: the controller could not be recovered"))
                 } else {
                     Err(Error::os(
@@ -449,9 +498,13 @@ async fn reaper(weak: std::rc::Weak<IoQueue>) {
     loop {
         let Some(q) = weak.upgrade() else { return };
         if q.generation.get() != q.ctrl.generation() {
-            if let Err(e) = q.recover() {
-                eprintln!("ringblk: NVMe queue {}: {e}", q.qid());
-                q.fail_all(libc::EIO);
+            // A queue failed before gets another try with each new reset.
+            match q.recover() {
+                Ok(()) => q.broken.set(false),
+                Err(e) => {
+                    eprintln!("ringblk: NVMe queue {}: {e}", q.qid());
+                    q.fail_all(libc::EIO);
+                }
             }
         }
         let got = q.reap();
@@ -505,7 +558,7 @@ async fn watchdog(weak: std::rc::Weak<IoQueue>) {
             _ if q.ctrl.failed() => "controller fatal status".to_string(),
             _ => continue,
         };
-        if let Err(e) = q.ctrl.reset(&why) {
+        if let Err(e) = q.ctrl.reset(q.generation.get(), &why) {
             eprintln!("ringblk: {e}");
             q.fail_all(libc::EIO);
         }

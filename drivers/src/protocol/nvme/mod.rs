@@ -139,6 +139,13 @@ impl NvmeNode {
         let ns = ctrl.namespace(nsid).map_err(|e| e.with_file(&name))?;
         let max_transfer = ctrl.id.max_transfer(ctrl.cap.min_page).unwrap_or(usize::MAX).min(MAX_PRP_TRANSFER);
         let max_transfer = max_transfer - max_transfer % ns.block_size as usize;
+        if max_transfer == 0 {
+            return Err(unsupported(format!(
+                "namespace {nsid}: {}-byte blocks, larger than the controller's largest transfer",
+                ns.block_size
+            ))
+            .with_file(&name));
+        }
         Ok(Arc::new(NvmeNode {
             name,
             nsid,
@@ -309,7 +316,7 @@ impl NvmeNode {
     /// Reset the controller now (a test and recovery hook): every shard's
     /// queue is made again and its commands in flight resubmitted.
     pub fn reset_controller(&self) -> Result<()> {
-        self.ctrl.reset("asked for").map_err(|e| e.with_file(&self.name))
+        self.ctrl.reset(self.ctrl.generation(), "asked for").map_err(|e| e.with_file(&self.name))
     }
 
     /// Commands this shard's queue completed, and resubmitted after resets.

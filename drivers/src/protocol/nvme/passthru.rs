@@ -86,8 +86,10 @@ impl PtRing {
         let ring = IoUring::<squeue::Entry128, cqueue::Entry32>::builder()
             .build(RING_DEPTH)
             .map_err(|e| Error::os("io_uring with 128-byte entries (NVMe passthrough needs Linux 5.19)", e))?;
+        // Blocking: io_uring answers a read of a non-blocking fd with
+        // EAGAIN at once instead of waiting.
         // SAFETY: plain eventfd creation; checked below.
-        let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
         if efd < 0 {
             return Err(Error::os("eventfd", std::io::Error::last_os_error()));
         }
@@ -116,13 +118,29 @@ impl PtRing {
         }))
     }
 
-    fn submit_now(&self) {
+    fn submit_now(self: &Rc<Self>) {
         self.flush_queued.set(false);
-        if self.unsubmitted.replace(0) > 0 {
-            // EBUSY/EAGAIN leave the entries queued; the next flush retries.
-            if self.ring.borrow().submit().is_err() {
-                self.unsubmitted.set(1);
-            }
+        let n = self.unsubmitted.replace(0);
+        if n > 0 && self.ring.borrow().submit().is_err() {
+            // EBUSY/EAGAIN (completions to reap first, or no memory): the
+            // entries stay queued; try again next turn.
+            self.unsubmitted.set(n);
+            self.queue_flush(true);
+        }
+    }
+
+    /// Submit what is queued once the tasks ready in this turn have run
+    /// (they may queue more): one io_uring_enter per turn. `later`: after
+    /// a yield, so completions get reaped first.
+    fn queue_flush(self: &Rc<Self>, later: bool) {
+        if !self.flush_queued.replace(true) {
+            let me = self.clone();
+            engine::runtime::spawn_local(async move {
+                if later {
+                    engine::runtime::yield_now().await;
+                }
+                me.submit_now()
+            });
         }
     }
 
@@ -142,7 +160,8 @@ impl PtRing {
             match std::mem::replace(s, Slot::Free) {
                 Slot::Busy { abandoned: true, .. } => {
                     self.free.borrow_mut().push(k);
-                    wake.extend(self.waiting.borrow_mut().pop());
+                    // Every waiter tries again (a waker may be stale).
+                    wake.extend(self.waiting.borrow_mut().drain(..));
                 }
                 Slot::Busy { waker, buf, .. } => {
                     *s = Slot::Done { res, buf };
@@ -212,22 +231,15 @@ impl PtRing {
         }
         let sqe = op.build().user_data(key as u64);
         self.slots.borrow_mut()[key] = Slot::Busy { waker: None, buf, abandoned: false };
-        loop {
-            // SAFETY: the command's data buffer is owned by the slot until
-            // the completion is reaped; the command bytes are copied in.
-            if unsafe { self.ring.borrow_mut().submission().push(&sqe) }.is_ok() {
-                break;
-            }
-            self.submit_now();
-        }
+        // The SQ has as many entries as there are slots, and a slot is
+        // taken above: there is always room.
+        // SAFETY: the command's data buffer is owned by the slot until the
+        // completion is reaped; the command bytes are copied in.
+        let pushed = unsafe { self.ring.borrow_mut().submission().push(&sqe) };
+        debug_assert!(pushed.is_ok(), "passthrough SQ full with a free slot");
         self.in_flight.set(self.in_flight.get() + 1);
         self.unsubmitted.set(self.unsubmitted.get() + 1);
-        if !self.flush_queued.replace(true) {
-            // One io_uring_enter per turn: the flush runs after the tasks
-            // already ready, which may queue more.
-            let me = self.clone();
-            engine::runtime::spawn_local(async move { me.submit_now() });
-        }
+        self.queue_flush(false);
         if let Some(w) = self.idle.borrow_mut().take() {
             w.wake();
         }
@@ -248,7 +260,8 @@ impl PtRing {
         .await;
         guard.done = true;
         self.free.borrow_mut().push(key);
-        if let Some(w) = self.waiting.borrow_mut().pop() {
+        let ws: Vec<Waker> = self.waiting.borrow_mut().drain(..).collect();
+        for w in ws {
             w.wake();
         }
         let r = match res {
@@ -283,6 +296,22 @@ impl Drop for Guard {
                 drop(slots);
                 self.q.free.borrow_mut().push(self.key);
             }
+        }
+    }
+}
+
+impl Drop for PtRing {
+    /// The kernel tears the ring down in the background and may still be
+    /// moving data for commands nobody waits for: their buffers are leaked
+    /// rather than freed under it.
+    fn drop(&mut self) {
+        for s in self.slots.get_mut().iter_mut() {
+            if let Slot::Busy { buf, .. } = s {
+                std::mem::forget(buf.take());
+            }
+        }
+        if let Some(w) = self.idle.get_mut().take() {
+            w.wake();
         }
     }
 }

@@ -401,6 +401,26 @@ impl Device {
         Ok(())
     }
 
+    /// Turn bus mastering off: the device can no longer read or write memory.
+    pub fn stop_dma(&self) -> Result<()> {
+        let cmd = self.config_read16(PCI_COMMAND)?;
+        self.config_write16(PCI_COMMAND, cmd & !PCI_COMMAND_MASTER)
+    }
+
+    /// Tear down the MSI-X routing (DATA_NONE with no vectors).
+    pub fn disable_msix(&self) {
+        let mut s = uapi::vfio_irq_set {
+            argsz: std::mem::size_of::<uapi::vfio_irq_set>() as u32,
+            flags: uapi::VFIO_IRQ_SET_DATA_NONE | uapi::VFIO_IRQ_SET_ACTION_TRIGGER,
+            index: uapi::VFIO_PCI_MSIX_IRQ_INDEX,
+            start: 0,
+            count: 0,
+            data: Default::default(),
+        };
+        // SAFETY: an irq_set header with its argsz and no data, on our stack.
+        let _ = unsafe { ioctl_ptr(self.fd.as_raw_fd(), DEVICE_SET_IRQS, &mut s) };
+    }
+
     /// Function-level reset, where the device offers one.
     pub fn reset(&self) -> bool {
         ioctl_val(self.fd.as_raw_fd(), DEVICE_RESET, 0) == 0
