@@ -40,9 +40,31 @@ impl Perm {
     }
 }
 
-/// The lock bytes one open holds on one file. Released when the file's last
-/// reference closes (OFD semantics), so this holds no fd of its own.
-pub struct ImageLock;
+/// The lock bytes one open holds on one file, released when this drops.
+/// OFD semantics would release them when the file's last reference closes,
+/// but the kernel can hold a reference a little past our close (an
+/// io_uring request being freed by an io-wq worker, a ring torn down in
+/// the background after the process exits): the next opener then found
+/// the image still locked (cli_interop's locks_are_gone_when_the_process_exits,
+/// once in 40 runs). So the lock keeps a duplicate of the fd (same open
+/// file description, so the same locks) and unlocks through it.
+pub struct ImageLock {
+    fd: std::os::fd::OwnedFd,
+}
+
+impl Drop for ImageLock {
+    fn drop(&mut self) {
+        unlock_all(std::os::fd::AsRawFd::as_raw_fd(&self.fd));
+    }
+}
+
+fn unlock_all(fd: RawFd) {
+    for byte in [PERM_BASE, SHARED_BASE] {
+        for b in 0..4 {
+            let _ = ofd(fd, libc::F_OFD_SETLK, libc::F_UNLCK as libc::c_short, byte + b);
+        }
+    }
+}
 
 fn ofd(fd: RawFd, cmd: libc::c_int, ty: libc::c_short, start: i64) -> std::io::Result<libc::flock> {
     let mut fl = libc::flock {
@@ -92,14 +114,17 @@ impl ImageLock {
                     return Err(conflict(filename, format!("Failed to get shared \"{}\" lock", Perm::NAMES[b])));
                 }
             }
-            Ok(ImageLock)
+            // SAFETY: F_DUPFD_CLOEXEC on an fd the caller holds open;
+            // checked below.
+            let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+            if dup < 0 {
+                return Err(Error::os("taking image lock", std::io::Error::last_os_error()).with_file(filename));
+            }
+            // SAFETY: a new fd nothing else owns.
+            Ok(ImageLock { fd: unsafe { std::os::fd::FromRawFd::from_raw_fd(dup) } })
         })();
         if result.is_err() {
-            for byte in [PERM_BASE, SHARED_BASE] {
-                for b in 0..4 {
-                    let _ = ofd(fd, libc::F_OFD_SETLK, libc::F_UNLCK as libc::c_short, byte + b);
-                }
-            }
+            unlock_all(fd);
         }
         result
     }
@@ -125,17 +150,20 @@ mod tests {
         let b = std::fs::OpenOptions::new().read(true).write(true).open(f.path()).unwrap();
         let rw = Perm::CONSISTENT_READ.union(Perm::WRITE);
         // a writes and does not share write; b wants to write too.
-        ImageLock::acquire(a.as_raw_fd(), "x", rw, Perm::ALL.without(Perm::WRITE)).unwrap();
+        let la = ImageLock::acquire(a.as_raw_fd(), "x", rw, Perm::ALL.without(Perm::WRITE)).unwrap();
         let e = ImageLock::acquire(b.as_raw_fd(), "x", rw, Perm::ALL).err().expect("must conflict");
         assert_eq!(e.kind(), ErrorKind::Locked);
         assert!(e.to_string().contains("Failed to get \"write\" lock"), "{e}");
         // A reader that shares write is fine.
-        ImageLock::acquire(b.as_raw_fd(), "x", Perm::CONSISTENT_READ, Perm::ALL).unwrap();
+        let _lb = ImageLock::acquire(b.as_raw_fd(), "x", Perm::CONSISTENT_READ, Perm::ALL).unwrap();
         // A reader that does not share write conflicts with a's use of write.
         let c = std::fs::File::open(f.path()).unwrap();
         let e = ImageLock::acquire(c.as_raw_fd(), "x", Perm::CONSISTENT_READ, Perm::ALL.without(Perm::WRITE)).err().unwrap();
         assert!(e.to_string().contains("Failed to get shared \"write\" lock"), "{e}");
-        drop(a);
+        // The lock goes with the ImageLock, even while the file stays open
+        // (and however long the kernel keeps a reference to it).
+        drop(la);
         ImageLock::acquire(c.as_raw_fd(), "x", Perm::CONSISTENT_READ, Perm::ALL.without(Perm::WRITE)).unwrap();
+        drop(a);
     }
 }
