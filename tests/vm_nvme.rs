@@ -3,7 +3,7 @@
 //! emulated IOMMU: bring-up and Identify, a refused unmapped buffer, a
 //! randomized workload over several queue pairs checked against a model,
 //! the same with a controller reset halfway, and a qcow2 image filled over
-//! nvme:// by the CLI, and `ringblk bench` over every path to a namespace
+//! nvme:// by the CLI and served from there by ringblk-nbd, and `ringblk bench` over every path to a namespace
 //! left to the kernel (threads, native, io_uring, io_uring_cmd passthrough,
 //! vfio) with passthrough writes read back through the block device. After
 //! the guest powers off the host checks the
@@ -71,6 +71,8 @@ fn the_nvme_driver_runs_a_guest_s_controllers_over_vfio() {
         .arg(env!("CARGO_BIN_EXE_nvme-guest"))
         .arg("--bin")
         .arg(bin("ringblk"))
+        .arg("--bin")
+        .arg(bin("ringblk-nbd"))
         .args(["--iommu", "--modules", "nvme vfio vfio_iommu_type1 vfio_pci", "--smp", "2"])
         .args(["--timeout", "300", "--log"])
         .arg(&log)

@@ -2,7 +2,8 @@
 # Three emulated controllers, in PCI order: A (512-byte blocks) for the
 # workload (MSI-X interrupts, SGLs), B (4096-byte blocks) for the workload
 # with a controller reset, completions polled, PRPs,
-# C holding a qcow2 image the host made, which ringblk fills over nvme://,
+# C holding a qcow2 image the host made, which ringblk fills over nvme://
+# and ringblk-nbd serves from there,
 # D left to the kernel's nvme driver: ringblk bench compares every path to
 # it (threads, native, io_uring, io_uring_cmd passthrough, vfio), then
 # /data/src.raw is written through passthrough and read back through the
@@ -40,6 +41,12 @@ ringblk info "nvme://$C/1"
 ringblk convert -n -f raw -O qcow2 /data/src.raw "nvme://$C/1"
 ringblk check "nvme://$C/1"
 ringblk compare -f raw -F qcow2 /data/src.raw "nvme://$C/1" || fail "compare over nvme:// failed"
+# Served over NBD from the nvme driver (two shards, two queue pairs).
+ringblk-nbd -f qcow2 -k /tmp/nbd.sock --pid-file /tmp/nbd.pid "nvme://$C/1" &
+for _ in $(seq 100); do [ -S /tmp/nbd.sock ] && break; sleep 0.1; done
+ringblk compare -f raw -F raw /data/src.raw "nbd+unix:///?socket=/tmp/nbd.sock" || fail "compare over NBD from nvme:// failed"
+kill "$(cat /tmp/nbd.pid)"
+wait
 # D: one workload over every path, one table.
 ctrl=$(ls "/sys/bus/pci/devices/$D/nvme/")
 ns=${ctrl}n1
