@@ -394,6 +394,15 @@ fn bench_compares_backends_in_one_run() {
         assert_eq!(r["requests"], 3000);
     }
     assert_eq!(runs[1]["cache"], "none", "native runs with O_DIRECT");
+    // The NVMe paths need an NVMe namespace, and say so by name.
+    for b in ["io_uring_cmd", "vfio", "threads,vfio"] {
+        let o = rb(&["bench", "-f", "raw", "-c", "10", "--aio", b, s(&img)]);
+        assert!(!o.status.success(), "--aio {b} on a plain file");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains("b.raw") && err.contains("not an NVMe namespace"), "--aio {b}: {err}");
+    }
+    let o = rb(&["bench", "-c", "10", "--aio", "spdk", s(&img)]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("expected threads, native, io_uring, io_uring_cmd or vfio"));
     // qemu-img's output lines for a single run.
     let out = ok(rb(&["bench", "-w", "-f", "raw", "-c", "100", "-d", "4", "--pattern=5", s(&img)]));
     assert!(out.starts_with("Sending 100 write requests, 4096 bytes each, 4 in parallel (starting at offset 0, step size 4096)\n"), "{out}");
