@@ -38,9 +38,9 @@ fn arg<T: std::str::FromStr>(a: &[String], i: usize, what: &str) -> T {
     a.get(i).and_then(|v| v.parse().ok()).unwrap_or_else(|| fail(format!("argument {i} ({what}) missing or bad")))
 }
 
-async fn open(bdf: &str, poll: bool) -> Arc<NvmeNode> {
+async fn open(bdf: &str, poll: bool, sgl: Option<bool>) -> Arc<NvmeNode> {
     let ctx = OpenCtx::new(drivers::registry(), OpenFlags { write: true, ..Default::default() });
-    NvmeNode::open(&ctx, bdf, 1, poll).await.unwrap_or_else(|e| fail(format!("open {bdf}: {e}")))
+    NvmeNode::open(&ctx, bdf, 1, poll, sgl).await.unwrap_or_else(|e| fail(format!("open {bdf}: {e}")))
 }
 
 /// One operation of a worker's stream; the same stream drives the device
@@ -250,14 +250,8 @@ fn workload(a: &[String]) {
     let prp = a[8..].iter().any(|v| v == "prp");
     let rt = Runtime::new(RuntimeConfig { shards, ..Default::default() }).unwrap();
     let b2 = bdf.clone();
-    let node = rt.block_on(move || async move {
-        let n = open(&b2, poll).await;
-        if prp {
-            Arc::new(n.with_sgl(false))
-        } else {
-            n
-        }
-    });
+    let sgl = prp.then_some(false);
+    let node = rt.block_on(move || async move { open(&b2, poll, sgl).await });
     if node.size() < size {
         fail(format!("namespace of {} bytes, asked for {size}", node.size()));
     }
@@ -337,7 +331,7 @@ fn expect(a: &[String]) {
 
 fn identify(a: &[String]) {
     let bdf: String = arg(a, 2, "BDF");
-    let node = ringblk_tests::on_shard(move || async move { open(&bdf, false).await });
+    let node = ringblk_tests::on_shard(move || async move { open(&bdf, false, None).await });
     println!(
         "nvme-guest: identify: size {} block {} {}",
         node.size(),
@@ -351,7 +345,7 @@ fn identify(a: &[String]) {
 fn refuse(a: &[String]) {
     let bdf: String = arg(a, 2, "BDF");
     ringblk_tests::on_shard(move || async move {
-        let node = open(&bdf, false).await;
+        let node = open(&bdf, false, None).await;
         let (r, _) = node.read_zero_copy(0, IoBuf::heap(4096)).await;
         match r {
             Err(e) if e.to_string().contains("not mapped for DMA") => println!("nvme-guest: refused: {e}"),

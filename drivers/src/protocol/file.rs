@@ -15,6 +15,7 @@ use engine::block::{
     check_request, check_write, check_writable, write_zero_buffers, BlockNode, BoxFuture, CreateOpt, Driver, DriverKind, Extent,
     ImageLock, Limits, OpenCtx, Perm, Prealloc, RangeTracker, Tracked, WriteFlags, ZeroFlags,
 };
+use engine::block::{read_covered, write_covered};
 use engine::error::{invalid, unsupported, Error, ErrorKind, Result};
 use engine::options::OptionTree;
 use engine::runtime::IoBuf;
@@ -196,44 +197,30 @@ impl FileNode {
     }
 
     /// Misaligned O_DIRECT read: read the aligned cover into a bounce buffer.
-    async fn read_bounce(&self, off: u64, mut buf: IoBuf, range: Range<usize>) -> (Result<()>, IoBuf) {
-        let a = self.align as u64;
-        let start = off / a * a;
-        let end = (off + range.len() as u64).next_multiple_of(a);
-        let bounce = IoBuf::new((end - start) as usize);
-        let blen = bounce.len();
-        let (r, bounce) = self.read_exact(bounce, 0, blen, start).await;
-        if r.is_ok() {
-            let s = (off - start) as usize;
-            let n = range.len();
-            buf[range].copy_from_slice(&bounce[s..s + n]);
-        }
-        (r, buf)
+    async fn read_bounce(&self, off: u64, buf: IoBuf, range: Range<usize>) -> (Result<()>, IoBuf) {
+        let read = async |start, tmp: IoBuf| {
+            let n = tmp.len();
+            self.read_exact(tmp, 0, n, start).await
+        };
+        read_covered(off, buf, range, u64::from(self.align), read).await
     }
 
     /// Misaligned O_DIRECT write: read-modify-write of the aligned cover, with
     /// overlapping writes held off so no update is lost.
     async fn write_rmw(&self, off: u64, buf: IoBuf, range: Range<usize>, fua: bool) -> (Result<()>, IoBuf) {
-        let a = self.align as u64;
-        let start = off / a * a;
-        let end = (off + range.len() as u64).next_multiple_of(a);
-        let _t = self.track(start, end, true).await;
-        let bounce = IoBuf::new((end - start) as usize);
-        let blen = bounce.len();
-        let (r, mut bounce) = self.read_exact(bounce, 0, blen, start).await;
-        let result = match r {
-            Ok(()) => {
-                let s = (off - start) as usize;
-                bounce[s..s + range.len()].copy_from_slice(&buf[range]);
-                self.write_all(bounce, 0, blen, start, fua).await.0
-            }
-            Err(e) => Err(e),
+        let read = async |start, tmp: IoBuf| {
+            let n = tmp.len();
+            self.read_exact(tmp, 0, n, start).await
         };
-        (result, buf)
+        let write = async |start, tmp: IoBuf| {
+            let n = tmp.len();
+            self.write_all(tmp, 0, n, start, fua).await
+        };
+        write_covered(off, buf, range, u64::from(self.align), &self.inflight, read, write).await
     }
 
-    /// Track a modifying request when read-modify-write can happen (O_DIRECT);
-    /// buffered files never need it.
+    /// Track a modifying request when read-modify-write (write_rmw, always
+    /// tracked) can happen (O_DIRECT); buffered files never need it.
     async fn track(&self, start: u64, end: u64, serialising: bool) -> Option<Tracked<'_>> {
         if self.align > 1 || self.mem_align > 1 {
             Some(self.inflight.begin(start, end, serialising).await)

@@ -18,7 +18,7 @@ pub use check::{CheckFix, CheckReport};
 pub use lock::{ImageLock, Perm};
 pub use open::{open_image, CacheMode, OpenCtx, OpenFlags, MAX_CHAIN_DEPTH};
 pub use registry::{CreateOpt, Driver, DriverKind, Registry};
-pub use tracker::{RangeTracker, Tracked};
+pub use tracker::{aligned_cover, read_covered, write_covered, RangeTracker, Tracked};
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::runtime::IoBuf;

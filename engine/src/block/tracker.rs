@@ -3,9 +3,15 @@
 //! *serialising*: it waits for every overlapping request in flight, and every
 //! request that overlaps it waits for it. Plain requests never wait for each
 //! other. Waiters park their wakers (any shard) and are woken when a request
-//! they may be waiting for ends.
+//! they may be waiting for ends. Also here: the misaligned read and the
+//! read-modify-write themselves, for nodes that only take aligned requests
+//! (O_DIRECT files, NVMe namespaces).
 
 use std::future::poll_fn;
+use std::ops::Range;
+
+use crate::error::Result;
+use crate::runtime::IoBuf;
 use std::sync::Mutex;
 use std::task::{Poll, Waker};
 
@@ -78,6 +84,54 @@ impl Drop for Tracked<'_> {
             w.wake();
         }
     }
+}
+
+/// The `align`-aligned span `[start, end)` around `len` bytes at `offset`.
+pub fn aligned_cover(offset: u64, len: usize, align: u64) -> (u64, u64) {
+    (offset / align * align, (offset + len as u64).next_multiple_of(align))
+}
+
+/// Fill `buf[range]` with the `len` bytes at `offset` by reading the
+/// aligned span around them into a buffer of our own: `read(start, tmp)`
+/// fills all of `tmp` from `start`.
+pub async fn read_covered(
+    offset: u64,
+    mut buf: IoBuf,
+    range: Range<usize>,
+    align: u64,
+    read: impl AsyncFnOnce(u64, IoBuf) -> (Result<()>, IoBuf),
+) -> (Result<()>, IoBuf) {
+    let (start, end) = aligned_cover(offset, range.len(), align);
+    let (r, tmp) = read(start, IoBuf::new((end - start) as usize)).await;
+    if r.is_ok() {
+        let s = (offset - start) as usize;
+        let n = range.len();
+        buf[range].copy_from_slice(&tmp[s..s + n]);
+    }
+    (r, buf)
+}
+
+/// Write `buf[range]` at `offset` by read-modify-write of the aligned span
+/// around it, with overlapping requests held off (serialising, in
+/// `tracker`) so no update is lost between our read and our write.
+pub async fn write_covered(
+    offset: u64,
+    buf: IoBuf,
+    range: Range<usize>,
+    align: u64,
+    tracker: &RangeTracker,
+    read: impl AsyncFnOnce(u64, IoBuf) -> (Result<()>, IoBuf),
+    write: impl AsyncFnOnce(u64, IoBuf) -> (Result<()>, IoBuf),
+) -> (Result<()>, IoBuf) {
+    let (start, end) = aligned_cover(offset, range.len(), align);
+    let _t = tracker.begin(start, end, true).await;
+    let (r, mut tmp) = read(start, IoBuf::new((end - start) as usize)).await;
+    if let Err(e) = r {
+        return (Err(e), buf);
+    }
+    let s = (offset - start) as usize;
+    tmp[s..s + range.len()].copy_from_slice(&buf[range]);
+    (write(start, tmp).await.0, buf)
 }
 
 #[cfg(test)]

@@ -28,7 +28,7 @@ use std::sync::Arc;
 use engine::block::{
     check_request, check_write, write_zero_buffers, BlockNode, BoxFuture, Driver, DriverKind, Extent, Limits,
 };
-use engine::block::{OpenCtx, Prealloc, RangeTracker, WriteFlags, ZeroFlags};
+use engine::block::{read_covered, write_covered, OpenCtx, Prealloc, RangeTracker, WriteFlags, ZeroFlags};
 use engine::error::{invalid, unsupported, Error, ErrorKind, Result};
 use engine::options::OptionTree;
 use engine::runtime::{IoBuf, ShardLocal};
@@ -102,33 +102,46 @@ impl NvmeDriver {
         };
         let poll = opts.take_bool("poll")?.unwrap_or(false);
         let sgl = opts.take_bool("sgl")?;
-        // QEMU's and the file driver's knobs that mean nothing here.
-        for k in ["aio", "aio-max-batch", "discard", "cache.direct", "cache.no-flush", "locking"] {
-            opts.take(k);
-        }
+        take_ignored(&mut opts);
         opts.ensure_consumed("The 'nvme' block driver")?;
-        let node = NvmeNode::open(ctx, &bdf, nsid, poll).await?;
-        Ok(match sgl {
-            Some(true) if !node.ctrl.id.has_sgl() => {
-                return Err(unsupported("sgl=on: the NVMe controller does not take SGLs").with_file(&node.name))
-            }
-            Some(on) => Arc::new(node.with_sgl(on)),
-            None => node,
-        })
+        Ok(NvmeNode::open(ctx, &bdf, nsid, poll, sgl).await?)
     }
 }
 
-impl NvmeNode {
-    /// This node with SGLs on or off (before its first I/O).
-    pub fn with_sgl(self: Arc<Self>, on: bool) -> NvmeNode {
-        let n = Arc::try_unwrap(self).unwrap_or_else(|_| unreachable!("a node just opened has one owner"));
-        NvmeNode { sgl: on, ..n }
+/// QEMU's and the file driver's knobs that mean nothing to a namespace:
+/// accepted (as qemu-img does for its nvme driver) and dropped.
+fn take_ignored(opts: &mut OptionTree) {
+    for k in ["aio", "aio-max-batch", "discard", "cache.direct", "cache.no-flush", "locking"] {
+        opts.take(k);
     }
+}
 
+/// Both NVMe paths see a namespace as data everywhere (no block status to
+/// ask the device for).
+fn all_data(offset: u64, len: u64, size: u64) -> Extent {
+    Extent {
+        len: len.min(size - offset),
+        data: true,
+        zero: false,
+        allocated: true,
+        offset: Some(offset),
+        compressed: false,
+    }
+}
+
+/// A namespace's size is the device's: a truncate to it succeeds, any other fails.
+fn fixed_size(name: &str, size: u64, want: u64) -> Result<()> {
+    if want == size {
+        return Ok(());
+    }
+    Err(Error::new(ErrorKind::Unsupported, "Cannot resize an NVMe namespace").with_file(name))
+}
+
+impl NvmeNode {
     /// Open namespace `nsid` of the controller at `bdf` (bringing the
     /// controller up unless this process has it already). Data goes by SGL
-    /// when the controller takes them.
-    pub async fn open(ctx: &OpenCtx, bdf: &str, nsid: u32, poll: bool) -> Result<Arc<NvmeNode>> {
+    /// when the controller takes them, unless `sgl` says otherwise.
+    pub async fn open(ctx: &OpenCtx, bdf: &str, nsid: u32, poll: bool, sgl: Option<bool>) -> Result<Arc<NvmeNode>> {
         let name = format!("nvme://{bdf}/{nsid}");
         let ctrl = engine::aio::blocking({
             let bdf = bdf.to_string();
@@ -136,6 +149,9 @@ impl NvmeNode {
         })
         .await
         .map_err(|e| e.with_file(&name))?;
+        if sgl == Some(true) && !ctrl.id.has_sgl() {
+            return Err(unsupported("sgl=on: the NVMe controller does not take SGLs").with_file(&name));
+        }
         let ns = ctrl.namespace(nsid).map_err(|e| e.with_file(&name))?;
         let max_transfer = ctrl.id.max_transfer(ctrl.cap.min_page).unwrap_or(usize::MAX).min(MAX_PRP_TRANSFER);
         let max_transfer = max_transfer - max_transfer % ns.block_size as usize;
@@ -154,7 +170,7 @@ impl NvmeNode {
             max_transfer,
             read_only: !ctx.flags.write,
             poll,
-            sgl: ctrl.id.has_sgl(),
+            sgl: sgl.unwrap_or_else(|| ctrl.id.has_sgl()),
             ctrl,
             queues: ShardLocal::default(),
             inflight: RangeTracker::new(),
@@ -264,46 +280,31 @@ impl NvmeNode {
         offset.is_multiple_of(b) && (len as u64).is_multiple_of(b)
     }
 
-    /// The whole blocks around `len` bytes at `offset`.
-    fn cover(&self, offset: u64, len: usize) -> (u64, u64) {
-        let b = u64::from(self.block);
-        (offset / b * b, (offset + len as u64).next_multiple_of(b).min(self.size.max(b)))
-    }
-
     /// A read that does not start or end on a block: the blocks around it,
     /// into a buffer of our own.
-    async fn read_unaligned(&self, offset: u64, mut buf: IoBuf, range: Range<usize>) -> (Result<()>, IoBuf) {
+    async fn read_unaligned(&self, offset: u64, buf: IoBuf, range: Range<usize>) -> (Result<()>, IoBuf) {
         if let Err(e) = check_request(self, offset, range.len() as u64) {
             return (Err(e), buf);
         }
-        let (start, end) = self.cover(offset, range.len());
-        let tmp = IoBuf::new((end - start) as usize);
-        let n = tmp.len();
-        let (r, tmp) = self.rw(nvm::READ, start, tmp, 0..n, 0, false).await;
-        if r.is_ok() {
-            let s = (offset - start) as usize;
-            let len = range.len();
-            buf[range].copy_from_slice(&tmp[s..s + len]);
-        }
-        (r, buf)
+        let read = async |start, tmp: IoBuf| {
+            let n = tmp.len();
+            self.rw(nvm::READ, start, tmp, 0..n, 0, false).await
+        };
+        read_covered(offset, buf, range, u64::from(self.block), read).await
     }
 
     /// A write that does not start or end on a block: read-modify-write of
-    /// the blocks around it, with overlapping writes held off meanwhile so
-    /// no update is lost between our read and our write.
+    /// the blocks around it.
     async fn write_unaligned(&self, offset: u64, buf: IoBuf, range: Range<usize>, flags: u32) -> (Result<()>, IoBuf) {
-        let (start, end) = self.cover(offset, range.len());
-        let _t = self.inflight.begin(start, end, true).await;
-        let tmp = IoBuf::new((end - start) as usize);
-        let n = tmp.len();
-        let (r, mut tmp) = self.rw(nvm::READ, start, tmp, 0..n, 0, false).await;
-        if let Err(e) = r {
-            return (Err(e), buf);
-        }
-        let s = (offset - start) as usize;
-        tmp[s..s + range.len()].copy_from_slice(&buf[range]);
-        let (r, _) = self.rw(nvm::WRITE, start, tmp, 0..n, flags, false).await;
-        (r, buf)
+        let read = async |start, tmp: IoBuf| {
+            let n = tmp.len();
+            self.rw(nvm::READ, start, tmp, 0..n, 0, false).await
+        };
+        let write = async |start, tmp: IoBuf| {
+            let n = tmp.len();
+            self.rw(nvm::WRITE, start, tmp, 0..n, flags, false).await
+        };
+        write_covered(offset, buf, range, u64::from(self.block), &self.inflight, read, write).await
     }
 
     /// Read without a bounce buffer: a buffer the device cannot reach (not
@@ -474,24 +475,12 @@ impl BlockNode for NvmeNode {
     fn block_status(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<Extent>> {
         Box::pin(async move {
             check_request(self, offset, len)?;
-            Ok(Extent {
-                len: len.min(self.size - offset),
-                data: true,
-                zero: false,
-                allocated: true,
-                offset: Some(offset),
-                compressed: false,
-            })
+            Ok(all_data(offset, len, self.size))
         })
     }
 
     fn truncate(&self, size: u64, _exact: bool, _prealloc: Prealloc) -> BoxFuture<'_, Result<()>> {
-        Box::pin(async move {
-            if size == self.size {
-                return Ok(());
-            }
-            Err(Error::new(ErrorKind::Unsupported, "Cannot resize an NVMe namespace").with_file(&self.name))
-        })
+        Box::pin(async move { fixed_size(&self.name, self.size, size) })
     }
 
     fn format_specific(&self) -> Option<serde_json::Value> {

@@ -26,6 +26,7 @@ use io_uring::{cqueue, opcode, squeue, types, IoUring};
 
 use super::io::check_blocks;
 use super::spec::nvm;
+use super::{all_data, fixed_size, take_ignored};
 
 /// `_IOWR('N', 0x80, struct nvme_uring_cmd)`: an I/O command on a namespace.
 const NVME_URING_CMD_IO: u32 = 0xc048_4e80;
@@ -430,23 +431,11 @@ impl BlockNode for PassthruNode {
     fn block_status(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<Extent>> {
         Box::pin(async move {
             check_request(self, offset, len)?;
-            Ok(Extent {
-                len: len.min(self.size - offset),
-                data: true,
-                zero: false,
-                allocated: true,
-                offset: Some(offset),
-                compressed: false,
-            })
+            Ok(all_data(offset, len, self.size))
         })
     }
     fn truncate(&self, size: u64, _exact: bool, _prealloc: Prealloc) -> BoxFuture<'_, Result<()>> {
-        Box::pin(async move {
-            if size == self.size {
-                return Ok(());
-            }
-            Err(Error::new(ErrorKind::Unsupported, "Cannot resize an NVMe namespace").with_file(&self.name))
-        })
+        Box::pin(async move { fixed_size(&self.name, self.size, size) })
     }
 }
 
@@ -454,9 +443,7 @@ impl PassthruDriver {
     async fn open(&self, ctx: &OpenCtx, mut opts: OptionTree) -> Result<Arc<dyn BlockNode>> {
         let name =
             opts.take("filename").ok_or_else(|| invalid("driver 'nvme-passthru' needs a 'filename' (/dev/ngXnY)"))?;
-        for k in ["aio", "aio-max-batch", "discard", "cache.direct", "cache.no-flush", "locking"] {
-            opts.take(k);
-        }
+        take_ignored(&mut opts);
         opts.ensure_consumed("The 'nvme-passthru' block driver")?;
         let blk = block_name(&name)?;
         let file = std::fs::OpenOptions::new()
