@@ -321,6 +321,28 @@ pub fn run(cmd: &mut Command) -> String {
     String::from_utf8(o.stdout).expect("command output is UTF-8")
 }
 
+/// Boot the guest harness (scripts/vm/run.sh) in `dir` on `script` (a path
+/// from the repository's root), with the harness options `args` adds, and
+/// wait for the guest to power off. Panics, with the console, unless the
+/// script succeeded and printed `done`. Returns the console.
+pub fn run_guest(dir: &Path, script: &str, done: &str, args: impl FnOnce(&mut Command) -> &mut Command) -> String {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent");
+    let log = dir.join("console.log");
+    let mut cmd = Command::new(root.join("scripts/vm/run.sh"));
+    cmd.arg("--script").arg(root.join(script)).arg("--log").arg(&log).current_dir(dir);
+    args(&mut cmd);
+    let out = cmd.output().expect("scripts/vm/run.sh runs");
+    let console = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        out.status.success(),
+        "guest run failed ({}): {}\nconsole:\n{console}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(console.contains(done), "console:\n{console}");
+    console
+}
+
 /// Loop devices are handed out by a find-free-then-claim dance; tests in one
 /// binary run in parallel, so take turns.
 static LOOP_SETUP: Mutex<()> = Mutex::new(());

@@ -5,16 +5,11 @@
 //! contents with what the guest was asked to write. The guest half is
 //! tests/vm/kernel-nbd.sh.
 
-use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use ringblk_tests::{bin, run, Rng};
+use ringblk_tests::{bin, run, run_guest, Rng};
 
 const MIB: usize = 1 << 20;
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
-}
 
 #[test]
 fn the_kernel_nbd_client_reads_and_writes_through_ringblk_nbd_c() {
@@ -41,28 +36,14 @@ fn the_kernel_nbd_client_reads_and_writes_through_ringblk_nbd_c() {
         .arg(&b)
         .arg("64M"));
 
-    let log = d.join("console.log");
-    let status = Command::new(repo().join("scripts/vm/run.sh"))
-        .arg("--script")
-        .arg(repo().join("tests/vm/kernel-nbd.sh"))
-        .arg("--bin")
-        .arg(bin("ringblk-nbd"))
-        .args(["--modules", "nbd nvme ext4 crc32c_generic"])
-        .args(["--timeout", "240", "--log"])
-        .arg(&log)
-        .args(["--file", "pattern.bin", "--file", "discard.bin", "--file", "payload.bin"])
-        .args(["--nvme", "a.qcow2", "--nvme", "b.qcow2"])
-        .current_dir(d)
-        .output()
-        .expect("scripts/vm/run.sh runs");
-    let console = std::fs::read_to_string(&log).unwrap_or_default();
-    assert!(
-        status.status.success(),
-        "guest run failed ({}): {}\nconsole:\n{console}",
-        status.status,
-        String::from_utf8_lossy(&status.stderr)
-    );
-    assert!(console.contains("kernel-nbd: all checks passed"), "console:\n{console}");
+    run_guest(d, "tests/vm/kernel-nbd.sh", "kernel-nbd: all checks passed", |c| {
+        c.arg("--bin")
+            .arg(bin("ringblk-nbd"))
+            .args(["--modules", "nbd nvme ext4 crc32c_generic"])
+            .args(["--timeout", "240"])
+            .args(["--file", "pattern.bin", "--file", "discard.bin", "--file", "payload.bin"])
+            .args(["--nvme", "a.qcow2", "--nvme", "b.qcow2"])
+    });
 
     // What the guest wrote, as the host's qemu-img sees it: the payload at
     // 4 MiB (direct writes) and its first 256 KiB at 20 MiB (buffered,

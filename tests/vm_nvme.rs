@@ -15,17 +15,13 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use ringblk_tests::{bin, run, Rng};
+use ringblk_tests::{bin, run, run_guest, Rng};
 
 const MIB: u64 = 1 << 20;
 const SIZE: u64 = 32 * MIB;
 const SHARDS: u64 = 3;
 const WORKERS: u64 = 2;
 const OPS: u64 = 250;
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
-}
 
 fn expect(dir: &Path, name: &str, block: u64, seed: u64) -> PathBuf {
     let out = dir.join(name);
@@ -63,32 +59,18 @@ fn the_nvme_driver_runs_a_guest_s_controllers_over_vfio() {
         .arg(&c)
         .arg("16M"));
 
-    let log = d.join("console.log");
-    let status = Command::new(repo().join("scripts/vm/run.sh"))
-        .arg("--script")
-        .arg(repo().join("tests/vm/nvme.sh"))
-        .arg("--bin")
-        .arg(env!("CARGO_BIN_EXE_nvme-guest"))
-        .arg("--bin")
-        .arg(bin("ringblk"))
-        .arg("--bin")
-        .arg(bin("ringblk-nbd"))
-        .args(["--iommu", "--modules", "nvme vfio vfio_iommu_type1 vfio_pci", "--smp", "2"])
-        .args(["--timeout", "300", "--log"])
-        .arg(&log)
-        .args(["--file", "params.sh", "--file", "src.raw"])
-        .args(["--nvme", "a.raw", "--nvme-4k", "b.raw", "--nvme", "c.qcow2", "--nvme", "d.raw"])
-        .current_dir(d)
-        .output()
-        .expect("scripts/vm/run.sh runs");
-    let console = std::fs::read_to_string(&log).unwrap_or_default();
-    assert!(
-        status.status.success(),
-        "guest run failed ({}): {}\nconsole:\n{console}",
-        status.status,
-        String::from_utf8_lossy(&status.stderr)
-    );
-    assert!(console.contains("nvme: all checks passed"), "console:\n{console}");
+    run_guest(d, "tests/vm/nvme.sh", "nvme: all checks passed", |c| {
+        c.arg("--bin")
+            .arg(env!("CARGO_BIN_EXE_nvme-guest"))
+            .arg("--bin")
+            .arg(bin("ringblk"))
+            .arg("--bin")
+            .arg(bin("ringblk-nbd"))
+            .args(["--iommu", "--modules", "nvme vfio vfio_iommu_type1 vfio_pci", "--smp", "2"])
+            .args(["--timeout", "300"])
+            .args(["--file", "params.sh", "--file", "src.raw"])
+            .args(["--nvme", "a.raw", "--nvme-4k", "b.raw", "--nvme", "c.qcow2", "--nvme", "d.raw"])
+    });
 
     // What the guest's acknowledged writes left on the namespaces.
     for (img, block, seed) in [(&a, 512, seed), (&b, 4096, seed_b)] {
