@@ -9,6 +9,8 @@
 #   CONTENDERS (default "raw-written raw-falloc pre qemu+pre"), any of:
 #     raw-written   ringblk bench on raw, into a file written before (I/O phase)
 #     raw-falloc    ringblk bench on raw, into a fallocated file (I/O phase)
+#     fio           fio (io_uring, direct) into a file written before: its own
+#                   bandwidth, as prealloc.sh's ceiling takes it
 #     pre           ringblk bench, qcow2 through the filter, defaults (wall)
 #     pre-MODE      the same with prealloc-mode=MODE (falloc, sparse, zeroes)
 #     pre-nowb      the same with prealloc-write-behind=0
@@ -56,6 +58,13 @@ one() {
   sync
   echo 3 > /proc/sys/vm/drop_caches
   case $1 in
+    fio)
+      fallocate -l "$TOTAL" "$MNT/t.raw"
+      dd if=/dev/zero of="$MNT/t.raw" bs=1M count=$((TOTAL >> 20)) oflag=direct conv=notrunc status=none
+      sync
+      fio --name=ceiling --filename="$MNT/t.raw" --rw=write --bs="$SZ" --iodepth=16 --ioengine=io_uring \
+        --direct=1 --size="$TOTAL" --fallocate=none --output-format=json |
+        python3 -c 'import json,sys; j=json.load(sys.stdin); print("%.3f" % (int(sys.argv[1]) / j["jobs"][0]["write"]["bw_bytes"]))' "$TOTAL" ;;
     raw-*)
       fallocate -l "$TOTAL" "$MNT/t.raw"
       [ "$1" = raw-written ] && dd if=/dev/zero of="$MNT/t.raw" bs=1M count=$((TOTAL >> 20)) oflag=direct conv=notrunc status=none
