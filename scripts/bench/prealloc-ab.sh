@@ -14,6 +14,7 @@
 #     pre           ringblk bench, qcow2 through the filter, defaults (wall)
 #     pre-MODE      the same with prealloc-mode=MODE (falloc, sparse, zeroes)
 #     pre-nowb      the same with prealloc-write-behind=0
+#     pre+KEY=VAL   the same with file.KEY=VAL (pre+prealloc-max-size=128M)
 #     plain         ringblk bench, qcow2 without the filter (wall)
 #     qemu+pre      qemu-img bench through QEMU's filter (wall)
 #   CONTENDER:b   the same with the binary RINGBLK_B (an A/B of two builds)
@@ -75,6 +76,7 @@ one() {
       case $1 in
         pre) rbw --image-opts "$pre" ;;
         pre-nowb) rbw --image-opts "$pre,file.prealloc-write-behind=0" ;;
+        pre+*) rbw --image-opts "$pre,file.${1#pre+}" ;;
         pre-*) rbw --image-opts "$pre,file.prealloc-mode=${1#pre-}" ;;
         plain) rbw -f qcow2 "$q" ;;
         qemu+pre) wall qemu-img bench -w -t "$CACHE" -i io_uring -s "$SZ" -c "$count" -d 16 --image-opts "$pre" ;;
