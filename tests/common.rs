@@ -347,23 +347,33 @@ pub fn run_guest(dir: &Path, script: &str, done: &str, args: impl FnOnce(&mut Co
 /// binary run in parallel, so take turns.
 static LOOP_SETUP: Mutex<()> = Mutex::new(());
 
-/// A small ext4 filesystem in a file, loop-mounted; unmounted on drop.
-pub struct Ext4Mount {
+/// A small filesystem (ext4, btrfs) in a file, loop-mounted; unmounted on drop.
+pub struct FsMount {
     mnt: PathBuf,
 }
 
-impl Ext4Mount {
-    /// Make `dir/fs.img` of `size` bytes, mkfs it and mount it on `dir/mnt`.
-    pub fn new(dir: &Path, size: u64) -> Ext4Mount {
+impl FsMount {
+    /// Make `dir/fs.img` of `size` bytes, make an ext4 filesystem on it and
+    /// mount it on `dir/mnt`.
+    pub fn ext4(dir: &Path, size: u64) -> FsMount {
+        // -m 0: no blocks reserved for root, who runs this; -F: it is a file.
+        FsMount::new(dir, size, Command::new("mkfs.ext4").args(["-q", "-F", "-m", "0"]))
+    }
+
+    /// The same with btrfs (at least 114 MiB).
+    pub fn btrfs(dir: &Path, size: u64) -> FsMount {
+        FsMount::new(dir, size, Command::new("mkfs.btrfs").args(["-q", "-f"]))
+    }
+
+    fn new(dir: &Path, size: u64, mkfs: &mut Command) -> FsMount {
         let img = dir.join("fs.img");
         let mnt = dir.join("mnt");
         File::create(&img).unwrap().set_len(size).unwrap();
         std::fs::create_dir(&mnt).unwrap();
-        // -m 0: no blocks reserved for root, who runs this; -F: it is a file.
-        run(Command::new("mkfs.ext4").args(["-q", "-F", "-m", "0"]).arg(&img));
+        run(mkfs.arg(&img));
         let _turn = LOOP_SETUP.lock().unwrap_or_else(|e| e.into_inner());
         run(Command::new("mount").args(["-o", "loop"]).arg(&img).arg(&mnt));
-        Ext4Mount { mnt }
+        FsMount { mnt }
     }
 
     pub fn dir(&self) -> &Path {
@@ -371,7 +381,7 @@ impl Ext4Mount {
     }
 }
 
-impl Drop for Ext4Mount {
+impl Drop for FsMount {
     fn drop(&mut self) {
         // A ring's registered-file reference can outlive the runtime by a moment
         // (the kernel tears rings down asynchronously), so busy is retried; a

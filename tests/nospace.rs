@@ -17,7 +17,7 @@ fn fill_until_no_space(c: Combo) {
     let tmp = tempfile::tempdir().unwrap();
     // Unmounted on drop, also when an assertion fails; on_shard's runtime (and
     // with it every file we open there) is gone before this guard drops.
-    let fs = Ext4Mount::new(tmp.path(), 16 * MIB);
+    let fs = FsMount::ext4(tmp.path(), 16 * MIB);
     let path = fs.dir().join("fill.img");
     // Larger than the filesystem, sparse: the node's size is not what stops us.
     make_file(&path, 64 * MIB, None);

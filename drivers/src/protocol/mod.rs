@@ -3,3 +3,5 @@
 pub mod file;
 pub mod nvme;
 pub(crate) mod sys;
+
+pub use sys::parallel_dio_writes;

@@ -348,6 +348,25 @@ pub fn remote_fs(fd: RawFd) -> bool {
     REMOTE.contains(&(st.f_type as i64))
 }
 
+/// Does io_uring issue direct writes to this file's filesystem in parallel
+/// when it has to hand them to its workers? Only where the filesystem says
+/// it takes them so (FOP_DIO_PARALLEL_WRITE: ext4 and xfs); elsewhere
+/// (btrfs, FUSE, network filesystems, ...) io-wq runs one write per file at
+/// a time.
+pub fn parallel_dio_writes(fd: RawFd) -> bool {
+    const PARALLEL: [i64; 2] = [
+        0xEF53,     // ext2, ext3, ext4
+        0x58465342, // xfs
+    ];
+    // SAFETY: an all-zero statfs is a valid value to be overwritten.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: fd is an open file and st is writable.
+    if unsafe { libc::fstatfs(fd, &mut st) } != 0 {
+        return true;
+    }
+    PARALLEL.contains(&(st.f_type as i64))
+}
+
 #[cfg(test)]
 mod dirty_tests {
     use super::*;

@@ -77,6 +77,11 @@ pub struct AioFile {
     fd: Arc<OwnedFd>,
     /// Writes may join their neighbours in one vectored write (io_uring).
     pub(crate) merge_writes: bool,
+    /// io_uring: writes of at least this many bytes go to the thread pool
+    /// (0: none do). See `with_pooled_writes`.
+    pooled_writes: usize,
+    /// Writes that went to the pool that way.
+    pooled: AtomicU64,
     uid: u64,
     backend: Backend,
     /// Shards whose ring registered this file; they drop it when we close.
@@ -117,6 +122,8 @@ impl AioFile {
             },
             fd: Arc::new(fd),
             merge_writes: true,
+            pooled_writes: 0,
+            pooled: AtomicU64::new(0),
             uid: NEXT_FILE_UID.fetch_add(1, Ordering::Relaxed),
             backend,
             registered_on: Mutex::new(Vec::new()),
@@ -128,6 +135,25 @@ impl AioFile {
     pub fn with_merge_writes(mut self, on: bool) -> AioFile {
         self.merge_writes = on;
         self
+    }
+
+    /// io_uring: send writes of at least `min` bytes (0: none) to the thread
+    /// pool instead of the ring. For O_DIRECT files on filesystems whose
+    /// direct writes io_uring cannot issue without blocking (btrfs writing
+    /// a new extent, most filesystems but ext4 and xfs): the ring hands such
+    /// a write to its io-wq worker, and io-wq runs a file's writes one at a
+    /// time unless the filesystem declares that it takes direct writes in
+    /// parallel (only ext4 and xfs do), so sixteen 1 MiB writes in flight
+    /// go to the disk one after another. The pool runs them side by side.
+    /// Smaller writes stay on the ring, where they merge.
+    pub fn with_pooled_writes(mut self, min: usize) -> AioFile {
+        self.pooled_writes = min;
+        self
+    }
+
+    /// Writes sent to the thread pool by `with_pooled_writes` so far.
+    pub fn pooled_writes(&self) -> u64 {
+        self.pooled.load(Ordering::Relaxed)
     }
 
     pub fn backend(&self) -> Backend {
@@ -152,6 +178,10 @@ impl AioFile {
     async fn rw(&self, buf: IoBuf, rw: Rw) -> (io::Result<usize>, IoBuf) {
         assert!(rw.at + rw.len <= buf.len(), "I/O range {}+{} outside buffer of {}", rw.at, rw.len, buf.len());
         match self.backend {
+            Backend::IoUring if rw.write && self.pooled_writes > 0 && rw.len >= self.pooled_writes => {
+                self.pooled.fetch_add(1, Ordering::Relaxed);
+                threads::rw(self.fd.clone(), self.serial_writes.as_ref(), buf, rw).await
+            }
             Backend::IoUring => match self.remote_home(&rw) {
                 Some(home) => {
                     let fd = self.fd.clone();

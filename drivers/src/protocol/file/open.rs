@@ -15,6 +15,12 @@ use engine::options::OptionTree;
 
 use super::{sys, FileNode, Kind};
 
+/// Direct writes this large go to the thread pool where io_uring would
+/// serialise them (see `sys::parallel_dio_writes`); smaller ones stay on the
+/// ring, where neighbours merge into one write (a 64 KiB stream ran 15-20 %
+/// slower on btrfs through the pool, unmerged).
+const POOLED_WRITE_MIN: usize = 256 << 10;
+
 fn open_fd(filename: &str, flags: libc::c_int, mode: libc::mode_t) -> std::io::Result<OwnedFd> {
     let c = std::ffi::CString::new(filename).map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
     // SAFETY: c is a live NUL-terminated string.
@@ -128,8 +134,16 @@ impl FileDriver {
         // page-cache write); a server that takes O_DIRECT writes in
         // parallel (FUSE, network filesystems) is better fed many.
         let merge_writes = !(direct && sys::remote_fs(raw));
+        // Large direct writes where io_uring would run them one at a time
+        // go to the thread pool (AioFile::with_pooled_writes): on btrfs,
+        // sixteen 1 MiB writes in flight ran 1.4-2x faster so.
+        let pooled_writes = if aio == Backend::IoUring && direct && write && !is_blk && !sys::parallel_dio_writes(raw) {
+            POOLED_WRITE_MIN
+        } else {
+            0
+        };
         Ok(Arc::new(FileNode {
-            file: AioFile::new(fd, aio).with_merge_writes(merge_writes),
+            file: AioFile::new(fd, aio).with_merge_writes(merge_writes).with_pooled_writes(pooled_writes),
             kind: self.kind,
             filename,
             size: AtomicU64::new(size),
