@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Alternating A/B runs for one preallocate question at a time, on a fresh
 # filesystem over a written-through loop device (as prealloc.sh makes them):
-# prints each contender's times in seconds, run by run.
+# RUNS rounds, each running every contender once in a random order
+# (ORDER=fixed: as listed); prints each contender's times in seconds, round
+# by round.
 #
 #   scripts/bench/prealloc-ab.sh FS SIZE [RUNS]     (root; release build)
 #   FS: ext4, xfs, btrfs or slowfs (the rig; SLOW_US_PER_MIB=1000); SIZE: request size (64k, 1M)
@@ -16,7 +18,9 @@
 #     pre-nowb      the same with prealloc-write-behind=0
 #     pre+KEY=VAL   the same with file.KEY=VAL (pre+prealloc-max-size=128M)
 #     plain         ringblk bench, qcow2 without the filter (wall)
+#     qemu          qemu-img bench, qcow2 without a filter (wall)
 #     qemu+pre      qemu-img bench through QEMU's filter (wall)
+#   CONTENDER@AIO the same on ringblk's aio backend AIO (threads, native, io_uring)
 #   CONTENDER:b   the same with the binary RINGBLK_B (an A/B of two builds)
 # raw-* report the I/O phase (ringblk's "Run completed in"): they stand for
 # what the filesystem does once allocation is out of the way; the others
@@ -48,13 +52,14 @@ fi
 count=$((TOTAL / $(numfmt --from=iec "${SZ^^}")))
 q=$MNT/t.qcow2
 pre="driver=qcow2,file.driver=preallocate,file.file.driver=file,file.file.filename=$q"
-rb() { "$R" bench -w -t "$CACHE" --pattern seq -s "$SZ" -c "$count" --shards 1 -d 16 "$@"; }
+rb() { "$R" bench -w -t "$CACHE" ${AIO:+-i "$AIO"} --pattern seq -s "$SZ" -c "$count" --shards 1 -d 16 "$@"; }
 wall() { local TIMEFORMAT=%R; { time "$@" >/dev/null 2>&1; } 2>&1; }
 rbw() { if [ "${PHASE:-wall}" = io ]; then io rb "$@"; else wall rb "$@"; fi; }
 io() { "$@" | awk '/^Run completed in/ {print $4}'; }
 one() {
-  local R=$R
+  local R=$R AIO=
   if [ "${1%:b}" != "$1" ]; then R=$RINGBLK_B; set -- "${1%:b}"; fi
+  if [ "${1#*@}" != "$1" ]; then AIO=${1#*@}; set -- "${1%@*}"; fi
   rm -f "$MNT"/t.*
   sync
   echo 3 > /proc/sys/vm/drop_caches
@@ -79,6 +84,7 @@ one() {
         pre+*) rbw --image-opts "$pre,file.${1#pre+}" ;;
         pre-*) rbw --image-opts "$pre,file.prealloc-mode=${1#pre-}" ;;
         plain) rbw -f qcow2 "$q" ;;
+        qemu) wall qemu-img bench -w -f qcow2 -t "$CACHE" -i io_uring -s "$SZ" -c "$count" -d 16 "$q" ;;
         qemu+pre) wall qemu-img bench -w -t "$CACHE" -i io_uring -s "$SZ" -c "$count" -d 16 --image-opts "$pre" ;;
         *) echo "unknown contender $1" >&2; exit 2 ;;
       esac ;;
@@ -86,8 +92,11 @@ one() {
 }
 one plain >/dev/null # untimed warm-up
 declare -A t
+# Each round in a random order (ORDER=fixed: as listed).
 for _ in $(seq "$RUNS"); do
-  for c in $CONTENDERS; do t[$c]="${t[$c]:-} $(one "$c")"; done
+  order=$CONTENDERS
+  [ "${ORDER:-random}" = fixed ] || order=$(shuf -e $CONTENDERS)
+  for c in $order; do t[$c]="${t[$c]:-} $(one "$c")"; done
 done
-echo "# $FS $SZ cache=$CACHE, $RUNS alternating runs (s)"
+echo "# $FS $SZ cache=$CACHE, $RUNS rounds, each in ${ORDER:-random} order (s)"
 for c in $CONTENDERS; do echo "$c:${t[$c]}"; done

@@ -12,7 +12,7 @@
 #                  fio (io_uring, its own bandwidth) and ringblk bench on raw
 #                  (medians taken apart).
 # for 64k and 1M requests, cache=none and cache=writeback, the contenders
-# taking turns run by run. Prints MB/s (median of RUNS), then the ratios the
+# taking turns run by run (each round in a random order). Prints MB/s (median of RUNS), then the ratios the
 # issue asks for. The contenders' MB/s and their ratios come from wall times
 # of the whole command, open and close (the filter's final trim and flush)
 # included. The ceiling has no open or close to speak of (fio's bandwidth
@@ -166,10 +166,13 @@ for fs in $FILESYSTEMS; do
       # cell's files were deleted and the caches dropped) took ~10 s on
       # every filesystem with cache=writeback, against 1-2 s for the rest.
       one ringblk "$size" "$cache" >/dev/null
-      # Round-robin, so that no contender always runs first or last.
+      # Every round runs each contender once, in a new random order: no
+      # contender always runs first or last, or always right after the
+      # same other one (whose deleted file the filesystem may still be
+      # freeing).
       for c in $contenders; do : >"$W/times.$c"; done
       for _ in $(seq "$RUNS"); do
-        for c in $contenders; do one $c "$size" "$cache" >>"$W/times.$c"; done
+        for c in $(shuf -e $contenders); do one $c "$size" "$cache" >>"$W/times.$c"; done
       done
       for c in ringblk ringblk+pre qemu qemu+pre ceiling; do
         if [ ! -f "$W/times.$c" ]; then res[$c]=; continue; fi
