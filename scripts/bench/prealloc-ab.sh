@@ -20,7 +20,7 @@
 #     plain         ringblk bench, qcow2 without the filter (wall)
 #     qemu          qemu-img bench, qcow2 without a filter (wall)
 #     qemu+pre      qemu-img bench through QEMU's filter (wall)
-#   CONTENDER@AIO the same on ringblk's aio backend AIO (threads, native, io_uring)
+#   CONTENDER@AIO the same on the aio backend AIO (threads, native, io_uring; qemu-img's too)
 #   CONTENDER:b   the same with the binary RINGBLK_B (an A/B of two builds)
 # raw-* report the I/O phase (ringblk's "Run completed in"): they stand for
 # what the filesystem does once allocation is out of the way; the others
@@ -84,8 +84,8 @@ one() {
         pre+*) rbw --image-opts "$pre,file.${1#pre+}" ;;
         pre-*) rbw --image-opts "$pre,file.prealloc-mode=${1#pre-}" ;;
         plain) rbw -f qcow2 "$q" ;;
-        qemu) wall qemu-img bench -w -f qcow2 -t "$CACHE" -i io_uring -s "$SZ" -c "$count" -d 16 "$q" ;;
-        qemu+pre) wall qemu-img bench -w -t "$CACHE" -i io_uring -s "$SZ" -c "$count" -d 16 --image-opts "$pre" ;;
+        qemu) wall qemu-img bench -w -f qcow2 -t "$CACHE" -i "${AIO:-io_uring}" -s "$SZ" -c "$count" -d 16 "$q" ;;
+        qemu+pre) wall qemu-img bench -w -t "$CACHE" -i "${AIO:-io_uring}" -s "$SZ" -c "$count" -d 16 --image-opts "$pre" ;;
         *) echo "unknown contender $1" >&2; exit 2 ;;
       esac ;;
   esac
