@@ -339,13 +339,16 @@ pub fn remote_fs(fd: RawFd) -> bool {
         0x5346414F, // AFS
         0x6B414653, // kAFS
     ];
+    fs_type(fd).is_some_and(|t| REMOTE.contains(&t))
+}
+
+/// The magic number of the filesystem `fd` is on (statfs f_type), if
+/// fstatfs answers.
+fn fs_type(fd: RawFd) -> Option<i64> {
     // SAFETY: an all-zero statfs is a valid value to be overwritten.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: fd is the child's open file and st is writable.
-    if unsafe { libc::fstatfs(fd, &mut st) } != 0 {
-        return false;
-    }
-    REMOTE.contains(&(st.f_type as i64))
+    // SAFETY: fd is an open file and st is writable.
+    (unsafe { libc::fstatfs(fd, &mut st) } == 0).then_some(st.f_type as i64)
 }
 
 /// Does io_uring issue direct writes to this file's filesystem in parallel
@@ -358,13 +361,7 @@ pub fn parallel_dio_writes(fd: RawFd) -> bool {
         0xEF53,     // ext2, ext3, ext4
         0x58465342, // xfs
     ];
-    // SAFETY: an all-zero statfs is a valid value to be overwritten.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: fd is an open file and st is writable.
-    if unsafe { libc::fstatfs(fd, &mut st) } != 0 {
-        return true;
-    }
-    PARALLEL.contains(&(st.f_type as i64))
+    fs_type(fd).is_none_or(|t| PARALLEL.contains(&t))
 }
 
 #[cfg(test)]
