@@ -36,3 +36,21 @@ mount_slowfs() {
   for _ in $(seq 50); do mountpoint -q "$3" && return; sleep 0.1; done
   echo "slowfs did not mount (see $4)" >&2; exit 1
 }
+
+# written_file FILE BYTES: FILE allocated and written through (zeroes), on
+# stable storage: what an overwrite runs into once allocation is done.
+# With "falloc" as a third argument only allocated (unwritten extents).
+written_file() {
+  fallocate -l "$2" "$1"
+  [ "${3:-}" = falloc ] || dd if=/dev/zero of="$1" bs=1M count=$(($2 >> 20)) oflag=direct conv=notrunc status=none
+  sync
+}
+
+# fio_write_secs FILE BS BYTES: seconds fio (io_uring, O_DIRECT, depth 16)
+# takes to write BYTES sequentially in BS requests, from its own bandwidth
+# (its start-up is no part of what the storage does).
+fio_write_secs() {
+  fio --name=ceiling --filename="$1" --rw=write --bs="$2" --iodepth=16 --ioengine=io_uring \
+    --direct=1 --size="$3" --fallocate=none --output-format=json |
+    python3 -c 'import json,sys; j=json.load(sys.stdin); print("%.6f" % (int(sys.argv[1]) / j["jobs"][0]["write"]["bw_bytes"]))' "$3"
+}

@@ -65,16 +65,10 @@ one() {
   echo 3 > /proc/sys/vm/drop_caches
   case $1 in
     fio)
-      fallocate -l "$TOTAL" "$MNT/t.raw"
-      dd if=/dev/zero of="$MNT/t.raw" bs=1M count=$((TOTAL >> 20)) oflag=direct conv=notrunc status=none
-      sync
-      fio --name=ceiling --filename="$MNT/t.raw" --rw=write --bs="$SZ" --iodepth=16 --ioengine=io_uring \
-        --direct=1 --size="$TOTAL" --fallocate=none --output-format=json |
-        python3 -c 'import json,sys; j=json.load(sys.stdin); print("%.3f" % (int(sys.argv[1]) / j["jobs"][0]["write"]["bw_bytes"]))' "$TOTAL" ;;
+      written_file "$MNT/t.raw" "$TOTAL"
+      fio_write_secs "$MNT/t.raw" "$SZ" "$TOTAL" ;;
     raw-*)
-      fallocate -l "$TOTAL" "$MNT/t.raw"
-      [ "$1" = raw-written ] && dd if=/dev/zero of="$MNT/t.raw" bs=1M count=$((TOTAL >> 20)) oflag=direct conv=notrunc status=none
-      sync
+      written_file "$MNT/t.raw" "$TOTAL" "${1#raw-}"
       io rb -f raw "$MNT/t.raw" ;;
     *)
       qemu-img create -q -f qcow2 "$q" $((TOTAL * 2))

@@ -114,15 +114,10 @@ one() { # contender size cache
   case $1 in
     ceiling)
       img=$MNT/t.raw
-      fallocate -l "$TOTAL" "$img"
-      dd if=/dev/zero of="$img" bs=1M count=$((TOTAL >> 20)) oflag=direct conv=notrunc status=none
-      sync
-      # fio's own bandwidth (its start-up is no part of what the storage
-      # does), and the I/O time ringblk bench reports; the faster is the
-      # ceiling.
-      f=$(fio --name=ceiling --filename="$img" --rw=write --bs="$2" --iodepth=16 --ioengine=io_uring \
-        --direct=1 --size="$TOTAL" --fallocate=none --output-format=json |
-        python3 -c 'import json,sys; j=json.load(sys.stdin); print(int(sys.argv[1]) / j["jobs"][0]["write"]["bw_bytes"])' "$TOTAL")
+      written_file "$img" "$TOTAL"
+      # fio's own bandwidth, and the I/O time ringblk bench reports; the
+      # faster is the ceiling.
+      f=$(fio_write_secs "$img" "$2" "$TOTAL")
       t=$(timed "$R" bench -w -f raw -t none --pattern seq -s "$2" -c "$count" --shards 1 -d 16 "$img")
       # "wall fio ringblk": the better of the two medians is the ceiling
       # (a better-of-two per run would pit a minimum against the
